@@ -1,0 +1,1 @@
+"""The generation stage: rephrases, rationales, megadocs and export to token stores."""

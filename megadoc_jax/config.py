@@ -1,0 +1,421 @@
+"""Typed run configuration: dataclasses, YAML files, `a.b=value` overrides, validation.
+
+A config is built in one direction: YAML file -> plain dict -> dotted overrides -> model size preset
+-> dataclasses (types checked field by field) -> validation. Every error names the key it is about,
+and all of it happens before JAX compiles anything.
+
+This module imports no JAX so that the generation stage and tools can read configs cheaply.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the offending key."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------------
+
+# The paper's four sizes (paper-notes.md) plus tiny sizes for tests and the demo.
+MODEL_SIZES: dict[str, dict[str, Any]] = {
+    "150m": dict(hidden=512, mlp=1792, layers=6, heads=8, kv_heads=8, vocab_size=128_256),
+    "300m": dict(hidden=768, mlp=2688, layers=12, heads=12, kv_heads=12, vocab_size=128_256),
+    "600m": dict(hidden=1024, mlp=3584, layers=24, heads=16, kv_heads=8, vocab_size=128_256),
+    "1.5b": dict(hidden=1536, mlp=5376, layers=36, heads=16, kv_heads=8, vocab_size=128_256),
+    "tiny": dict(hidden=64, mlp=192, layers=2, heads=4, kv_heads=2, vocab_size=512),
+    "demo": dict(hidden=128, mlp=384, layers=4, heads=4, kv_heads=2, vocab_size=2048),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Llama-style decoder. `size` picks a preset from MODEL_SIZES; explicit keys override it."""
+
+    size: str = "tiny"
+    vocab_size: int = 512
+    hidden: int = 64
+    mlp: int = 192
+    layers: int = 2
+    heads: int = 4
+    kv_heads: int = 2
+    head_dim: int = 0  # 0: hidden // heads
+    rope_base: float = 10_000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    param_dtype: str = "float32"
+    compute_dtype: str = "bfloat16"
+    attention: str = "xla"  # backend of megadoc_jax.attention.attention
+    remat: str = "none"  # none | full | dots (save matmul outputs only)
+    scan_layers: bool = True  # one compiled layer body: compile time stays flat in depth
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.hidden // self.heads
+
+
+# --------------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamConfig:
+    """One training stream: a token store and its mixture weight (real 1-r, synthetic r)."""
+
+    name: str = "real"
+    store: str = ""
+    weight: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    streams: tuple[StreamConfig, ...] = ()
+    # Held-out stores for the periodic evaluation loss, by name.
+    eval_stores: dict[str, str] = dataclasses.field(default_factory=dict)
+    # Hugging Face tokenizer directory of this run; stores from another tokenizer are refused.
+    tokenizer: str = ""
+    seq_len: int = 4096
+    # concat: documents concatenated and cut into windows (the paper's headline runs).
+    # document: long-context windows where a document that fits stays whole (positions restart).
+    windows: str = "concat"
+    # Attend only within a document (segment ids) instead of across document boundaries.
+    document_masking: bool = False
+    seed: int = 0
+    # Real-data epochs E; with streams weights (1-r, r) total steps = S_epoch * E / (1 - r).
+    # Used when train.steps is 0.
+    real_epochs: float = 1.0
+    # Name of the stream whose epochs define the run length (the real data).
+    real_stream: str = "real"
+
+
+# --------------------------------------------------------------------------------------------------
+# Mesh, optimizer, training
+# --------------------------------------------------------------------------------------------------
+
+MESH_AXES = ("data", "fsdp", "tensor", "context")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh sizes; -1 on exactly one axis means: all devices not used by the others."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    context: int = 1
+
+    def sizes(self, num_devices: int) -> dict[str, int]:
+        """Concrete axis sizes for `num_devices`, or ConfigError naming the mesh keys."""
+        sizes = {axis: getattr(self, axis) for axis in MESH_AXES}
+        free = [axis for axis, size in sizes.items() if size == -1]
+        if len(free) > 1:
+            raise ConfigError(f"mesh: only one axis may be -1, got {free}")
+        fixed = 1
+        for axis, size in sizes.items():
+            if size != -1:
+                fixed *= size
+        if free:
+            if num_devices % fixed:
+                raise ConfigError(
+                    f"mesh: {num_devices} devices are not divisible by the fixed axes "
+                    f"({fixed} = product of the axes other than mesh.{free[0]})"
+                )
+            sizes[free[0]] = num_devices // fixed
+        elif fixed != num_devices:
+            raise ConfigError(
+                f"mesh: mesh.data*mesh.fsdp*mesh.tensor*mesh.context = {fixed} but there are "
+                f"{num_devices} devices"
+            )
+        return sizes
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with PyTorch weight-decay semantics (each step shrinks weights by lr * wd)."""
+
+    lr: float = 3e-3
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    warmup_fraction: float = 0.01
+    final_lr_fraction: float = 0.0  # cosine floor, as a fraction of lr
+    clip_norm: float = 1.0  # 0 disables clipping
+    # Parameters whose path matches any of these regular expressions are not decayed.
+    no_decay: tuple[str, ...] = ("norm", "embed")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    run_dir: str = "runs/demo"
+    seed: int = 0
+    batch_size: int = 64  # global, in sequences
+    microbatches: int = 1  # gradient accumulation
+    steps: int = 0  # 0: derived from data.real_epochs and the stream weights
+    z_loss: float = 0.0
+    log_every: int = 10
+    eval_every: int = 0  # 0: only at the end
+    eval_batches: int = 4
+    checkpoint_every: int = 0  # 0: only at the end
+    keep_last: int = 2
+    keep_every: int = 0  # also keep every M-th step's checkpoint; 0: none
+    checkpoints: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+
+# --------------------------------------------------------------------------------------------------
+# Building configs from dicts, with types checked
+# --------------------------------------------------------------------------------------------------
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check `value` against a type hint, converting only where it is lossless (int -> float)."""
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return value
+    if dataclasses.is_dataclass(hint):
+        if isinstance(value, hint):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return _build(hint, value, key)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(hint):
+            if option is type(None) and value is None:
+                return None
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: {value!r} matches none of {hint}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item_hint, _ellipsis) = typing.get_args(hint)
+        return tuple(_coerce(v, item_hint, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        _, value_hint = typing.get_args(hint)
+        return {str(k): _coerce(v, value_hint, f"{key}.{k}") for k, v in value.items()}
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if hint is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{key}: unsupported type {hint}")
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(
+            f"unknown key {where}{unknown[0]} (known keys of {prefix or 'the config'}: {sorted(names)})"
+        )
+    kwargs = {}
+    for name, value in raw.items():
+        key = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _coerce(value, hints[name], key)
+    return cls(**kwargs)
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key.path=value")
+    key, value_text = text.split("=", 1)
+    path = key.strip().split(".")
+    if not all(path):
+        raise ConfigError(f"override {text!r} has an empty key part")
+    return path, yaml.safe_load(value_text) if value_text.strip() else ""
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b=value` overrides (values parsed as YAML) to a nested dict, in place."""
+    for text in overrides:
+        path, value = _parse_override(text)
+        node = raw
+        for i, part in enumerate(path[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {'.'.join(path[: i + 1])} is not a section")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def _expand_model_size(raw_model: dict[str, Any]) -> dict[str, Any]:
+    size = raw_model.get("size", ModelConfig.size)
+    if size not in MODEL_SIZES:
+        raise ConfigError(f"model.size: unknown size {size!r}; known sizes: {sorted(MODEL_SIZES)}")
+    return {**MODEL_SIZES[size], **raw_model}
+
+
+def from_dict(raw: dict[str, Any]) -> Config:
+    """Build and validate a Config from a nested dict (as read from YAML plus overrides)."""
+    raw = dict(raw)
+    raw["model"] = _expand_model_size(dict(raw.get("model") or {}))
+    config = _build(Config, raw, "")
+    validate(config)
+    return config
+
+
+def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML config (or start from defaults when path is None) and apply overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path}: the top level must be a mapping")
+    return from_dict(apply_overrides(raw, list(overrides)))
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    """Plain nested dict (tuples as lists), suitable for YAML or JSON."""
+
+    def plain(value: Any) -> Any:
+        if dataclasses.is_dataclass(value):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return plain(config)
+
+
+def dump(config: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation: what can be checked from the config alone. Device counts and stores are checked by
+# validate_for_devices (before the mesh is built) and by the data pipeline (when stores are opened).
+# --------------------------------------------------------------------------------------------------
+
+DTYPES = ("float32", "bfloat16", "float16")
+REMAT_POLICIES = ("none", "full", "dots")
+WINDOW_MODES = ("concat", "document")
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}: {message}")
+
+
+def validate(config: Config) -> None:
+    m, d, o, t = config.model, config.data, config.optim, config.train
+    for key in ("vocab_size", "hidden", "mlp", "layers", "heads", "kv_heads"):
+        _require(getattr(m, key) > 0, f"model.{key}", f"must be positive, got {getattr(m, key)}")
+    _require(m.head_dim >= 0, "model.head_dim", "must be 0 (hidden // heads) or positive")
+    _require(
+        m.head_dim > 0 or m.hidden % m.heads == 0,
+        "model.hidden",
+        f"{m.hidden} is not divisible by model.heads={m.heads}",
+    )
+    _require(m.heads % m.kv_heads == 0, "model.kv_heads", f"{m.kv_heads} does not divide heads={m.heads}")
+    _require(m.head_size % 2 == 0, "model.head_dim", "rotary embeddings need an even head size")
+    _require(m.param_dtype in DTYPES, "model.param_dtype", f"{m.param_dtype!r} not in {DTYPES}")
+    _require(m.compute_dtype in DTYPES, "model.compute_dtype", f"{m.compute_dtype!r} not in {DTYPES}")
+    _require(m.remat in REMAT_POLICIES, "model.remat", f"{m.remat!r} not in {REMAT_POLICIES}")
+    _require(m.rope_base > 0, "model.rope_base", "must be positive")
+
+    _require(d.seq_len > 0, "data.seq_len", "must be positive")
+    _require(d.windows in WINDOW_MODES, "data.windows", f"{d.windows!r} not in {WINDOW_MODES}")
+    names = [s.name for s in d.streams]
+    _require(len(set(names)) == len(names), "data.streams", f"stream names repeat: {names}")
+    for i, stream in enumerate(d.streams):
+        _require(bool(stream.store), f"data.streams[{i}].store", "is empty")
+        _require(stream.weight > 0, f"data.streams[{i}].weight", f"must be positive, got {stream.weight}")
+    if d.streams:
+        total = sum(s.weight for s in d.streams)
+        _require(abs(total - 1.0) < 1e-6, "data.streams", f"weights sum to {total}, not 1")
+    _require(d.real_epochs > 0, "data.real_epochs", "must be positive")
+
+    _require(o.lr > 0, "optim.lr", "must be positive")
+    _require(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    _require(0 <= o.b1 < 1 and 0 <= o.b2 < 1, "optim.b1", "betas must lie in [0, 1)")
+    _require(0 <= o.warmup_fraction < 1, "optim.warmup_fraction", "must lie in [0, 1)")
+    _require(0 <= o.final_lr_fraction <= 1, "optim.final_lr_fraction", "must lie in [0, 1]")
+    _require(o.clip_norm >= 0, "optim.clip_norm", "must be >= 0")
+
+    _require(t.batch_size > 0, "train.batch_size", "must be positive")
+    _require(t.microbatches > 0, "train.microbatches", "must be positive")
+    _require(
+        t.batch_size % t.microbatches == 0,
+        "train.microbatches",
+        f"{t.microbatches} does not divide train.batch_size={t.batch_size}",
+    )
+    _require(t.steps >= 0, "train.steps", "must be >= 0")
+    _require(t.log_every > 0, "train.log_every", "must be positive")
+    _require(t.keep_last > 0, "train.keep_last", "must be positive")
+
+    for axis in MESH_AXES:
+        size = getattr(config.mesh, axis)
+        _require(size == -1 or size > 0, f"mesh.{axis}", f"must be positive or -1, got {size}")
+
+
+def validate_for_devices(config: Config, num_devices: int) -> dict[str, int]:
+    """Checks that need the device count; returns the concrete mesh axis sizes."""
+    sizes = config.mesh.sizes(num_devices)
+    t, d, m = config.train, config.data, config.model
+    batch_shards = sizes["data"] * sizes["fsdp"]
+    micro = t.batch_size // t.microbatches
+    _require(
+        micro % batch_shards == 0,
+        "train.batch_size",
+        f"the microbatch of {micro} sequences (train.batch_size={t.batch_size} / "
+        f"train.microbatches={t.microbatches}) is not divisible by the data axes "
+        f"mesh.data*mesh.fsdp={batch_shards}",
+    )
+    _require(
+        d.seq_len % sizes["context"] == 0,
+        "data.seq_len",
+        f"{d.seq_len} is not divisible by the context axis mesh.context={sizes['context']}",
+    )
+    _require(
+        m.kv_heads % sizes["tensor"] == 0 or sizes["tensor"] % m.kv_heads == 0,
+        "mesh.tensor",
+        f"tensor axis {sizes['tensor']} does not fit model.kv_heads={m.kv_heads}",
+    )
+    _require(m.mlp % sizes["tensor"] == 0, "mesh.tensor", f"{sizes['tensor']} does not divide model.mlp={m.mlp}")
+    return sizes
