@@ -1,0 +1,31 @@
+# Two commands do all the set-up on a fresh machine (Python 3.11+ and make):
+#   make demo   creates .venv, installs megadoc-jax, runs the embedded demo end to end on CPU
+#   make test   creates .venv, installs megadoc-jax with the test extras, runs the whole test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PYTEST_ARGS ?=
+
+.PHONY: demo test clean
+
+demo: $(VENV)/.installed
+	$(BIN)/python -m megadoc_jax.train
+
+test: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e .
+	touch $@
+
+# The test extras add libtpu (jax[tpu]) so that tests compile real TPU programs ahead of time on CPU.
+$(VENV)/.installed-dev: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[dev,tpu]"
+	touch $@ $(VENV)/.installed
+
+clean:
+	rm -rf $(VENV) runs

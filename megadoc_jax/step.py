@@ -1,0 +1,153 @@
+"""The jitted train and eval steps: pure functions of (state, batch).
+
+The train state is a plain dict of arrays, {'step', 'params', 'opt_state'}, with params as the decoder's
+pure parameter dict, so that it checkpoints and reshards like any pytree. The model's structure (the NNX
+graphdef) is closed over and never travels through jit.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from megadoc_jax import loss as loss_lib
+from megadoc_jax import sharding
+from megadoc_jax.config import Config
+
+Batch = dict[str, jax.Array]
+State = dict[str, Any]
+
+BATCH_AXES = ("batch", "seq")  # logical axes of every [B, L] batch array
+
+
+def init_state(params: Any, tx: optax.GradientTransformation) -> State:
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+
+def _model_inputs(batch: Batch, document_masking: bool) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    segment_ids = batch["segment_ids"] if document_masking else None
+    return batch["inputs"], batch["positions"], segment_ids
+
+
+def _loss_sums(graphdef: nnx.GraphDef, params: Any, batch: Batch, config: Config) -> dict[str, jax.Array]:
+    """Summed (not averaged) losses of one microbatch, so microbatches add up exactly."""
+    model = nnx.merge(graphdef, params)
+    x_BxLxD = model.hidden_states(*_model_inputs(batch, config.data.document_masking))
+    return loss_lib.next_token_loss(
+        x_BxLxD,
+        model.unembed_DxV(),
+        batch["targets"],
+        batch["loss_mask"],
+        z_loss=config.train.z_loss,
+    )
+
+
+def _split_microbatches(batch: Batch, microbatches: int) -> Batch:
+    """[B, L] -> [M, B/M, L], taking rows i*M + m into microbatch m so each device keeps its own rows."""
+
+    def split(x_BxL: jax.Array) -> jax.Array:
+        b = x_BxL.shape[0]
+        x_NxMxL = x_BxL.reshape(b // microbatches, microbatches, *x_BxL.shape[1:])
+        x_MxNxL = jnp.swapaxes(x_NxMxL, 0, 1)
+        return sharding.constrain(x_MxNxL, (None, *BATCH_AXES))
+
+    return jax.tree.map(split, batch)
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule: optax.Schedule, config: Config
+) -> Callable[[State, Batch], tuple[State, dict[str, jax.Array]]]:
+    """Returns train_step(state, batch) -> (state, metrics); jit it with shardings in the caller."""
+    microbatches = config.train.microbatches
+
+    def total_loss(params: Any, micro: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
+        sums = _loss_sums(graphdef, params, micro, config)
+        return sums["loss_sum"] + sums["z_loss_sum"], sums
+
+    grad_fn = jax.grad(total_loss, has_aux=True)
+
+    def train_step(state: State, batch: Batch) -> tuple[State, dict[str, jax.Array]]:
+        params = state["params"]
+
+        def accumulate(carry: tuple[Any, dict], micro: Batch) -> tuple[tuple[Any, dict], None]:
+            grads_sum, sums = carry
+            grads, micro_sums = grad_fn(params, micro)
+            return (jax.tree.map(jnp.add, grads_sum, grads), jax.tree.map(jnp.add, sums, micro_sums)), None
+
+        zero_sums = {k: jnp.zeros((), jnp.float32) for k in ("loss_sum", "z_loss_sum", "weight_sum")}
+        zero_grads = jax.tree.map(jnp.zeros_like, params)
+        if microbatches == 1:
+            (grads, sums), _ = accumulate((zero_grads, zero_sums), batch)
+        else:
+            micro_batches = _split_microbatches(batch, microbatches)
+            (grads, sums), _ = jax.lax.scan(accumulate, (zero_grads, zero_sums), micro_batches)
+
+        # The token-weighted mean over the whole batch, however it was split into microbatches.
+        weight = jnp.maximum(sums["weight_sum"], 1.0)
+        grads = jax.tree.map(lambda g: g / weight, grads)
+        loss = sums["loss_sum"] / weight
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+        updates, new_opt_state = tx.update(grads, state["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
+        # A non-finite step leaves the state untouched: the host sees `finite` and stops the run, and the
+        # last good state is what remains (and what the last checkpoint holds).
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        new_state = {
+            "step": state["step"] + finite.astype(jnp.int32),
+            "params": keep(new_params, params),
+            "opt_state": keep(new_opt_state, state["opt_state"]),
+        }
+        metrics = {
+            "loss": loss,
+            "z_loss": sums["z_loss_sum"] / weight,
+            "grad_norm": grad_norm,
+            "learning_rate": schedule(state["step"]),
+            "tokens": sums["weight_sum"],
+            "finite": finite,
+        }
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(graphdef: nnx.GraphDef, config: Config) -> Callable[[Any, Batch], dict[str, jax.Array]]:
+    """Returns eval_step(params, batch) -> {'loss_sum', 'weight_sum'}; sum over batches, then divide."""
+
+    def eval_step(params: Any, batch: Batch) -> dict[str, jax.Array]:
+        sums = _loss_sums(graphdef, params, batch, config)
+        return {"loss_sum": sums["loss_sum"], "weight_sum": sums["weight_sum"]}
+
+    return eval_step
+
+
+def state_shardings(params: Any, tx: optax.GradientTransformation) -> dict[str, Any]:
+    """Shardings of the whole train state: optimizer moments follow their parameters, scalars replicate.
+
+    `params` may be concrete sharded arrays or abstract ShapeDtypeStructs with shardings (dry run).
+    """
+    param_shardings = jax.tree.map(lambda p: p.sharding, params)
+    mesh = jax.tree.leaves(param_shardings)[0].mesh
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    abstract_opt_state = jax.eval_shape(tx.init, params)
+    opt_shardings = optax.tree_map_params(
+        tx,
+        lambda _, sharding_of_param: sharding_of_param,
+        abstract_opt_state,
+        param_shardings,
+        transform_non_params=lambda _: replicated,
+    )
+    return {"step": replicated, "params": param_shardings, "opt_state": opt_shardings}
+
+
+def global_batch(local_batch: dict[str, Any], batch_sharding: jax.sharding.Sharding) -> Batch:
+    """Assembles each process's rows into the global [B, L] arrays that the step expects."""
+    return {
+        key: jax.make_array_from_process_local_data(batch_sharding, np_array)
+        for key, np_array in local_batch.items()
+    }
