@@ -71,6 +71,12 @@ class Checkpointer:
         self._manager.wait_until_finished()
         self._manager.close()
 
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
 
 def abstract_like(state: Any) -> Any:
     """ShapeDtypeStructs with the shardings of a (possibly abstract) state, the target of a restore."""

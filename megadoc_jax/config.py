@@ -126,10 +126,8 @@ class MeshConfig:
                 fixed *= size
         if free:
             if num_devices % fixed:
-                raise ConfigError(
-                    f"mesh: {num_devices} devices are not divisible by the fixed axes "
-                    f"({fixed} = product of the axes other than mesh.{free[0]})"
-                )
+                named = ", ".join(f"mesh.{a}={s}" for a, s in sizes.items() if s != -1)
+                raise ConfigError(f"mesh: {num_devices} devices are not divisible by {fixed}, the product of {named}")
             sizes[free[0]] = num_devices // fixed
         elif fixed != num_devices:
             raise ConfigError(
@@ -218,6 +216,11 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         _, value_hint = typing.get_args(hint)
         return {str(k): _coerce(v, value_hint, f"{key}.{k}") for k, v in value.items()}
     if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)

@@ -151,3 +151,16 @@ def global_batch(local_batch: dict[str, Any], batch_sharding: jax.sharding.Shard
         key: jax.make_array_from_process_local_data(batch_sharding, np_array)
         for key, np_array in local_batch.items()
     }
+
+
+def batch_sharding(mesh: jax.sharding.Mesh, config: Config) -> jax.sharding.NamedSharding:
+    """How every [B, L] batch array is laid out: rows over the data axes, positions over context."""
+    return sharding.named_sharding(mesh, BATCH_AXES, (config.train.batch_size, config.data.seq_len))
+
+
+def abstract_batch(mesh: jax.sharding.Mesh, config: Config) -> Batch:
+    """ShapeDtypeStructs of one global batch (Contract 2 of docs/architecture.md), for AOT compiles."""
+    shape, layout = (config.train.batch_size, config.data.seq_len), batch_sharding(mesh, config)
+    dtypes = {"inputs": jnp.int32, "targets": jnp.int32, "positions": jnp.int32, "segment_ids": jnp.int32,
+              "loss_mask": jnp.float32}
+    return {key: jax.ShapeDtypeStruct(shape, dtype, sharding=layout) for key, dtype in dtypes.items()}

@@ -14,10 +14,12 @@ compiled steps, the loop, the end.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import logging
+import os
 import signal
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -32,6 +34,7 @@ from megadoc_jax.data.store import TokenizerInfo
 
 log = logging.getLogger("megadoc_jax.train")
 
+DEMO_PREFIX = "demo:"
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 
@@ -45,39 +48,72 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 class Preemption:
-    """SIGTERM (TPU preemption, scheduler stop) asks the loop to save and exit at the next step."""
+    """SIGTERM (TPU preemption, scheduler stop) asks the loop to save and exit after the current step."""
 
     def __init__(self) -> None:
         self.requested = False
-        signal.signal(signal.SIGTERM, self._handle)
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame) -> None:
         self.requested = True
 
+    def __enter__(self) -> "Preemption":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def log_to_console() -> None:
+    """Our progress lines on stdout, whatever handlers absl (imported by JAX and orbax) installed."""
+    package_log = logging.getLogger("megadoc_jax")
+    if not package_log.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        package_log.addHandler(handler)
+        package_log.setLevel(logging.INFO)
+        package_log.propagate = False
+
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    log_to_console()
     args = parse_args(argv)
-
-    # ============================================================================================
-    # Config and distributed start-up: every config error is raised here, before any compilation.
-    # ============================================================================================
     try:
         config = config_lib.load(args.config or DEMO_CONFIG, args.overrides)
-    except config_lib.ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    if args.dry_run:
-        from megadoc_jax import dry_run
+        if args.dry_run:
+            from megadoc_jax import dry_run
 
-        return dry_run.main(config, args.topology)
-    distributed.initialize_from_environment()
-    config = demo.resolve_demo_paths(config)
-    try:
-        mesh_sizes = config_lib.validate_for_devices(config, jax.device_count())
+            return dry_run.main(config, args.topology)
+        distributed.initialize_from_environment()
+        return run(config).exit_code
     except config_lib.ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+
+
+@dataclasses.dataclass
+class RunResult:
+    exit_code: int  # 0 done or preempted and saved, 3 stopped on a non-finite step
+    step: int  # steps completed
+    history: list[dict[str, float]]  # the logged metrics, one dict per log step (with "step")
+
+
+def run(config: config_lib.Config, devices: list[jax.Device] | None = None) -> RunResult:
+    """Trains as the config says on `devices` (default: all), resuming from the run directory.
+
+    However it ends (done, preempted, non-finite, an exception), pending checkpoint writes finish and
+    the metric files are closed before it returns.
+    """
+    with contextlib.ExitStack() as cleanup:
+        return _run(config, devices or jax.devices(), cleanup)
+
+
+def _run(config: config_lib.Config, devices: list[jax.Device], cleanup: contextlib.ExitStack) -> RunResult:
+    # ============================================================================================
+    # Config against this machine: every error is raised here, before any compilation.
+    # ============================================================================================
+    config = resolve_demo_paths(config)
+    mesh_sizes = config_lib.validate_for_devices(config, len(devices))
     is_main = jax.process_index() == 0
     run_dir = Path(config.train.run_dir)
     if is_main:
@@ -93,12 +129,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     total_steps = data.plan.total_steps
     log.info("%s", data.plan)
+    eval_sets = {  # small and fixed: read once, checked before any compilation
+        name: pipeline.eval_batches(
+            store, config, config.train.eval_batches, process_index=jax.process_index(),
+            process_count=jax.process_count(), tokenizer=tokenizer,
+        )
+        for name, store in config.data.eval_stores.items()
+    }
 
     # ============================================================================================
     # Mesh and sharded state: parameters are created already sharded by the rule table.
     # ============================================================================================
-    mesh = sharding.make_mesh(mesh_sizes)
-    log.info("mesh: %s over %d devices (%s)", mesh_sizes, jax.device_count(), jax.devices()[0].device_kind)
+    mesh = sharding.make_mesh(mesh_sizes, devices)
+    log.info("mesh: %s over %d devices (%s)", mesh_sizes, len(devices), devices[0].device_kind)
     model = sharding.create_sharded_model(config.model, mesh, config.train.seed)
     graphdef, params = nnx.split(model)
     params = params.to_pure_dict()
@@ -112,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     # ============================================================================================
     # Resume: the newest complete checkpoint in the run directory, restored onto this mesh.
     # ============================================================================================
-    checkpointer = checkpoint.Checkpointer(run_dir / "checkpoints", config.train)
+    checkpointer = cleanup.enter_context(checkpoint.Checkpointer(run_dir / "checkpoints", config.train))
     start_step = checkpointer.latest_step() or 0
     if start_step:
         state = checkpointer.restore(start_step, checkpoint.abstract_like(state))
@@ -121,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     # ============================================================================================
     # Compiled steps: explicit shardings in and out, the old state's buffers donated.
     # ============================================================================================
-    batch_sharding = sharding.batch_sharding(mesh)
+    batch_sharding = step_lib.batch_sharding(mesh, config)
     train_step = jax.jit(
         step_lib.make_train_step(graphdef, tx, schedule, config),
         in_shardings=(state_shardings, batch_sharding),
@@ -131,94 +174,110 @@ def main(argv: list[str] | None = None) -> int:
     eval_step = jax.jit(
         step_lib.make_eval_step(graphdef, config), in_shardings=(state_shardings["params"], batch_sharding)
     )
+    eval_sets = {
+        name: [step_lib.global_batch(b, batch_sharding) for b in batches] for name, batches in eval_sets.items()
+    }
 
     def evaluate() -> dict[str, float]:
         losses = {}
-        for name, store in config.data.eval_stores.items():
-            sums = [
-                eval_step(state["params"], step_lib.global_batch(b, batch_sharding))
-                for b in pipeline.eval_batches(
-                    store, config, config.train.eval_batches, process_index=jax.process_index(),
-                    process_count=jax.process_count(), tokenizer=tokenizer,
-                )
-            ]
-            loss_sum, weight_sum = np.sum(jax.device_get([(s["loss_sum"], s["weight_sum"]) for s in sums]), 0)
-            losses[f"eval/{name}/loss"] = float(loss_sum / max(weight_sum, 1.0))
+        for name, batches in eval_sets.items():
+            sums = jax.device_get([eval_step(state["params"], batch) for batch in batches])
+            loss_sum, weight_sum = (sum(float(s[k]) for s in sums) for k in ("loss_sum", "weight_sum"))
+            losses[f"eval/{name}/loss"] = loss_sum / max(weight_sum, 1.0)
+            log.info("eval/%s/loss: %.4f", name, losses[f"eval/{name}/loss"])
         return losses
 
     # ============================================================================================
     # The loop. Metrics of step s are read while step s+1 runs, so the host never stalls the device.
     # ============================================================================================
-    writer = metrics.MetricsWriter(run_dir, enabled=is_main)
-    throughput = metrics.Throughput(config.model, config.data.seq_len, config.train.batch_size, jax.devices())
-    preemption = Preemption()
-    pending: tuple[int, dict] | None = None
-    exit_code = 0
+    writer = cleanup.enter_context(metrics.MetricsWriter(run_dir, start_step=start_step, enabled=is_main))
+    throughput = metrics.Throughput(config.model, config.data.seq_len, config.train.batch_size, devices)
+    preemption = cleanup.enter_context(Preemption())
+    history: list[dict[str, float]] = []
     log.info("training steps %d..%d", start_step, total_steps)
 
     def finish_step(step: int, step_metrics: dict) -> bool:
-        """Reads back one step's metrics, logs them; False when the step was not finite."""
+        """Reads back one step's metrics and logs them; False when the step was not finite."""
         values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
         if not values.pop("finite"):
             log.error(
                 "step %d: non-finite loss %.4g or gradient norm %.4g; stopping. The state was not "
                 "updated and the last good checkpoint is kept (step %s).",
-                step, values["loss"], values["grad_norm"], checkpointer.latest_step(),
+                step + 1, values["loss"], values["grad_norm"], checkpointer.latest_step(),
             )
             return False
         throughput.add(values.pop("tokens"))
         if (step + 1) % config.train.log_every == 0 or step + 1 == total_steps:
             values.update(throughput.report())
             writer.write(step + 1, values)
+            history.append({"step": step + 1, **values})
             log.info(metrics.progress_line(step + 1, total_steps, values))
         return True
 
+    pending: tuple[int, dict] | None = None  # the last dispatched step, metrics not yet read
+    finite, preempted = True, False
     for step, local_batch in data.iterate(start_step):
         if step >= total_steps:
             break
         state, step_metrics = train_step(state, step_lib.global_batch(local_batch, batch_sharding))
-        if pending is not None and not finish_step(*pending):
-            exit_code = 3
-            pending = None
+        if pending is not None and not (finite := finish_step(*pending)):
             break
-        pending = (step, step_metrics)
-        done = step + 1
-        if checkpointer.is_due(done) and config.train.checkpoints:
+        pending, done = (step, step_metrics), step + 1
+        preempted = preemption.requested or checkpointer.reached_preemption(done)
+        save_now = config.train.checkpoints and (checkpointer.is_due(done) or preempted)
+        eval_now = bool(config.train.eval_every) and done % config.train.eval_every == 0 and done < total_steps
+        if save_now or eval_now:  # never save or evaluate a state that is not known to be finite
+            finite, pending = finish_step(*pending), None
+            if not finite:
+                break
+        if save_now:
             checkpointer.save(done, state)
-        if config.train.eval_every and done % config.train.eval_every == 0 and done < total_steps:
-            writer.write(done, evaluate_and_log(evaluate))
-        if preemption.requested or checkpointer.reached_preemption(done):
-            log.warning("preemption requested: saving step %d and exiting", done)
-            if not finish_step(*pending):
-                exit_code = 3
-            elif config.train.checkpoints:
-                checkpointer.save(done, state)
-            pending = None
-            checkpointer.close()
-            writer.close()
-            return exit_code
-    if pending is not None and not finish_step(*pending):
-        exit_code = 3
+        if eval_now:
+            writer.write(done, evaluate())
+        if preempted:
+            log.warning("preemption requested: saved step %d, exiting", done)
+            break
+    if pending is not None:
+        finite = finish_step(*pending)
 
     # ============================================================================================
     # The end: final checkpoint and evaluation.
     # ============================================================================================
-    if exit_code == 0:
-        final_step = int(jax.device_get(state["step"]))
+    final_step = int(jax.device_get(state["step"]))
+    if finite and not preempted:
         if config.train.checkpoints:
             checkpointer.save(final_step, state)
         if config.data.eval_stores:
-            writer.write(final_step, evaluate_and_log(evaluate))
-    checkpointer.close()
-    writer.close()
-    return exit_code
+            losses = evaluate()
+            writer.write(final_step, losses)
+            history.append({"step": final_step, **losses})
+    return RunResult(exit_code=0 if finite else 3, step=final_step, history=history)
 
 
-def evaluate_and_log(evaluate) -> dict[str, float]:
-    losses = evaluate()
-    for name, value in losses.items():
-        log.info("%s: %.4f", name, value)
-    return losses
+def resolve_demo_paths(config: config_lib.Config) -> config_lib.Config:
+    """Replaces `demo:NAME` paths (tokenizer, train, heldout) by the embedded demo data, built on first
+    use under $MEGADOC_DEMO_DIR (default ~/.cache/megadoc_jax/demo)."""
+    raw = config_lib.to_dict(config)
+    data = raw["data"]
+    named = [data["tokenizer"], *(s["store"] for s in data["streams"]), *data["eval_stores"].values()]
+    if not any(str(path).startswith(DEMO_PREFIX) for path in named):
+        return config
+    root = Path(os.environ.get("MEGADOC_DEMO_DIR", Path.home() / ".cache" / "megadoc_jax" / "demo"))
+    paths = {name: str(path) for name, path in demo.ensure_demo_stores(root).items()}
+
+    def resolve(path: str, key: str) -> str:
+        if not path.startswith(DEMO_PREFIX):
+            return path
+        name = path[len(DEMO_PREFIX):]
+        if name not in paths:
+            raise config_lib.ConfigError(f"{key}: unknown demo path {path!r}; known: {sorted(paths)}")
+        return paths[name]
+
+    data["tokenizer"] = resolve(data["tokenizer"], "data.tokenizer")
+    for i, stream in enumerate(data["streams"]):
+        stream["store"] = resolve(stream["store"], f"data.streams[{i}].store")
+    data["eval_stores"] = {k: resolve(v, f"data.eval_stores.{k}") for k, v in data["eval_stores"].items()}
+    return config_lib.from_dict(raw)
 
 
 if __name__ == "__main__":

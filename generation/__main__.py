@@ -1,0 +1,127 @@
+"""`python -m generation <command>`: the generation stage's command line.
+
+    export     tokenize JSONL / Parquet documents into a token store (docs/export.md)
+    demo-data  build the embedded demo corpus, its tokenizer and its train / held-out stores
+
+Each command is one `add_<command>(subparsers)` function that registers its arguments and its `run`
+function; later commands (generate, megadocs, merge) are added the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Callable
+
+from generation.documents import DEFAULT_POLICY, REASONS
+
+
+def add_export(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "export",
+        help="tokenize documents into a token store",
+        description="Tokenize JSONL / Parquet documents (EOS appended) into a token store. Rerunning on an "
+        "unfinished store resumes it; on a finished one with the same settings it does nothing.",
+    )
+    parser.add_argument("--input", nargs="+", required=True, metavar="DOCS", help="files or glob patterns")
+    parser.add_argument("--tokenizer", required=True, metavar="TOKDIR", help="Hugging Face tokenizer directory")
+    parser.add_argument("--out", required=True, metavar="STORE", help="token store directory")
+    parser.add_argument("--text-field", default="text")
+    parser.add_argument("--id-field", default="id", help="'' for none: no duplicate check, id = file:line")
+    parser.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: CPU count; 0: none)")
+    parser.add_argument("--batch-size", type=int, default=None, help="records per worker task")
+    parser.add_argument("--max-tokens", type=int, default=0, help="longest document, EOS included (0: no limit)")
+    parser.add_argument(
+        "--on-error",
+        default=None,
+        metavar="REASON=ACTION,...",
+        help=f"error or skip per reason ({', '.join(REASONS)}, all); defaults: "
+        + ",".join(f"{reason}={action}" for reason, action in DEFAULT_POLICY.items()),
+    )
+    parser.add_argument("--flush-tokens", type=int, default=None, help="tokens between durable commits")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(run=run_export)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from generation import export
+
+    options: dict[str, Any] = {
+        "text_field": args.text_field,
+        "id_field": args.id_field or None,
+        "workers": args.workers,
+        "max_tokens": args.max_tokens,
+        "on_error": args.on_error,
+        "progress": not args.no_progress,
+    }
+    if args.batch_size is not None:
+        options["batch_size"] = args.batch_size
+    if args.flush_tokens is not None:
+        options["flush_tokens"] = args.flush_tokens
+    report = export.export(args.input, args.tokenizer, args.out, **options)
+    print_summary(report)
+    print(f"report: {args.out}/{export.REPORT_FILE}")
+    return 0
+
+
+def print_summary(report: dict[str, Any]) -> None:
+    print(f"store {report['store']}: {report['documents']:,} documents, {report['tokens']:,} tokens")
+    skipped = {reason: n for reason, n in report["skipped"].items() if n}
+    print(f"skipped {report['skipped_total']:,} records" + (f": {json.dumps(skipped)}" if skipped else ""))
+    for reason, examples in report.get("examples", {}).items():
+        for example in examples:
+            print(f"  {reason}: {example}")
+    if report.get("resumed_at_document"):
+        print(f"resumed after {report['resumed_at_document']:,} documents already in the store")
+    print(f"content hash {report['content_hash']}")
+
+
+def add_demo_data(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "demo-data",
+        help="build the embedded demo corpus, tokenizer and stores",
+        description="Write DIR/tokenizer, DIR/train.jsonl, DIR/heldout.jsonl and the stores DIR/train and "
+        "DIR/heldout from Python's own documentation. Does nothing if DIR is already built.",
+    )
+    parser.add_argument("--out", required=True, metavar="DIR")
+    parser.add_argument("--workers", type=int, default=0, help="tokenizer processes (0: in this process)")
+    parser.set_defaults(run=run_demo_data)
+
+
+def run_demo_data(args: argparse.Namespace) -> int:
+    from megadoc_jax.data import demo
+
+    paths = demo.ensure_demo_stores(args.out, workers=args.workers)
+    summary = json.loads((paths["train"].parent / demo.COMPLETE_MARKER).read_text())
+    for split in ("train", "heldout"):
+        counts = summary[split]
+        print(f"{paths[split]}: {counts['documents']:,} documents, {counts['tokens']:,} tokens, "
+              f"{counts['content_hash']}")  # fmt: skip
+    print(f"tokenizer: {paths['tokenizer']}")
+    return 0
+
+
+COMMANDS: tuple[Callable[[Any], None], ...] = (add_export, add_demo_data)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m generation", description=__doc__.split("\n\n")[0])
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for add_command in COMMANDS:
+        add_command(subparsers)
+    args = parser.parse_args(argv)
+    from generation.documents import InputError
+    from generation.export import ExportError
+    from megadoc_jax.data.demo import DemoDataError
+    from megadoc_jax.data.store import StoreError
+
+    try:
+        return args.run(args)
+    except (InputError, ExportError, StoreError, DemoDataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

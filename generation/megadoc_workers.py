@@ -1,0 +1,125 @@
+"""Worker processes of the megadoc export: tokenize the pieces of a batch of documents and assemble them.
+
+Each task is a batch of documents of one stream, given as texts (UTF-8) with their sample numbers; the
+worker tokenizes all of a batch's texts in one batched call (no special tokens), assembles each document
+with megadocs.build_document (separators, EOS, segments) and returns the tokens back to back with the
+documents' segments. WorkerPool runs the tasks in N spawned processes (or in this one) and gives the
+results back in task order, so that the store's order is the plan's.
+"""
+
+from __future__ import annotations
+
+import collections
+import multiprocessing
+import os
+from typing import Any, Callable, Iterable, Iterator, NamedTuple
+
+import numpy as np
+
+from generation import megadocs
+from megadoc_jax.data.store import Segment, SegmentKind
+
+
+_worker: dict[str, Any] = {}
+
+
+def init_worker(tokenizer_json: str, eos_id: int, separators: dict[str, str], single_threaded: bool = True) -> None:
+    """Load the tokenizer and tokenize the separators once per process (one process per core)."""
+    if single_threaded:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_str(tokenizer_json)
+    separator_ids = {name: _ids(tokenizer.encode(text, add_special_tokens=False).ids) for name, text in separators.items()}
+    for name, text in separators.items():
+        if text and not separator_ids[name].size:
+            raise ValueError(f"separator {name}={text!r} gives no tokens with this tokenizer; choose another or ''")
+    _worker.update(tokenizer=tokenizer, eos_id=eos_id, separator_ids=separator_ids)
+
+
+def _ids(ids: list[int]) -> np.ndarray:
+    return np.array(ids, dtype=np.int32)
+
+
+# (original text or None, [(number, generation text, split character or -1)]), texts as UTF-8
+Unit = tuple[bytes | None, list[tuple[int, bytes, int]]]
+
+
+class BatchResult(NamedTuple):
+    tokens: np.ndarray  # int32 [T]: the documents back to back
+    lengths: np.ndarray  # int64 [D]
+    segments: list[tuple[Segment, ...]]  # built here, where it is parallel: the main process only unpickles
+    tokens_by_kind: np.ndarray  # int64 [len(SegmentKind)]
+    misplaced: np.ndarray  # int64 [D]: rationales made at another split point (stretched)
+
+
+def build_batch(task: tuple[str, int, list[Unit]]) -> BatchResult:
+    """Tokenize and assemble a batch of documents of one stream."""
+    method, G, units = task
+    tokenizer = _worker["tokenizer"]
+    originals = [original.decode() for original, _ in units if original is not None]
+    generations = [text.decode() for _, pieces in units for _, text, _ in pieces]
+    # Stretched needs the originals' token offsets to check where the generator split them.
+    encode_originals = tokenizer.encode_batch if method == megadocs.STRETCHED else tokenizer.encode_batch_fast
+    original_encodings = iter(encode_originals(originals, add_special_tokens=False))
+    original_texts = iter(originals)
+    generation_encodings = iter(tokenizer.encode_batch_fast(generations, add_special_tokens=False))
+    all_tokens, all_segments, misplaced = [], [], []
+    tokens_by_kind = np.zeros(len(SegmentKind), dtype=np.int64)
+    for original, pieces in units:
+        encoding = next(original_encodings) if original is not None else None
+        original_ids = _ids(encoding.ids) if encoding is not None else None
+        generation_ids = [(number, _ids(next(generation_encodings).ids)) for number, _, _ in pieces]
+        tokens, runs = megadocs.build_document(
+            method, original_ids, generation_ids, G, _worker["separator_ids"], _worker["eos_id"]
+        )
+        all_tokens.append(tokens)
+        all_segments.append(megadocs.segments_of(runs))
+        np.add.at(tokens_by_kind, runs[:, 0], runs[:, 2])
+        misplaced.append(0)
+        if method == megadocs.STRETCHED:
+            mine = megadocs.split_characters(
+                lambda token: encoding.token_to_chars(token)[0], len(encoding.ids), len(next(original_texts)), G
+            )
+            misplaced[-1] = megadocs.misplaced_rationales(mine, [(number, char) for number, _, char in pieces])
+    lengths = np.array([t.size for t in all_tokens], dtype=np.int64)
+    return BatchResult(np.concatenate(all_tokens), lengths, all_segments, tokens_by_kind, np.array(misplaced, np.int64))
+
+
+class WorkerPool:
+    """Worker processes (0: this process) that run tasks and give the results back in task order."""
+
+    def __init__(self, workers: int, initializer: Callable[..., None], initargs: tuple) -> None:
+        self.workers = workers
+        if workers == 0:
+            initializer(*initargs, single_threaded=False)
+            self._pool = None
+        else:  # spawn, not fork: the parent holds tensorstore threads, which fork does not carry over safely
+            self._pool = multiprocessing.get_context("spawn").Pool(workers, initializer=initializer, initargs=initargs)
+
+    def map_ordered(self, function: Callable[[Any], Any], tasks: Iterable[tuple[Any, Any]]) -> Iterator[tuple[Any, Any]]:
+        """(context, function(task)) in task order, at most 2 tasks per worker in flight."""
+        if self._pool is None:
+            for context, task in tasks:
+                yield context, function(task)
+            return
+        pending: collections.deque = collections.deque()
+        for context, task in tasks:
+            pending.append((context, self._pool.apply_async(function, (task,))))
+            if len(pending) >= 2 * self.workers:
+                context, result = pending.popleft()
+                yield context, result.get()
+        while pending:
+            context, result = pending.popleft()
+            yield context, result.get()
+
+    def __enter__(self) -> "WorkerPool":
+        return self
+
+    def __exit__(self, exc_type: type | None, *exc: object) -> None:
+        if self._pool is not None:
+            if exc_type is None:
+                self._pool.close()  # the workers finish and exit; their CPU time then counts as this process's children's
+            else:
+                self._pool.terminate()
+            self._pool.join()

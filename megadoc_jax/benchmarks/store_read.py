@@ -1,0 +1,206 @@
+"""Random 4,097-token window reads: token store vs a raw numpy memmap of the same tokens.
+
+    python -m megadoc_jax.benchmarks.store_read                  # 32M tokens, default layout
+    python -m megadoc_jax.benchmarks.store_read --sweep --tokens 16000000   # chunk size x codec table
+
+Builds a store of random tokens (documents of random length) in a temporary directory, writes the same
+flat token array as a raw file, warms the page cache with both, then reads the same random windows in
+batches from each, in this process. Every figure is the median of --repeats round-robin passes.
+Store figures (StoreReader's two modes, see store_reader.py):
+  streaming, no cache      cache_bytes=0: every window is a tensorstore read, a batch issued together
+  streaming, cache 1/2     cache_bytes = half the token bytes: the same, through a tensorstore cache pool
+  resident, first pass     a fresh reader whose cache holds the store: each chunk is read once, then kept
+  resident, warm           the same reader again: every window is a numpy slice of a cached chunk
+The sweep prints, per layout (the last row is StoreLayout.levanter()): files, write speed, size on
+disk, and the streaming (no cache) and resident (warm) read speeds against the same memmap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from megadoc_jax.data.store import Document, StoreLayout, StoreReader, StoreWriter, TokenizerInfo
+from megadoc_jax.data.store_reader import DEFAULT_CACHE_BYTES
+
+TOKENIZER = TokenizerInfo(name="benchmark", hash="sha256:benchmark", vocab_size=128_256, eos_id=128_001)
+
+
+def random_documents(num_tokens: int, seed: int) -> tuple[list[Document], np.ndarray]:
+    """Documents of about 1,243 tokens on average (the paper's DCLM mean), and their concatenation."""
+    rng = np.random.default_rng(seed)
+    tokens_T = rng.integers(0, TOKENIZER.vocab_size, num_tokens, dtype=np.int32)
+    lengths = np.maximum(1, rng.exponential(1243, size=num_tokens // 600 + 2).astype(np.int64))
+    ends = np.cumsum(lengths)
+    ends = np.append(ends[ends < num_tokens], num_tokens)
+    starts = np.concatenate([[0], ends[:-1]])
+    documents = [Document(tokens_T[s:e], {"source_id": f"doc-{i}"}) for i, (s, e) in enumerate(zip(starts, ends))]
+    return documents, tokens_T
+
+
+def warm_page_cache(root: Path) -> None:
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        with open(path, "rb") as f:
+            while f.read(1 << 24):
+                pass
+
+
+def directory_bytes(root: Path) -> int:
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+
+
+def tokens_per_second(
+    read_batch: Callable[[np.ndarray], np.ndarray], starts_W: np.ndarray, batch: int, length: int
+) -> float:
+    begin = time.perf_counter()
+    for i in range(0, starts_W.size, batch):
+        read_batch(starts_W[i : i + batch])
+    return starts_W.size * length / (time.perf_counter() - begin)
+
+
+def memmap_reader(path: Path, length: int) -> Callable[[np.ndarray], np.ndarray]:
+    tokens = np.memmap(path, dtype=np.int32, mode="r")
+
+    def read(starts_N: np.ndarray) -> np.ndarray:
+        out_NxL = np.empty((starts_N.size, length), np.int32)
+        for row, start in enumerate(starts_N.tolist()):
+            out_NxL[row] = tokens[start : start + length]
+        return out_NxL
+
+    return read
+
+
+def build(root: Path, documents: list[Document], layout: StoreLayout) -> tuple[Path, float]:
+    path = root / f"store-{layout.tokens_chunk}-{layout.tokens_shard}-{layout.tokens_codec}-{layout.codec_level}"
+    begin = time.perf_counter()
+    writer = StoreWriter(path, TOKENIZER, layout=layout)
+    writer.append(documents)
+    manifest = writer.finish()
+    return path, manifest["num_tokens"] / (time.perf_counter() - begin)
+
+
+def compare(args: argparse.Namespace, root: Path, documents: list[Document], tokens_T: np.ndarray) -> None:
+    store_path, write_speed = build(root, documents, StoreLayout())
+    raw_path = root / "tokens.bin"
+    tokens_T.tofile(raw_path)
+    warm_page_cache(root)
+    rng = np.random.default_rng(args.seed + 1)
+    starts_W = rng.integers(0, tokens_T.size - args.length + 1, args.windows)
+
+    memmap_read = memmap_reader(raw_path, args.length)
+    streaming = StoreReader.open(store_path, TOKENIZER, cache_bytes=0)
+    streaming_cached = StoreReader.open(store_path, TOKENIZER, cache_bytes=tokens_T.nbytes // 2)
+    check = starts_W[: args.batch]
+    np.testing.assert_array_equal(streaming.read_windows(check, args.length), memmap_read(check))
+
+    def measure(read: Callable[[np.ndarray], np.ndarray]) -> float:
+        return tokens_per_second(read, starts_W, args.batch, args.length)
+
+    results: dict[str, list[float]] = {
+        "memmap": [],
+        "streaming, no cache": [],
+        "streaming, cache 1/2": [],
+        "resident, first pass": [],
+        "resident, warm": [],
+    }
+    for _ in range(args.repeats):  # round-robin, so that load from other processes hits all alike
+        results["memmap"].append(measure(memmap_read))
+        results["streaming, no cache"].append(measure(lambda s: streaming.read_windows(s, args.length)))
+        results["streaming, cache 1/2"].append(measure(lambda s: streaming_cached.read_windows(s, args.length)))
+        resident = StoreReader.open(store_path, TOKENIZER, cache_bytes=max(args.cache_mib << 20, tokens_T.nbytes))
+        results["resident, first pass"].append(measure(lambda s: resident.read_windows(s, args.length)))
+        results["resident, warm"].append(measure(lambda s: resident.read_windows(s, args.length)))
+
+    print(f"store: {tokens_T.size:,} tokens, {len(documents):,} documents, layout {StoreLayout().to_dict()}")
+    print(f"write: {write_speed / 1e6:.1f} M tokens/s; {args.windows} windows of {args.length} tokens in batches of "
+          f"{args.batch}; median of {args.repeats}; page cache warm")
+    memmap_speed = statistics.median(results["memmap"])
+    for name, speeds in results.items():
+        speed = statistics.median(speeds)
+        print(f"  {name:<22} {speed / 1e6:9.1f} M tokens/s   {speed / memmap_speed:6.2f}x memmap")
+
+
+def sweep(args: argparse.Namespace, root: Path, documents: list[Document], tokens_T: np.ndarray) -> None:
+    """Build every layout first, then measure them round-robin, so that changing load hits all alike."""
+    rng = np.random.default_rng(args.seed + 1)
+    starts_W = rng.integers(0, tokens_T.size - args.length + 1, args.windows)
+    layouts = [
+        StoreLayout(tokens_chunk=chunk, tokens_shard=shard and max(shard, chunk), tokens_codec=codec)
+        for chunk in args.chunks
+        for shard in args.shards
+        for codec in args.codecs
+    ]
+    layouts.append(StoreLayout.levanter())
+    built = [build(root, documents, layout) for layout in layouts]
+    raw_path = root / "tokens.bin"
+    tokens_T.tofile(raw_path)
+    warm_page_cache(root)
+    readers = []
+    for path, _ in built:
+        resident = StoreReader.open(path, TOKENIZER, cache_bytes=DEFAULT_CACHE_BYTES)
+        resident.read_windows(starts_W, args.length)
+        readers.append((StoreReader.open(path, TOKENIZER, cache_bytes=0), resident))
+        assert resident.resident, "the reader cache must hold the store: use fewer --tokens"
+    memmap_read = memmap_reader(raw_path, args.length)
+
+    def measure(read: Callable[[np.ndarray], np.ndarray]) -> float:
+        return tokens_per_second(read, starts_W, args.batch, args.length)
+
+    memmap_speeds: list[float] = []
+    stream_speeds: list[list[float]] = [[] for _ in layouts]
+    resident_speeds: list[list[float]] = [[] for _ in layouts]
+    for _ in range(args.repeats):
+        memmap_speeds.append(measure(memmap_read))
+        for i, (streaming, resident) in enumerate(readers):
+            stream_speeds[i].append(measure(lambda s: streaming.read_windows(s, args.length)))
+            resident_speeds[i].append(measure(lambda s: resident.read_windows(s, args.length)))
+
+    memmap_speed = statistics.median(memmap_speeds)
+    print(f"{tokens_T.size:,} tokens; {args.windows} windows of {args.length}, batches of {args.batch}; "
+          f"median of {args.repeats} round-robin rounds; page cache warm; memmap {memmap_speed / 1e6:.1f} M tokens/s")
+    print("streaming: cache_bytes=0, a tensorstore read per window; resident: windows sliced from cached chunks")
+    print(f"{'chunk':>8} {'shard':>9} {'codec':>6} {'files':>6} {'write Mtok/s':>13} {'MiB':>6} "
+          f"{'stream Mtok/s':>13} {'ratio':>6} {'resident Mtok/s':>15} {'ratio':>6}")
+    for layout, (path, write_speed), streamed, residents in zip(layouts, built, stream_speeds, resident_speeds):
+        token_files = path / "input_ids" / "data"
+        stream_speed, resident_speed = statistics.median(streamed), statistics.median(residents)
+        print(
+            f"{layout.tokens_chunk:>8} {layout.tokens_shard:>9} {layout.tokens_codec:>6} "
+            f"{sum(1 for _ in (token_files / 'c').iterdir()):>6} {write_speed / 1e6:13.1f} "
+            f"{directory_bytes(token_files) / 2**20:6.1f} "
+            f"{stream_speed / 1e6:13.1f} {stream_speed / memmap_speed:6.3f} "
+            f"{resident_speed / 1e6:15.1f} {resident_speed / memmap_speed:6.2f}"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=32_000_000, help="store size in tokens")
+    parser.add_argument("--windows", type=int, default=8192, help="random windows per pass")
+    parser.add_argument("--length", type=int, default=4097, help="window length (seq_len + 1)")
+    parser.add_argument("--batch", type=int, default=64, help="windows per read_windows call")
+    parser.add_argument("--cache-mib", type=int, default=DEFAULT_CACHE_BYTES >> 20, help="resident reader cache")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dir", default=None, help="where to build the stores (a temporary directory inside it)")
+    parser.add_argument("--sweep", action="store_true", help="chunk size x codec table instead of the comparison")
+    parser.add_argument("--chunks", type=int, nargs="+", default=[1 << 12, 1 << 14, 1 << 16, 1 << 18])
+    parser.add_argument("--shards", type=int, nargs="+", default=[0, 1 << 22], help="0: one file per chunk")
+    parser.add_argument("--codecs", nargs="+", default=["none", "zstd"])
+    args = parser.parse_args()
+
+    documents, tokens_T = random_documents(args.tokens, args.seed)
+    with tempfile.TemporaryDirectory(dir=args.dir, prefix="store_read-") as tmp:
+        (sweep if args.sweep else compare)(args, Path(tmp), documents, tokens_T)
+    print(f"(cores available to this process: {len(os.sched_getaffinity(0))}; load average {os.getloadavg()[0]:.1f})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,234 @@
+"""StoreReader: opens a finished token store and reads documents, token windows and segment info.
+
+Token windows are read in one of two ways, chosen at open by the store's size (docs/store.md has the
+measurements behind it):
+  resident   the token array fits in `cache_bytes`: decoded chunks are kept in memory as they are
+             first read (the missing chunks of a batch with tensorstore futures issued together, one
+             ts.Batch), and every window is then a numpy slice.
+  streaming  a larger store: each window is one tensorstore read, all of a batch issued together,
+             through a tensorstore cache pool of `cache_bytes`, on top of the OS page cache.
+Offsets and segment runs are small and kept in memory. Reads may come from several threads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import tensorstore as ts
+
+from megadoc_jax.data import store_format as fmt
+from megadoc_jax.data.store_format import StoreError
+from megadoc_jax.data.store_types import (
+    Document,
+    Segment,
+    SegmentKind,
+    TokenizerInfo,
+    check_format_version,
+    check_tokenizer,
+)
+
+DEFAULT_CACHE_BYTES = 1 << 30  # per reader: stores of up to 256M tokens are read resident
+
+
+class StoreReader:
+    """A finished store, read-only. Build it with `StoreReader.open(path, tokenizer)`."""
+
+    def __init__(self, path: Path, manifest: dict[str, Any], cache_bytes: int) -> None:
+        self.path = path
+        self.manifest = manifest
+        self.tokenizer = TokenizerInfo.from_dict(manifest["tokenizer"])
+        self.num_documents: int = manifest["num_documents"]
+        self.num_tokens: int = manifest["num_tokens"]
+        self.num_segments: int = manifest["num_segments"]
+        self.vocab_size: int = manifest["vocab_size"]
+        self.eos_id: int = manifest["eos_id"]
+        self.cache_bytes = cache_bytes
+        self.resident = self.num_tokens * np.dtype(np.int32).itemsize <= cache_bytes
+        # Resident readers keep decoded chunks themselves; a tensorstore cache would only hold a copy.
+        context = ts.Context({"cache_pool": {"total_bytes_limit": 0 if self.resident else cache_bytes}})
+        self._arrays = {key: fmt.open_array_for_read(path, key, context) for key, _ in fmt.array_keys()}
+        self._check_shapes()
+        self._tokens = self._arrays["input_ids/data"]
+        self._chunk: int = self._tokens.chunk_layout.read_chunk.shape[0]
+
+        self.offsets = self._read_offsets(fmt.TOKENS.name)  # int64 [num_documents + 1], offsets[0] = 0
+        self._metadata_offsets = self._read_offsets(fmt.METADATA.name)
+        self._document_runs = self._read_offsets(fmt.SEGMENTS.name)  # document i: runs [r[i], r[i+1])
+        self._run_kinds = self._arrays["segments/kind"].read().result()
+        self._run_indices = self._arrays["segments/index"].read().result()
+        self._run_ends = np.cumsum(self._arrays["segments/length"].read().result(), dtype=np.int64)
+        if self.offsets[-1] != self.num_tokens or (self._run_ends.size and self._run_ends[-1] != self.num_tokens):
+            raise StoreError(f"{path}: offsets or segment runs do not end at num_tokens={self.num_tokens}")
+
+        self._chunk_cache: dict[int, np.ndarray] = {}  # resident mode: chunk id -> its tokens
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike,
+        tokenizer: TokenizerInfo | None = None,
+        *,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+    ) -> "StoreReader":
+        """Open a finished store; refuse an unfinished one, another tokenizer's, or a newer format."""
+        path = Path(path)
+        manifest_path = path / fmt.MANIFEST_FILE
+        if not manifest_path.is_file():
+            raise StoreError(f"{path}: not a token store (no {fmt.MANIFEST_FILE})")
+        manifest = fmt.read_json(manifest_path, fmt.MANIFEST_FILE)
+        check_format_version(path, manifest)
+        if manifest.get("finished") is not True:
+            raise StoreError(
+                f"{path}: manifest.json finished is false: the store is unfinished (its writer was interrupted "
+                "or did not call finish); resume it with StoreWriter and finish it"
+            )
+        if tokenizer is not None:
+            check_tokenizer(path, TokenizerInfo.from_dict(manifest["tokenizer"]), tokenizer)
+        return cls(path, manifest, cache_bytes)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Grain worker processes get a fresh reader (own cache) instead of pickled tensorstore handles.
+        return (StoreReader, (self.path, self.manifest, self.cache_bytes))
+
+    def __len__(self) -> int:
+        return self.num_documents
+
+    # ---- documents ----------------------------------------------------------------------------
+
+    def document(self, i: int) -> Document:
+        """Document i with its tokens, metadata and segments (always explicit, never None)."""
+        if not 0 <= i < self.num_documents:
+            raise IndexError(f"{self.path}: document {i} out of range [0, {self.num_documents})")
+        start, stop = int(self.offsets[i]), int(self.offsets[i + 1])
+        tokens = self.read_windows([start], stop - start)[0]
+        first_run, last_run = int(self._document_runs[i]), int(self._document_runs[i + 1])
+        run_starts = np.concatenate(([start], self._run_ends[first_run : last_run - 1]))
+        segments = tuple(
+            Segment(SegmentKind(int(kind)), int(index), int(end - begin))
+            for kind, index, begin, end in zip(
+                self._run_kinds[first_run:last_run],
+                self._run_indices[first_run:last_run],
+                run_starts,
+                self._run_ends[first_run:last_run],
+            )
+        )
+        meta_start, meta_stop = int(self._metadata_offsets[i]), int(self._metadata_offsets[i + 1])
+        metadata_bytes = self._arrays["metadata/data"][meta_start:meta_stop].read().result()
+        return Document(tokens, json.loads(metadata_bytes.tobytes()), segments)
+
+    # ---- windows ------------------------------------------------------------------------------
+
+    def read_windows(self, starts: Sequence[int], length: int) -> np.ndarray:
+        """Tokens [start, start + length) for every start: int32 [len(starts), length]."""
+        starts_N = self._check_windows(starts, length)
+        out_NxL = np.empty((starts_N.size, length), np.int32)
+        if self.resident:
+            self._slice_cached_chunks(starts_N, out_NxL)
+        else:
+            with ts.Batch() as batch:
+                futures = [self._tokens[start : start + length].read(batch=batch) for start in starts_N.tolist()]
+            for row, future in enumerate(futures):
+                out_NxL[row] = future.result()
+        return out_NxL
+
+    def read_segments(self, starts: Sequence[int], length: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per-token (kind uint8 [n, length], index int16 [n, length]) for the same windows."""
+        starts_N = self._check_windows(starts, length)
+        first_run_N = np.searchsorted(self._run_ends, starts_N, side="right")
+        last_run_N = np.searchsorted(self._run_ends, starts_N + length - 1, side="right")
+        kind_NxL = np.empty((starts_N.size, length), np.uint8)
+        index_NxL = np.empty((starts_N.size, length), np.int16)
+        for row, (start, first, last) in enumerate(zip(starts_N, first_run_N, last_run_N)):
+            ends = np.minimum(self._run_ends[first : last + 1], start + length)
+            lengths = np.diff(ends, prepend=start)
+            kind_NxL[row] = np.repeat(self._run_kinds[first : last + 1], lengths)
+            index_NxL[row] = np.repeat(self._run_indices[first : last + 1], lengths)
+        return kind_NxL, index_NxL
+
+    def verify(self) -> str:
+        """Recompute the content hash from the stored arrays; StoreError unless it matches the manifest."""
+        lengths = {key: int(self._arrays[key].shape[0]) for key, _ in fmt.array_keys()}
+        digest = fmt.content_hash(self._arrays, lengths)
+        if digest != self.manifest["content_hash"]:
+            raise StoreError(
+                f"{self.path}: content hash {digest} differs from manifest.json content_hash "
+                f"{self.manifest['content_hash']}: the store was modified or damaged"
+            )
+        return digest
+
+    # ---- internals ----------------------------------------------------------------------------
+
+    def _check_windows(self, starts: Sequence[int], length: int) -> np.ndarray:
+        if length <= 0:
+            raise StoreError(f"{self.path}: window length must be positive, got {length}")
+        starts_N = np.asarray(starts)
+        if starts_N.ndim != 1 or starts_N.size == 0 or not np.issubdtype(starts_N.dtype, np.integer):
+            raise StoreError(f"{self.path}: window starts must be a non-empty 1-D sequence of integers")
+        starts_N = starts_N.astype(np.int64, copy=False)
+        bad = (starts_N < 0) | (starts_N + length > self.num_tokens)
+        if bad.any():
+            start = int(starts_N[bad][0])
+            raise StoreError(
+                f"{self.path}: window [{start}, {start + length}) lies outside the store's tokens "
+                f"[0, {self.num_tokens})"
+            )
+        return starts_N
+
+    def _slice_cached_chunks(self, starts_N: np.ndarray, out_NxL: np.ndarray) -> None:
+        """Resident mode: fill each row of out_NxL with slices of the (cached) chunks it spans."""
+        length, chunk = out_NxL.shape[1], self._chunk
+        first_chunk_N = starts_N // chunk
+        last_chunk_N = (starts_N + length - 1) // chunk
+        if length <= chunk:  # a window touches at most two chunks
+            needed = np.unique(np.concatenate([first_chunk_N, last_chunk_N]))
+        else:
+            needed = np.unique(np.concatenate([np.arange(f, l + 1) for f, l in zip(first_chunk_N, last_chunk_N)]))
+        chunks = self._chunks(needed.tolist())
+        rows = zip(starts_N.tolist(), first_chunk_N.tolist(), last_chunk_N.tolist())
+        for row, (start, first, last) in enumerate(rows):
+            if first == last:  # the common case: the window lies inside one chunk
+                begin = start - first * chunk
+                out_NxL[row] = chunks[first][begin : begin + length]
+                continue
+            filled = 0
+            for chunk_id in range(first, last + 1):
+                begin = max(start, chunk_id * chunk) - chunk_id * chunk
+                end = min(start + length, (chunk_id + 1) * chunk) - chunk_id * chunk
+                out_NxL[row, filled : filled + end - begin] = chunks[chunk_id][begin:end]
+                filled += end - begin
+
+    def _chunks(self, chunk_ids: list[int]) -> dict[int, np.ndarray]:
+        """Decoded token chunks by id: cached ones, and the missing ones read together in one batch."""
+        found = {c: self._chunk_cache[c] for c in chunk_ids if c in self._chunk_cache}
+        missing = [c for c in chunk_ids if c not in found]
+        if missing:
+            with ts.Batch() as batch:
+                futures = [
+                    (c, self._tokens[c * self._chunk : min((c + 1) * self._chunk, self.num_tokens)].read(batch=batch))
+                    for c in missing
+                ]
+            for chunk_id, future in futures:
+                found[chunk_id] = self._chunk_cache[chunk_id] = future.result()
+        return found
+
+    def _read_offsets(self, group: str) -> np.ndarray:
+        offsets = self._arrays[f"{group}/offsets"].read().result()
+        offsets[0] = 0  # cell 0 holds Levanter's row count; the first row starts at 0
+        return offsets
+
+    def _check_shapes(self) -> None:
+        sizes = {
+            fmt.TOKENS.name: self.num_tokens,
+            fmt.SEGMENTS.name: self.num_segments,
+            fmt.METADATA.name: self.manifest["num_metadata_bytes"],
+        }
+        for key, length in fmt.array_lengths(self.num_documents, sizes).items():
+            if self._arrays[key].shape[0] != length:
+                raise StoreError(
+                    f"{self.path}: array {key} has {self._arrays[key].shape[0]} elements, manifest.json "
+                    f"says {length}: the store is damaged"
+                )

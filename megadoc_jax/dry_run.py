@@ -1,0 +1,63 @@
+"""`python -m megadoc_jax.train --dry-run [--topology NAME]`: check a config before spending hardware time.
+
+Without a topology: validate the config for this machine's devices, build the model and optimizer state
+abstractly (nothing is allocated, so a 1.5b model is fine on a laptop), print `parameters: N` and the
+per-device memory of the train state for the configured mesh.
+
+With a TPU topology (e.g. v5e:16x16, v5p:4x4x4, v4:2x2x2; needs the `tpu` extra, i.e. libtpu): also compile
+the real train step ahead of time for that topology on this CPU machine and report per-device memory
+against the chip's HBM and the step's FLOPs from the compiled program. Exits 1 when it does not fit.
+"""
+
+from __future__ import annotations
+
+import jax
+from flax import nnx
+
+from megadoc_jax import aot, metrics, optim, sharding
+from megadoc_jax import config as config_lib
+from megadoc_jax import step as step_lib
+
+
+def main(config: config_lib.Config, topology: str | None) -> int:
+    devices = aot.tpu_topology_devices(topology) if topology else jax.devices()
+    mesh_sizes = config_lib.validate_for_devices(config, len(devices))
+    mesh = sharding.make_mesh(mesh_sizes, devices)
+    device_kind = devices[0].device_kind
+    print(f"mesh: {mesh_sizes} over {len(devices)} x {device_kind}")
+
+    graphdef, params = nnx.split(sharding.abstract_model(config.model, mesh, config.train.seed))
+    params = params.to_pure_dict()
+    print(f"parameters: {sum(x.size for x in jax.tree.leaves(params))}")
+
+    tx, schedule = optim.make_optimizer(config.optim, max(config.train.steps, 1))
+    shardings = step_lib.state_shardings(params, tx)
+    abstract_state = jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+        jax.eval_shape(lambda p: step_lib.init_state(p, tx), params),
+        shardings,
+    )
+    state_bytes = aot.state_bytes_per_device(abstract_state)
+    capacity = metrics.hbm_bytes_per_device(device_kind)
+    print("train state (parameters + AdamW moments) per device: " + aot.format_fit(state_bytes, device_kind, capacity))
+    flops = metrics.train_flops_per_token(config.model, config.data.seq_len)
+    print(f"model FLOPs per token (forward + backward): {flops:.4g}")
+    if not topology:
+        return 0 if capacity is None or state_bytes <= capacity else 1
+
+    batch_layout = step_lib.batch_sharding(mesh, config)
+    train_step = jax.jit(
+        step_lib.make_train_step(graphdef, tx, schedule, config),
+        in_shardings=(shardings, batch_layout),
+        out_shardings=(shardings, None),
+        donate_argnums=(0,),
+    )
+    report = aot.compile_report(train_step, (abstract_state, step_lib.abstract_batch(mesh, config)))
+    print(aot.format_compile_report(report))
+    if report["memory"] is not None:  # None: the compiler refused the program (it does not fit)
+        tokens = config.train.batch_size * config.data.seq_len
+        print(
+            f"compiled FLOPs per device per step {report['flops_per_device']:.4g} vs the model formula "
+            f"{flops * tokens / len(devices):.4g} (6N + causal attention, per device)"
+        )
+    return 0 if report["fits"] in (True, None) else 1

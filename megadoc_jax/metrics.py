@@ -1,0 +1,412 @@
+"""Training metrics: model FLOPs per token, peak FLOP/s and HBM per device kind, MFU, and writers.
+
+The FLOP count is the standard "model FLOPs" of a decoder-only transformer (PaLM, appendix B):
+
+    flops_per_token = 6 * N_matmul + 6 * layers * seq_len * heads * head_size
+
+* 6 * N_matmul: every matmul weight is used once per token in the forward pass (one multiply and one
+  add: 2 FLOPs per weight) and twice in the backward pass (gradient of the input and of the weight:
+  4 FLOPs), so training costs 6 FLOPs per weight per token. N_matmul counts every matmul weight:
+  q, k, v, o projections, the three SwiGLU matrices, and the unembedding. It leaves out the input
+  embedding (a lookup, not a matmul) and the RMSNorm scales.
+* Attention scores and the weighted sum of values are matmuls without weights: per layer, head and
+  query token, q.k over seq_len keys costs 2 * seq_len * head_size FLOPs, and the sum over values as
+  much again: 4 * seq_len * heads * head_size per layer forward, 12 * ... with the backward pass.
+  A causal mask keeps half of the (query, key) pairs on average, so it is counted at half:
+  6 * layers * seq_len * heads * head_size. Grouped-query attention shares K/V heads but every
+  query head still attends, so `heads` (query heads) is the right factor.
+
+Model FLOPs exclude recomputation (remat) and optimizer arithmetic, so MFU compares the useful work
+with the chip's peak: MFU = (tokens/s * flops_per_token / devices) / peak FLOP/s per device.
+
+`Throughput` turns the loop's finished steps into tokens/s, TFLOP/s per device and MFU.
+MetricsWriter writes the per-step scalars to TensorBoard event files and to an append-only JSONL log,
+on process 0 only. It takes host numbers: fetching values from the device is the caller's choice
+of when to synchronise, and never hidden in the writer. `progress_line` formats the console line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import numbers
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from megadoc_jax.config import ModelConfig
+
+# --------------------------------------------------------------------------------------------------
+# FLOPs
+# --------------------------------------------------------------------------------------------------
+
+
+def matmul_params(cfg: ModelConfig) -> int:
+    """Weights used in matmuls: attention and SwiGLU projections of every layer plus the unembedding."""
+    d, q_width, kv_width = cfg.hidden, cfg.heads * cfg.head_size, cfg.kv_heads * cfg.head_size
+    attention = d * q_width + 2 * d * kv_width + q_width * d  # q, k and v, o
+    mlp = 3 * d * cfg.mlp  # gate, up, down
+    return cfg.layers * (attention + mlp) + d * cfg.vocab_size
+
+
+def total_params(cfg: ModelConfig) -> int:
+    """All parameters of the Llama layout: matmul weights, input embedding, RMSNorm scales (2 a layer + 1)."""
+    return matmul_params(cfg) + cfg.vocab_size * cfg.hidden + (2 * cfg.layers + 1) * cfg.hidden
+
+
+def attention_flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
+    """Training FLOPs of causal attention scores and value sums per token: 12*layers*L*heads*head_size / 2."""
+    return 6 * cfg.layers * seq_len * cfg.heads * cfg.head_size
+
+
+def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
+    """Model FLOPs of one training token (forward + backward) at context length `seq_len`; see module doc."""
+    if seq_len <= 0:
+        raise ValueError(f"seq_len must be positive, got {seq_len}")
+    return 6 * matmul_params(cfg) + attention_flops_per_token(cfg, seq_len)
+
+
+# --------------------------------------------------------------------------------------------------
+# Peak dense bf16 FLOP/s and memory per device kind
+# --------------------------------------------------------------------------------------------------
+
+GIB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Accelerator:
+    """Vendor figures for one chip, and how many JAX devices one chip shows up as."""
+
+    name: str
+    device_kinds: tuple[str, ...]  # jax Device.device_kind strings that mean this chip
+    peak_bf16_flops_per_chip: float  # dense (no sparsity)
+    hbm_bytes_per_chip: int
+    devices_per_chip: int  # TensorCores exposed as separate devices (v2, v3, TPU7x) or 1
+    source: str
+
+    @property
+    def peak_flops_per_device(self) -> float:
+        return self.peak_bf16_flops_per_chip / self.devices_per_chip
+
+    @property
+    def hbm_bytes_per_device(self) -> int:
+        return self.hbm_bytes_per_chip // self.devices_per_chip
+
+
+# Vendor capacities in "GB" are read as GiB: HBM stacks come in binary sizes, and Google's TPU pages
+# state GiB. The usable share is a little smaller (the runtime reserves some).
+ACCELERATORS: tuple[Accelerator, ...] = (
+    Accelerator("TPU v2", ("TPU v2",), 45e12, 16 * GIB, 2, "cloud.google.com/tpu/docs/v2"),
+    Accelerator("TPU v3", ("TPU v3",), 123e12, 32 * GIB, 2, "cloud.google.com/tpu/docs/v3"),
+    # v4 and v5p run in megacore mode: the chip's two TensorCores are one device.
+    Accelerator("TPU v4", ("TPU v4",), 275e12, 32 * GIB, 1, "cloud.google.com/tpu/docs/v4"),
+    Accelerator("TPU v5e", ("TPU v5 lite", "TPU v5e"), 197e12, 16 * GIB, 1, "cloud.google.com/tpu/docs/v5e"),
+    Accelerator("TPU v5p", ("TPU v5p", "TPU v5"), 459e12, 95 * GIB, 1, "cloud.google.com/tpu/docs/v5p"),
+    Accelerator("TPU v6e", ("TPU v6 lite", "TPU v6e"), 918e12, 32 * GIB, 1, "cloud.google.com/tpu/docs/v6e"),
+    Accelerator("TPU7x", ("TPU7x",), 2307e12, 192 * GIB, 2, "cloud.google.com/tpu/docs/tpu7x"),
+    # NVIDIA datasheets give bf16 Tensor Core figures "with sparsity"; dense is half of that.
+    Accelerator(
+        "A100 40GB", ("NVIDIA A100-SXM4-40GB", "NVIDIA A100-PCIE-40GB"), 312e12, 40 * GIB, 1,
+        "NVIDIA A100 datasheet (nvidia.com/en-us/data-center/a100): 624 TFLOPS sparse bf16",
+    ),
+    Accelerator(
+        "A100 80GB", ("NVIDIA A100-SXM4-80GB", "NVIDIA A100 80GB PCIe"), 312e12, 80 * GIB, 1,
+        "NVIDIA A100 datasheet (nvidia.com/en-us/data-center/a100): 624 TFLOPS sparse bf16",
+    ),
+    Accelerator(
+        "H100 SXM", ("NVIDIA H100 80GB HBM3",), 989e12, 80 * GIB, 1,
+        "NVIDIA H100 datasheet (nvidia.com/en-us/data-center/h100): SXM 1979 TFLOPS sparse bf16",
+    ),
+    Accelerator(
+        "H100 PCIe", ("NVIDIA H100 PCIe",), 756e12, 80 * GIB, 1,
+        "NVIDIA H100 datasheet (nvidia.com/en-us/data-center/h100): PCIe 1513 TFLOPS sparse bf16",
+    ),
+    Accelerator(
+        "H100 NVL", ("NVIDIA H100 NVL",), 835e12, 94 * GIB, 1,
+        "NVIDIA H100 datasheet (nvidia.com/en-us/data-center/h100): NVL 1671 TFLOPS sparse bf16",
+    ),
+    # The H200 NVL (835 TFLOPS dense) reports the same device kind; the SXM figure is used.
+    Accelerator(
+        "H200 SXM", ("NVIDIA H200",), 989e12, 141 * GIB, 1,
+        "NVIDIA H200 datasheet (nvidia.com/en-us/data-center/h200): SXM 1979 TFLOPS sparse bf16",
+    ),
+    Accelerator(
+        "B200", ("NVIDIA B200",), 2250e12, 180 * GIB, 1,
+        "NVIDIA HGX B200 datasheet (nvidia.com/en-us/data-center/hgx): 4.5 PFLOPS sparse bf16 per GPU",
+    ),
+)
+
+_BY_DEVICE_KIND = {kind: acc for acc in ACCELERATORS for kind in acc.device_kinds}
+
+
+def accelerator(device_kind: str) -> Accelerator | None:
+    """The table entry for a jax `device.device_kind`, or None (CPU, unknown chips: MFU not reported)."""
+    return _BY_DEVICE_KIND.get(device_kind.strip())
+
+
+def peak_flops_per_device(device_kind: str) -> float | None:
+    acc = accelerator(device_kind)
+    return None if acc is None else acc.peak_flops_per_device
+
+
+def hbm_bytes_per_device(device_kind: str) -> int | None:
+    acc = accelerator(device_kind)
+    return None if acc is None else acc.hbm_bytes_per_device
+
+
+# --------------------------------------------------------------------------------------------------
+# Throughput and MFU
+# --------------------------------------------------------------------------------------------------
+
+
+def throughput_scalars(
+    *,
+    tokens: float,
+    seconds: float,
+    flops_per_token: float,
+    num_devices: int,
+    peak_flops_per_device: float | None,
+) -> dict[str, float]:
+    """tokens_per_s, tflops_per_device (achieved model TFLOP/s per device) and mfu (fraction of peak,
+    left out where the peak is unknown, as on CPU) for `tokens` processed in `seconds`."""
+    for name, value in (("tokens", tokens), ("seconds", seconds), ("num_devices", num_devices)):
+        if not value > 0:
+            raise ValueError(f"throughput_scalars: {name} must be positive, got {value}")
+    tokens_per_s = tokens / seconds
+    flops_per_device = tokens_per_s * flops_per_token / num_devices
+    out = {"tokens_per_s": tokens_per_s, "tflops_per_device": flops_per_device / 1e12}
+    if peak_flops_per_device:
+        out["mfu"] = flops_per_device / peak_flops_per_device
+    return out
+
+
+class Throughput:
+    """Throughput of the training loop between reports, from the host's view of finished steps.
+
+    Call `add(loss_tokens)` once per step, as its metrics are read back. The first call only starts
+    the clock (its interval holds the compilation); each later call counts one step of
+    batch_size * seq_len processed tokens over the time since the previous call. Pauses between steps
+    (evaluation, checkpoints) fall into the next step's interval: this is wall-clock throughput.
+    """
+
+    def __init__(
+        self,
+        model: ModelConfig,
+        seq_len: int,
+        batch_size: int,
+        devices: Sequence[jax.Device],
+        *,
+        clock: Callable[[], float] = time.perf_counter,
+    ):
+        self.tokens_per_step = batch_size * seq_len
+        self.flops_per_token = train_flops_per_token(model, seq_len)
+        self.num_devices = len(devices)
+        self.peak_flops_per_device = peak_flops_per_device(devices[0].device_kind)
+        self._clock = clock
+        self._last: float | None = None
+        self._steps, self._loss_tokens, self._seconds = 0, 0.0, 0.0
+
+    def add(self, loss_tokens: float) -> None:
+        now = self._clock()
+        if self._last is not None:
+            self._steps += 1
+            self._loss_tokens += loss_tokens
+            self._seconds += now - self._last
+        self._last = now
+
+    def report(self) -> dict[str, float]:
+        """Scalars since the last report (empty before two steps were added); resets the counts.
+
+        tokens_per_s, tflops_per_device and mfu count all processed tokens (what the device computes);
+        loss_tokens_per_s counts the tokens with a loss weight; step_time_s is seconds per step.
+        """
+        if self._steps == 0 or self._seconds <= 0:
+            return {}
+        out = throughput_scalars(
+            tokens=self._steps * self.tokens_per_step,
+            seconds=self._seconds,
+            flops_per_token=self.flops_per_token,
+            num_devices=self.num_devices,
+            peak_flops_per_device=self.peak_flops_per_device,
+        )
+        out["loss_tokens_per_s"] = self._loss_tokens / self._seconds
+        out["step_time_s"] = self._seconds / self._steps
+        self._steps, self._loss_tokens, self._seconds = 0, 0.0, 0.0
+        return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Writers: TensorBoard + JSONL, process 0 only
+# --------------------------------------------------------------------------------------------------
+
+JSONL_NAME = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+_RESERVED_KEYS = ("step", "time", "event")
+
+
+def _end_partial_line(path: Path) -> None:
+    """A kill mid-write can leave a line without its newline; end it so the next record starts clean."""
+    if path.exists() and path.stat().st_size > 0:
+        with path.open("rb") as f:
+            f.seek(-1, 2)
+            last = f.read(1)
+        if last != b"\n":
+            with path.open("ab") as f:
+                f.write(b"\n")
+
+
+def _host_scalar(key: str, value: Any) -> float:
+    """A float from a host number (Python, NumPy scalar or 0-d array, as jax.device_get returns)."""
+    if key in _RESERVED_KEYS:
+        raise ValueError(f"MetricsWriter.write: scalar name {key!r} is reserved ({_RESERVED_KEYS})")
+    if isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "fiu":
+        return float(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)):
+        return float(value)
+    raise TypeError(
+        f"MetricsWriter.write: scalar {key!r} is a {type(value).__name__}, not a host number; "
+        "fetch device values with jax.device_get where the loop may wait for them"
+    )
+
+
+class MetricsWriter:
+    """Per-step scalars to `<log_dir>/tensorboard/` event files and `<log_dir>/metrics.jsonl`.
+
+    Only process 0 writes (elsewhere every method is a no-op). `start_step` is the number of steps
+    already done when a run resumes from a checkpoint: TensorBoard is told to hide events after it,
+    and the JSONL gets an {"event": "open", "step": start_step} line so that `read_metrics` drops
+    records of later steps from the earlier attempt. The JSONL is flushed after every record; the
+    TensorBoard file is written by tensorboardX's background thread.
+    """
+
+    def __init__(self, log_dir: str | Path, *, start_step: int = 0, enabled: bool | None = None):
+        self.enabled = jax.process_index() == 0 if enabled is None else enabled
+        self.log_dir = Path(log_dir)
+        if not self.enabled:
+            return
+        from tensorboardX import SummaryWriter  # imported here: only process 0 needs it
+
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl_path = self.log_dir / JSONL_NAME
+        _end_partial_line(self.jsonl_path)
+        self._jsonl = self.jsonl_path.open("a", encoding="utf-8")
+        self._write_line({"event": "open", "step": start_step, "time": time.time()})
+        self._tensorboard = SummaryWriter(
+            logdir=str(self.log_dir / TENSORBOARD_DIR),
+            purge_step=start_step + 1 if start_step > 0 else None,
+            max_queue=1000,
+            flush_secs=30,
+        )
+
+    def _write_line(self, record: dict[str, Any]) -> None:
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+
+    def write(self, step: int, scalars: Mapping[str, float]) -> None:
+        """Record `scalars` (Python or NumPy numbers, already on the host) for `step`."""
+        if not self.enabled:
+            return
+        values = {key: _host_scalar(key, value) for key, value in scalars.items()}
+        record = {"step": int(step), "time": time.time(), **values}
+        self._write_line(record)
+        for key, value in values.items():
+            self._tensorboard.add_scalar(key, value, int(step), walltime=record["time"])
+
+    def flush(self) -> None:
+        if self.enabled:
+            self._jsonl.flush()
+            self._tensorboard.flush()
+
+    def close(self) -> None:
+        if self.enabled and not self._jsonl.closed:
+            self._jsonl.close()
+            self._tensorboard.close()
+
+    def __enter__(self) -> "MetricsWriter":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+@dataclasses.dataclass(frozen=True)
+class MetricsLog:
+    records: list[dict[str, Any]]  # step records in order, with superseded attempts removed
+    unreadable_lines: list[int]  # 1-based line numbers that were not JSON objects (cut by a kill)
+
+
+def read_metrics(path: str | Path) -> MetricsLog:
+    """Read a metrics.jsonl (or the run directory holding one), resume-aware; see MetricsWriter."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / JSONL_NAME
+    records: list[dict[str, Any]] = []
+    unreadable: list[int] = []
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                unreadable.append(number)
+                continue
+            if not isinstance(record, dict) or "step" not in record:
+                unreadable.append(number)
+            elif record.get("event") == "open":
+                records = [r for r in records if r["step"] <= record["step"]]
+            else:
+                records.append(record)
+    return MetricsLog(records, unreadable)
+
+
+# --------------------------------------------------------------------------------------------------
+# Console progress line
+# --------------------------------------------------------------------------------------------------
+
+
+def _si(value: float) -> str:
+    for factor, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= factor:
+            return f"{value / factor:.1f}{suffix}"
+    return f"{value:.0f}"
+
+
+def format_duration(seconds: float) -> str:
+    """45s, 3m20s, 1h02m, 2d03h."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def progress_line(step: int, total_steps: int, values: Mapping[str, float]) -> str:
+    """One console line from a step's logged scalars; keys that are absent are left out:
+
+    step  120/1000 | loss 3.4512 | gnorm 0.812 | lr 2.95e-03 | 12.3k tok/s | MFU 41.2% | ETA 1h02m
+
+    Reads loss, grad_norm, learning_rate, tokens_per_s, mfu, and step_time_s for the ETA.
+    """
+    parts = [f"step {step:>{len(str(total_steps))}}/{total_steps}"]
+    for key, text in (
+        ("loss", "loss {:.4f}"),
+        ("grad_norm", "gnorm {:.3f}"),
+        ("learning_rate", "lr {:.2e}"),
+    ):
+        if key in values:
+            parts.append(text.format(values[key]))
+    if "tokens_per_s" in values:
+        parts.append(f"{_si(values['tokens_per_s'])} tok/s")
+    if "mfu" in values:
+        parts.append(f"MFU {100 * values['mfu']:.1f}%")
+    if "step_time_s" in values:
+        parts.append(f"ETA {format_duration(max(total_steps - step, 0) * values['step_time_s'])}")
+    return " | ".join(parts)

@@ -1,0 +1,160 @@
+"""The device mesh and the one table mapping logical axis names to mesh axes.
+
+Parameters carry logical axis names in their NNX metadata (`out_sharding=("embed", "mlp")`, with
+`eager_sharding=False` so that NNX itself never interprets them) and activations are annotated with
+`constrain(x, ("batch", "seq", "act_embed"))`. RULES below is the only place where those names meet the
+mesh axes ('data', 'fsdp', 'tensor', 'context'). Where a dimension is not divisible by its mesh axes, the
+axes that do not fit are dropped for that dimension (it is replicated over them) instead of failing.
+
+Style: classic jit with NamedShardings over a mesh whose axes are all AxisType.Auto. Activation
+constraints apply when the mesh is set with `jax.set_mesh(mesh)` around the jitted call (or its tracing);
+without a mesh they are no-ops, so the same model code runs on one device.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import jax
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from megadoc_jax.config import MESH_AXES, ModelConfig
+
+LogicalAxes = Sequence[str | None]
+
+# logical axis name -> mesh axes it is split over, in order ('()' = replicated).
+RULES: dict[str, tuple[str, ...]] = {
+    "batch": ("data", "fsdp"),  # batch rows: data parallel and FSDP both split the batch
+    "seq": ("context",),  # activation length (context parallelism)
+    "embed": ("fsdp",),  # the model dimension of a parameter: FSDP shards the weights
+    "act_embed": (),  # the model dimension of an activation stays whole
+    "norm": (),  # norm scales: small, replicated
+    "heads": ("tensor",),
+    "kv_heads": ("tensor",),
+    "head_dim": (),
+    "mlp": ("tensor",),
+    "vocab": ("tensor",),
+    "layers": (),  # the stacking axis of scanned layers
+}
+
+
+def make_mesh(sizes: dict[str, int], devices: Sequence[Any] | None = None) -> Mesh:
+    """A mesh with axes MESH_AXES (missing axes have size 1) over `devices` (default: all devices).
+
+    `devices` may be abstract devices, e.g. `jax.experimental.topologies.get_topology_desc(...).devices`,
+    to compile for TPUs ahead of time on a machine without them.
+    """
+    unknown = sorted(set(sizes) - set(MESH_AXES))
+    if unknown:
+        raise ValueError(f"make_mesh: unknown mesh axes {unknown}; the axes are {list(MESH_AXES)}")
+    shape = tuple(int(sizes.get(axis, 1)) for axis in MESH_AXES)
+    if any(size < 1 for size in shape):
+        raise ValueError(f"make_mesh: axis sizes must be positive, got {dict(zip(MESH_AXES, shape))}")
+    devices = list(jax.devices() if devices is None else devices)
+    if math.prod(shape) != len(devices):
+        raise ValueError(
+            f"make_mesh: the axis sizes {dict(zip(MESH_AXES, shape))} multiply to {math.prod(shape)} "
+            f"but there are {len(devices)} devices"
+        )
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def logical_to_spec(
+    logical_axes: LogicalAxes, shape: Sequence[int] | None = None, axis_sizes: dict[str, int] | None = None
+) -> PartitionSpec:
+    """PartitionSpec over mesh axes for logical axis names (None = replicated dimension).
+
+    With `shape` and `axis_sizes` (mesh axis -> size), each dimension keeps the longest prefix of its
+    mesh axes whose product divides it; mesh axes of size 1, or already used by an earlier dimension of
+    the same array, are skipped.
+    """
+    if shape is not None and len(shape) != len(logical_axes):
+        raise ValueError(f"logical axes {tuple(logical_axes)} do not match the shape {tuple(shape)}")
+    used: set[str] = set()
+    spec: list[str | tuple[str, ...] | None] = []
+    for dim, name in enumerate(logical_axes):
+        if name is None:
+            spec.append(None)
+            continue
+        if name not in RULES:
+            raise ValueError(f"unknown logical axis {name!r}; sharding.RULES knows {sorted(RULES)}")
+        kept: list[str] = []
+        for mesh_axis in RULES[name]:
+            if mesh_axis in used:
+                continue
+            if shape is not None and axis_sizes is not None:
+                if axis_sizes[mesh_axis] == 1:  # splits nothing; leaving it out keeps specs canonical
+                    continue
+                if shape[dim] % (math.prod(axis_sizes[a] for a in kept) * axis_sizes[mesh_axis]):
+                    break
+            kept.append(mesh_axis)
+        used.update(kept)
+        spec.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+    return PartitionSpec(*spec)
+
+
+def named_sharding(mesh: Mesh, logical_axes: LogicalAxes, shape: Sequence[int]) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(logical_axes, shape, dict(mesh.shape)))
+
+
+def constrain(x: jax.Array, logical_axes: LogicalAxes) -> jax.Array:
+    """Sharding constraint on an activation by logical axes; a no-op when no mesh is set."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    if x.ndim != len(logical_axes):
+        raise ValueError(f"constrain: logical axes {tuple(logical_axes)} for an array of shape {x.shape}")
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes, x.shape, dict(mesh.shape)))
+
+
+def _variable_logical_axes(variable: nnx.Variable) -> LogicalAxes:
+    axes = variable.get_metadata().get("out_sharding")
+    return tuple(axes) if axes else (None,) * len(variable.shape)
+
+
+def state_shardings(state: Any, mesh: Mesh) -> Any:
+    """The NamedSharding of every variable of an (abstract) NNX state, from its logical axes."""
+    return jax.tree.map(
+        lambda v: v.replace(named_sharding(mesh, _variable_logical_axes(v), v.shape)),
+        state,
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )
+
+
+def _model_factory(cfg: ModelConfig, seed: int):
+    from megadoc_jax.model import Decoder  # model imports this module for `constrain`
+
+    return lambda: Decoder(cfg, rngs=nnx.Rngs(seed))
+
+
+def abstract_model(cfg: ModelConfig, mesh: Mesh, seed: int = 0) -> nnx.Module:
+    """The decoder with jax.ShapeDtypeStruct leaves that carry their shardings; allocates nothing.
+
+    Use it for memory estimates, ahead-of-time compiles and as the target of a checkpoint restore.
+    """
+    abstract = nnx.eval_shape(_model_factory(cfg, seed))
+    graphdef, state = nnx.split(abstract)
+    state = jax.tree.map(
+        lambda v: v.replace(
+            jax.ShapeDtypeStruct(
+                v.shape, v.dtype, sharding=named_sharding(mesh, _variable_logical_axes(v), v.shape)
+            )
+        ),
+        state,
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )
+    return nnx.merge(graphdef, state)
+
+
+def create_sharded_model(cfg: ModelConfig, mesh: Mesh, seed: int) -> nnx.Module:
+    """The decoder initialised under jit with out_shardings: each device creates only its shards.
+
+    The values equal those of `Decoder(cfg, rngs=nnx.Rngs(seed))` on one device (partitionable RNG).
+    """
+    factory = _model_factory(cfg, seed)
+    graphdef, abstract_state = nnx.split(nnx.eval_shape(factory))
+    init_state = jax.jit(lambda: nnx.state(factory()), out_shardings=state_shardings(abstract_state, mesh))
+    return nnx.merge(graphdef, init_state())
+

@@ -1,0 +1,111 @@
+"""next_token_loss: equal to full-logits cross-entropy in values and gradients, without full logits."""
+
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from megadoc_jax.loss import next_token_loss
+
+B, L, D, V = 2, 12, 16, 40
+
+
+def _data(seed: int = 0):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.normal(size=(B, L, D)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(D, V)) * 0.5, jnp.float32)
+    targets = jnp.asarray(rng.integers(0, V, size=(B, L)), jnp.int32)
+    mask = jnp.asarray(rng.random((B, L)) > 0.3, jnp.float32)
+    return x, w, targets, mask
+
+
+def _naive(x, w, targets, mask, z_loss):
+    """Full [B, L, V] logits, plain log-softmax."""
+    logits = jnp.einsum("bld,dv->blv", x, w)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    log_probs = logits - lse[..., None]
+    ce = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+    return {
+        "loss_sum": jnp.sum(mask * ce),
+        "z_loss_sum": z_loss * jnp.sum(mask * lse**2),
+        "weight_sum": jnp.sum(mask),
+    }
+
+
+def _sums_and_grads(sums_fn, x, w, targets, mask):
+    """The sums and the gradients of the objective (loss_sum + z_loss_sum) / weight_sum, in one jit."""
+
+    def objective(x, w):
+        sums = sums_fn(x, w, targets, mask)
+        return (sums["loss_sum"] + sums["z_loss_sum"]) / sums["weight_sum"], sums
+
+    (_, sums), grads = jax.jit(jax.value_and_grad(objective, argnums=(0, 1), has_aux=True))(x, w)
+    return sums, grads
+
+
+# chunk 4 divides L, 5 pads L, 64 is one chunk; each case switches the mask and z-loss differently.
+@pytest.mark.parametrize("chunk_tokens, masked, z_loss", [(4, False, 0.0), (5, True, 1e-2), (64, True, 0.0)])
+def test_values_and_gradients_match_full_logits(chunk_tokens, masked, z_loss):
+    x, w, targets, mask = _data()
+    mask = mask if masked else None
+    chunked = lambda x, w, t, m: next_token_loss(x, w, t, m, z_loss=z_loss, chunk_tokens=chunk_tokens)
+    naive = lambda x, w, t, m: _naive(x, w, t, jnp.ones((B, L)) if m is None else m, z_loss)
+
+    got, (gx, gw) = _sums_and_grads(chunked, x, w, targets, mask)
+    want, (nx, nw) = _sums_and_grads(naive, x, w, targets, mask)
+    assert set(got) == {"loss_sum", "z_loss_sum", "weight_sum"}
+    for key in want:
+        assert got[key].dtype == jnp.float32 and got[key].shape == ()
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-5, err_msg=key)
+    assert (float(got["z_loss_sum"]) > 0) == (z_loss > 0)
+    np.testing.assert_allclose(gx, nx, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(gw, nw, rtol=1e-4, atol=1e-6)
+    if masked:  # masked positions get no gradient
+        assert np.all(np.asarray(gx)[np.asarray(mask) == 0] == 0)
+
+
+def test_bf16_hidden_states_are_promoted_to_fp32():
+    x, w, targets, mask = _data(1)
+    x_bf16 = x.astype(jnp.bfloat16)
+    loss = lambda x: next_token_loss(x, w, targets, mask, chunk_tokens=4)["loss_sum"]
+    got, gx = jax.jit(jax.value_and_grad(loss))(x_bf16)
+    want = _naive(x_bf16.astype(jnp.float32), w, targets, mask, 0.0)["loss_sum"]
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    assert got.dtype == jnp.float32 and gx.dtype == jnp.bfloat16
+
+
+def _largest_intermediate(jaxpr) -> int:
+    """Elements of the largest value produced anywhere in a jaxpr, sub-jaxprs included."""
+    largest = 0
+    for eqn in jaxpr.eqns:
+        for var in eqn.outvars:
+            largest = max(largest, int(np.prod(getattr(var.aval, "shape", ()))))
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            largest = max(largest, _largest_intermediate(sub))
+    return largest
+
+
+def test_full_logits_are_never_materialised_forward_or_backward():
+    b, length, d, v, chunk = 2, 64, 8, 1000, 8
+    x = jnp.ones((b, length, d))
+    w = jnp.ones((d, v))
+    targets = jnp.zeros((b, length), jnp.int32)
+    loss = lambda x, w: next_token_loss(x, w, targets, chunk_tokens=chunk)["loss_sum"]
+    jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(x, w).jaxpr
+    # Nothing bigger than one chunk of logits (b * chunk * v), far below the full b * length * v.
+    assert _largest_intermediate(jaxpr) == b * chunk * v
+    naive_jaxpr = jax.make_jaxpr(jax.grad(lambda x, w: _naive(x, w, targets, 1.0, 0.0)["loss_sum"]))(x, w).jaxpr
+    assert _largest_intermediate(naive_jaxpr) == b * length * v  # the measure does see full logits
+
+
+def test_bad_shapes_are_refused():
+    x, w, targets, mask = _data()
+    with pytest.raises(ValueError, match="unembed"):
+        next_token_loss(x, w.T, targets)
+    with pytest.raises(ValueError, match="targets"):
+        next_token_loss(x, w, targets[:, 1:])
+    with pytest.raises(ValueError, match="loss_mask"):
+        next_token_loss(x, w, targets, mask[:1])
+    with pytest.raises(ValueError, match="chunk_tokens"):
+        next_token_loss(x, w, targets, chunk_tokens=0)

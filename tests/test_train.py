@@ -1,0 +1,204 @@
+"""The training loop end to end on tiny models: loss falls, device counts agree, resume is exact.
+
+In-process runs use a subset of the 8 fake CPU devices; runs that must be killed or span processes are
+subprocesses of `python -m megadoc_jax.train`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from megadoc_jax import config as config_lib
+from megadoc_jax import train
+from megadoc_jax.data import demo
+
+REPO = Path(__file__).resolve().parent.parent
+STEPS = 12
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory) -> dict[str, str]:
+    return {k: str(v) for k, v in demo.ensure_demo_stores(tmp_path_factory.mktemp("demo")).items()}
+
+
+def tiny_overrides(demo_data: dict[str, str], run_dir: Path, *extra: str) -> list[str]:
+    return [
+        "model.size=tiny",
+        "model.vocab_size=2048",
+        "model.compute_dtype=float32",
+        f"data.tokenizer={demo_data['tokenizer']}",
+        f"data.streams=[{{name: real, store: {demo_data['train']}, weight: 1.0}}]",
+        f"data.eval_stores={{heldout: {demo_data['heldout']}}}",
+        "data.seq_len=32",
+        "optim.lr=1e-2",
+        "optim.warmup_fraction=0.1",
+        "train.batch_size=8",
+        f"train.steps={STEPS}",
+        "train.log_every=1",
+        "train.eval_batches=2",
+        f"train.run_dir={run_dir}",
+        *extra,
+    ]
+
+
+def tiny_config(demo_data, run_dir, *extra) -> config_lib.Config:
+    return config_lib.load(None, tiny_overrides(demo_data, run_dir, *extra))
+
+
+def train_losses(result: train.RunResult) -> list[float]:
+    return [h["loss"] for h in result.history if "loss" in h]
+
+
+def final_params(run_dir: Path) -> dict:
+    checkpoints = ocp.CheckpointManager(Path(run_dir).absolute() / "checkpoints")
+    restored = checkpoints.restore(checkpoints.latest_step(), args=ocp.args.StandardRestore())
+    checkpoints.close()
+    return restored["params"]
+
+
+def assert_trees_equal(a, b) -> None:
+    leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(leaves_a) == len(leaves_b)
+    for x, y in zip(leaves_a, leaves_b):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.fixture(scope="module")
+def eight_device_run(demo_data, tmp_path_factory) -> train.RunResult:
+    run_dir = tmp_path_factory.mktemp("eight")
+    config = tiny_config(demo_data, run_dir, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "train.checkpoint_every=6")
+    return train.run(config, devices=jax.devices()), run_dir
+
+
+def test_loss_falls_and_one_device_matches_eight(demo_data, tmp_path, eight_device_run):
+    eight, _ = eight_device_run
+    one = train.run(tiny_config(demo_data, tmp_path, "mesh.data=1"), devices=jax.devices()[:1])
+    assert one.exit_code == 0 and one.step == STEPS
+    losses_one, losses_eight = train_losses(one), train_losses(eight)
+    assert len(losses_one) == STEPS
+    assert losses_one[-1] < losses_one[0] - 0.5, losses_one
+    np.testing.assert_allclose(losses_one, losses_eight, rtol=2e-4)
+    assert "eval/heldout/loss" in one.history[-1]
+
+
+def test_restore_onto_a_different_device_count(demo_data, tmp_path, eight_device_run):
+    eight, eight_dir = eight_device_run
+    # Continue the 8-device run's step-6 checkpoint on 2 devices (another mesh), to the same end.
+    run_dir = tmp_path / "two"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    os.symlink(Path(eight_dir) / "checkpoints" / "6", run_dir / "checkpoints" / "6")
+    two = train.run(tiny_config(demo_data, run_dir, "mesh.data=1", "mesh.fsdp=2"), devices=jax.devices()[:2])
+    assert [h["step"] for h in two.history if "loss" in h] == list(range(7, STEPS + 1))
+    np.testing.assert_allclose(train_losses(two), train_losses(eight)[6:], rtol=2e-4)
+
+
+def run_train_process(overrides: list[str], devices: int, env: dict | None = None, **popen) -> subprocess.Popen:
+    environment = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        "PYTHONUNBUFFERED": "1",
+        **(env or {}),
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "megadoc_jax.train", "--config", str(REPO / "configs" / "tiny.yaml"), *overrides],
+        env=environment, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen,
+    )
+
+
+def logged_steps(run_dir: Path) -> list[int]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line)["step"] for line in path.read_text().splitlines() if '"loss"' in line]
+
+
+def wait_for_step(process: subprocess.Popen, run_dir: Path, step: int, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while not any(s >= step for s in logged_steps(run_dir)):
+        assert process.poll() is None, process.stdout.read()
+        assert time.time() < deadline, "the training process did not reach the step in time"
+        time.sleep(0.05)
+
+
+def test_kill_minus_nine_then_resume_equals_uninterrupted(demo_data, tmp_path):
+    extra = ("mesh.data=1", "train.checkpoint_every=1", "train.keep_last=2")
+    killed_dir, clean_dir = tmp_path / "killed", tmp_path / "clean"
+    kill_at = random.Random(os.environ.get("PYTEST_SEED", "0")).randint(2, STEPS - 2)
+
+    process = run_train_process(tiny_overrides(demo_data, killed_dir, *extra), devices=1)
+    wait_for_step(process, killed_dir, kill_at)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    resumed = run_train_process(tiny_overrides(demo_data, killed_dir, *extra), devices=1)
+    clean = run_train_process(tiny_overrides(demo_data, clean_dir, *extra), devices=1)
+    outputs = [p.communicate(timeout=300)[0] for p in (resumed, clean)]
+    assert resumed.returncode == 0 and clean.returncode == 0, outputs
+    assert "resumed from step" in outputs[0] and "resumed from step" not in outputs[1]
+    assert_trees_equal(final_params(killed_dir), final_params(clean_dir))
+
+
+def test_sigterm_saves_and_exits_then_resumes(demo_data, tmp_path):
+    extra = ("mesh.data=1", "train.checkpoint_every=100")
+    process = run_train_process(tiny_overrides(demo_data, tmp_path, *extra), devices=1)
+    wait_for_step(process, tmp_path, 3)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, output
+    assert "preemption requested" in output
+    saved = ocp.CheckpointManager(tmp_path.absolute() / "checkpoints").latest_step()
+    assert 3 <= saved < STEPS
+    resumed = run_train_process(tiny_overrides(demo_data, tmp_path, *extra), devices=1)
+    output, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0 and f"resumed from step {saved}" in output, output
+    assert max(logged_steps(tmp_path)) == STEPS
+
+
+def test_non_finite_step_stops_and_keeps_last_good_checkpoint(demo_data, tmp_path):
+    # An absurd learning rate overflows fp32 within a few steps.
+    config = tiny_config(demo_data, tmp_path, "mesh.data=1", "optim.lr=1e30", "optim.clip_norm=0", "train.checkpoint_every=1")
+    result = train.run(config, devices=jax.devices()[:1])
+    assert result.exit_code == 3
+    assert result.step < STEPS
+    params = final_params(tmp_path)
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_process_distributed_run_matches_one_process(demo_data, tmp_path, eight_device_run):
+    eight, _ = eight_device_run
+    coordinator = f"127.0.0.1:{free_port()}"
+    overrides = tiny_overrides(demo_data, tmp_path, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "train.checkpoint_every=6")
+    processes = [
+        run_train_process(
+            overrides,
+            devices=4,
+            env={"MEGADOC_COORDINATOR": coordinator, "MEGADOC_NUM_PROCESSES": "2", "MEGADOC_PROCESS_ID": str(i)},
+        )
+        for i in range(2)
+    ]
+    for p in processes:
+        output, _ = p.communicate(timeout=400)
+        assert p.returncode == 0, output
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    losses = [entry["loss"] for entry in logged if "loss" in entry]
+    np.testing.assert_allclose(losses, train_losses(eight), rtol=2e-4)
