@@ -20,11 +20,14 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e .
 	touch $@
 
-# The test extras add libtpu (jax[tpu]) so that tests compile real TPU programs ahead of time on CPU.
+# The test extras add libtpu (jax[tpu]), so that tests compile real TPU programs ahead of time on CPU,
+# and PyTorch, for the transformers generation backend. torch is pinned to the CPU build 2.13.0 first:
+# an unpinned `torch` would pull a multi-GB CUDA build.
 $(VENV)/.installed-dev: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[dev,tpu]"
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e ".[dev,tpu,torch]"
 	touch $@ $(VENV)/.installed
 
 clean:

@@ -102,23 +102,35 @@ def run_demo_data(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: tuple[Callable[[Any], None], ...] = (add_export, add_demo_data)
+def _commands() -> tuple[Callable[[Any], Any], ...]:
+    from generation import generate, megadoc_export, merge
+
+    return (generate.add_subcommand, merge.add_subcommand, megadoc_export.add_subcommand, add_export, add_demo_data)
+
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m generation", description=__doc__.split("\n\n")[0])
     subparsers = parser.add_subparsers(dest="command", required=True)
-    for add_command in COMMANDS:
+    for add_command in _commands():
         add_command(subparsers)
     args = parser.parse_args(argv)
+    from generation.backends import BackendError
     from generation.documents import InputError
     from generation.export import ExportError
+    from generation.generate import GenerationError
+    from generation.megadoc_export import MegadocExportError
+    from generation.megadocs import MissingGenerationsError
+    from generation.merge import OutputError
+    from generation.prompts import PromptError
     from megadoc_jax.data.demo import DemoDataError
     from megadoc_jax.data.store import StoreError
 
+    errors = (InputError, ExportError, StoreError, DemoDataError, GenerationError, OutputError, BackendError,
+              PromptError, MegadocExportError, MissingGenerationsError)  # fmt: skip
     try:
         return args.run(args)
-    except (InputError, ExportError, StoreError, DemoDataError) as e:
+    except errors as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

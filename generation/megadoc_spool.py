@@ -129,15 +129,14 @@ def _generation_fields(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     if input_format(path) == "jsonl":
         with open(path, "rb") as f:
             for line_number, line in enumerate(f):
-                where = _location(path, line_number)
                 if not line.strip():
                     continue
                 try:
                     fields = json.loads(line)
                 except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                    raise InputError(f"{where}: not a JSON record ({e})") from None
+                    raise InputError(f"{_location(path, line_number)}: not a JSON record ({e})") from None
                 if not isinstance(fields, dict):
-                    raise InputError(f"{where}: a JSON {type(fields).__name__}, not an object")
+                    raise InputError(f"{_location(path, line_number)}: a JSON {type(fields).__name__}, not an object")
                 yield line_number, fields
         return
     try:
@@ -249,8 +248,9 @@ def _write_spool(
             texts.write(data)
             offset += len(data)
         for file_number, path in enumerate(files["generations"]):
+            jsonl = input_format(path) == "jsonl"
             for position, fields in _generation_fields(path):
-                where = _location(path, position)
+                where = f"{path}:{position + 1}" if jsonl else f"{path} row {position}"  # as _location
                 g = parse_generation(fields, where)
                 if g.doc_id not in positions:
                     problems("orphan", f"{where}: id {g.doc_id!r}")
@@ -329,10 +329,10 @@ class GenerationGroup:
         return [self._numbers[self._bounds[s] : self._bounds[s + 1]] for s in range(self._bounds.size - 1)]
 
     def entries(self, source: int, numbers: np.ndarray) -> np.ndarray:
-        """Spool entry ids of source's generations with these numbers (which must exist)."""
-        lo, hi = self._bounds[source], self._bounds[source + 1]
+        """Spool entry ids of source's generations with these numbers (ascending, and which must exist)."""
+        lo, hi = int(self._bounds[source]), int(self._bounds[source + 1])
         found = lo + np.searchsorted(self._numbers[lo:hi], numbers)
-        if np.any(found >= hi) or np.any(self._numbers[np.minimum(found, hi - 1)] != numbers):
+        if found.size and (found[-1] >= hi or not np.array_equal(self._numbers[found], numbers)):
             raise KeyError(f"source #{source}: no generation numbered {numbers.tolist()} in the group")
         return self._first_entry + found
 

@@ -27,7 +27,7 @@ def main(config: config_lib.Config, topology: str | None) -> int:
     print(f"mesh: {mesh_sizes} over {len(devices)} x {device_kind}")
 
     graphdef, params = nnx.split(sharding.abstract_model(config.model, mesh, config.train.seed))
-    params = params.to_pure_dict()
+    params = nnx.to_pure_dict(params)
     print(f"parameters: {sum(x.size for x in jax.tree.leaves(params))}")
 
     tx, schedule = optim.make_optimizer(config.optim, max(config.train.steps, 1))
@@ -42,8 +42,11 @@ def main(config: config_lib.Config, topology: str | None) -> int:
     print("train state (parameters + AdamW moments) per device: " + aot.format_fit(state_bytes, device_kind, capacity))
     flops = metrics.train_flops_per_token(config.model, config.data.seq_len)
     print(f"model FLOPs per token (forward + backward): {flops:.4g}")
+    if capacity is not None and state_bytes > capacity:
+        print("the train state alone does not fit: shard it further (mesh.fsdp) or use a smaller model")
+        return 1
     if not topology:
-        return 0 if capacity is None or state_bytes <= capacity else 1
+        return 0
 
     batch_layout = step_lib.batch_sharding(mesh, config)
     train_step = jax.jit(
@@ -52,7 +55,8 @@ def main(config: config_lib.Config, topology: str | None) -> int:
         out_shardings=(shardings, None),
         donate_argnums=(0,),
     )
-    report = aot.compile_report(train_step, (abstract_state, step_lib.abstract_batch(mesh, config)))
+    with jax.set_mesh(mesh):  # activations follow the rule table through `sharding.constrain`
+        report = aot.compile_report(train_step, (abstract_state, step_lib.abstract_batch(mesh, config)))
     print(aot.format_compile_report(report))
     if report["memory"] is not None:  # None: the compiler refused the program (it does not fit)
         tokens = config.train.batch_size * config.data.seq_len

@@ -53,11 +53,6 @@ def matmul_params(cfg: ModelConfig) -> int:
     return cfg.layers * (attention + mlp) + d * cfg.vocab_size
 
 
-def total_params(cfg: ModelConfig) -> int:
-    """All parameters of the Llama layout: matmul weights, input embedding, RMSNorm scales (2 a layer + 1)."""
-    return matmul_params(cfg) + cfg.vocab_size * cfg.hidden + (2 * cfg.layers + 1) * cfg.hidden
-
-
 def attention_flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
     """Training FLOPs of causal attention scores and value sums per token: 12*layers*L*heads*head_size / 2."""
     return 6 * cfg.layers * seq_len * cfg.heads * cfg.head_size

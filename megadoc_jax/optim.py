@@ -8,7 +8,7 @@ which is torch.optim.AdamW exactly: its `w *= 1 - lr_t * wd` before the Adam ste
 since the Adam direction does not depend on w. optax.adamw has this form (add_decayed_weights before
 scale_by_learning_rate); tests/test_optim.py checks it against a hand computation.
 
-The pre-clip gradient norm is not reported from here: the train step computes optax.global_norm(grads)
+The pre-clip gradient norm is not reported from here: the train step computes optax.tree.norm(grads)
 on the same (accumulated, averaged) gradients that enter this transformation.
 """
 

@@ -14,7 +14,7 @@ without a mesh they are no-ops, so the same model code runs on one device.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 from flax import nnx
@@ -109,18 +109,19 @@ def constrain(x: jax.Array, logical_axes: LogicalAxes) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes, x.shape, dict(mesh.shape)))
 
 
-def _variable_logical_axes(variable: nnx.Variable) -> LogicalAxes:
-    axes = variable.get_metadata().get("out_sharding")
-    return tuple(axes) if axes else (None,) * len(variable.shape)
+def _variable_sharding(variable: nnx.Variable, mesh: Mesh) -> NamedSharding:
+    """From the variable's logical axes (`out_sharding` metadata); no metadata: replicated."""
+    logical_axes = variable.get_metadata().get("out_sharding") or (None,) * len(variable.shape)
+    return named_sharding(mesh, logical_axes, variable.shape)
+
+
+def _map_variables(fn: Callable[[nnx.Variable], Any], state: Any) -> Any:
+    return jax.tree.map(fn, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def state_shardings(state: Any, mesh: Mesh) -> Any:
     """The NamedSharding of every variable of an (abstract) NNX state, from its logical axes."""
-    return jax.tree.map(
-        lambda v: v.replace(named_sharding(mesh, _variable_logical_axes(v), v.shape)),
-        state,
-        is_leaf=lambda x: isinstance(x, nnx.Variable),
-    )
+    return _map_variables(lambda v: v.replace(_variable_sharding(v, mesh)), state)
 
 
 def _model_factory(cfg: ModelConfig, seed: int):
@@ -134,16 +135,9 @@ def abstract_model(cfg: ModelConfig, mesh: Mesh, seed: int = 0) -> nnx.Module:
 
     Use it for memory estimates, ahead-of-time compiles and as the target of a checkpoint restore.
     """
-    abstract = nnx.eval_shape(_model_factory(cfg, seed))
-    graphdef, state = nnx.split(abstract)
-    state = jax.tree.map(
-        lambda v: v.replace(
-            jax.ShapeDtypeStruct(
-                v.shape, v.dtype, sharding=named_sharding(mesh, _variable_logical_axes(v), v.shape)
-            )
-        ),
-        state,
-        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    graphdef, state = nnx.split(nnx.eval_shape(_model_factory(cfg, seed)))
+    state = _map_variables(
+        lambda v: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=_variable_sharding(v, mesh))), state
     )
     return nnx.merge(graphdef, state)
 

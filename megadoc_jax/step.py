@@ -90,7 +90,7 @@ def make_train_step(
         weight = jnp.maximum(sums["weight_sum"], 1.0)
         grads = jax.tree.map(lambda g: g / weight, grads)
         loss = sums["loss_sum"] / weight
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
         updates, new_opt_state = tx.update(grads, state["opt_state"], params)

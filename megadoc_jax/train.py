@@ -17,7 +17,6 @@ import argparse
 import contextlib
 import dataclasses
 import logging
-import os
 import signal
 import sys
 from pathlib import Path
@@ -34,7 +33,6 @@ from megadoc_jax.data.store import TokenizerInfo
 
 log = logging.getLogger("megadoc_jax.train")
 
-DEMO_PREFIX = "demo:"
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 
@@ -112,7 +110,7 @@ def _run(config: config_lib.Config, devices: list[jax.Device], cleanup: contextl
     # ============================================================================================
     # Config against this machine: every error is raised here, before any compilation.
     # ============================================================================================
-    config = resolve_demo_paths(config)
+    config = demo.resolve_demo_paths(config)
     mesh_sizes = config_lib.validate_for_devices(config, len(devices))
     is_main = jax.process_index() == 0
     run_dir = Path(config.train.run_dir)
@@ -144,7 +142,7 @@ def _run(config: config_lib.Config, devices: list[jax.Device], cleanup: contextl
     log.info("mesh: %s over %d devices (%s)", mesh_sizes, len(devices), devices[0].device_kind)
     model = sharding.create_sharded_model(config.model, mesh, config.train.seed)
     graphdef, params = nnx.split(model)
-    params = params.to_pure_dict()
+    params = nnx.to_pure_dict(params)
     del model
     log.info("parameters: %d", sum(x.size for x in jax.tree.leaves(params)))
     tx, schedule = optim.make_optimizer(config.optim, total_steps)
@@ -164,6 +162,9 @@ def _run(config: config_lib.Config, devices: list[jax.Device], cleanup: contextl
     # ============================================================================================
     # Compiled steps: explicit shardings in and out, the old state's buffers donated.
     # ============================================================================================
+    # Under the mesh, activations follow the rule table through `sharding.constrain`. (Set after the
+    # model is built: NNX initialisers would read the logical axis names as mesh axes.)
+    cleanup.enter_context(jax.set_mesh(mesh))
     batch_sharding = step_lib.batch_sharding(mesh, config)
     train_step = jax.jit(
         step_lib.make_train_step(graphdef, tx, schedule, config),
@@ -252,32 +253,6 @@ def _run(config: config_lib.Config, devices: list[jax.Device], cleanup: contextl
             writer.write(final_step, losses)
             history.append({"step": final_step, **losses})
     return RunResult(exit_code=0 if finite else 3, step=final_step, history=history)
-
-
-def resolve_demo_paths(config: config_lib.Config) -> config_lib.Config:
-    """Replaces `demo:NAME` paths (tokenizer, train, heldout) by the embedded demo data, built on first
-    use under $MEGADOC_DEMO_DIR (default ~/.cache/megadoc_jax/demo)."""
-    raw = config_lib.to_dict(config)
-    data = raw["data"]
-    named = [data["tokenizer"], *(s["store"] for s in data["streams"]), *data["eval_stores"].values()]
-    if not any(str(path).startswith(DEMO_PREFIX) for path in named):
-        return config
-    root = Path(os.environ.get("MEGADOC_DEMO_DIR", Path.home() / ".cache" / "megadoc_jax" / "demo"))
-    paths = {name: str(path) for name, path in demo.ensure_demo_stores(root).items()}
-
-    def resolve(path: str, key: str) -> str:
-        if not path.startswith(DEMO_PREFIX):
-            return path
-        name = path[len(DEMO_PREFIX):]
-        if name not in paths:
-            raise config_lib.ConfigError(f"{key}: unknown demo path {path!r}; known: {sorted(paths)}")
-        return paths[name]
-
-    data["tokenizer"] = resolve(data["tokenizer"], "data.tokenizer")
-    for i, stream in enumerate(data["streams"]):
-        stream["store"] = resolve(stream["store"], f"data.streams[{i}].store")
-    data["eval_stores"] = {k: resolve(v, f"data.eval_stores.{k}") for k, v in data["eval_stores"].items()}
-    return config_lib.from_dict(raw)
 
 
 if __name__ == "__main__":

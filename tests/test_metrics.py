@@ -12,6 +12,7 @@ from tensorboardX.crc32c import crc32c
 from tensorboardX.proto import event_pb2
 
 from megadoc_jax import metrics
+from megadoc_jax.model import count_parameters
 from megadoc_jax.config import ModelConfig
 
 GIB = 2**30
@@ -35,7 +36,7 @@ def test_train_flops_hand_count_small_config():
     assert metrics.attention_flops_per_token(cfg, 128) == attention_flops == 98_304
     assert metrics.train_flops_per_token(cfg, 128) == 6 * 131_072 + 98_304 == 884_736
     # All parameters add the input embedding (512 * 64) and the norms ((2 * 2 + 1) * 64).
-    assert metrics.total_params(cfg) == 131_072 + 32_768 + 320
+    assert count_parameters(cfg) == 131_072 + 32_768 + 320
 
 
 def test_train_flops_paper_300m_worked_example():
@@ -158,7 +159,7 @@ def test_docs_model_size_table_matches_code():
     for size, params, n_matmul, per_token, *_ in _doc_table("size"):
         cfg = config.from_dict({"model": {"size": size}}).model
         as_int = lambda text: int(text.replace(",", ""))  # noqa: E731
-        assert metrics.total_params(cfg) == as_int(params)
+        assert count_parameters(cfg) == as_int(params)
         assert metrics.matmul_params(cfg) == as_int(n_matmul)
         assert metrics.train_flops_per_token(cfg, 4096) == as_int(per_token)
 

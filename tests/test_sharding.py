@@ -1,5 +1,7 @@
 """Mesh, the logical-axis rule table, sharded and abstract model creation on 8 fake CPU devices."""
 
+import importlib.util
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -101,6 +103,17 @@ def test_abstract_model_of_a_1_5b_model_allocates_nothing(mesh):
     # 16 heads, 8 kv heads: both split over tensor=2.
     assert leaves[("layers", "attention", "wk")].sharding.spec == P(None, "fsdp", "tensor", None)
     assert {path: v.sharding.spec for path, v in leaves.items()} == EXPECTED_SPECS
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu (the tpu extra) is not installed")
+def test_mesh_over_abstract_tpu_devices_for_ahead_of_time_compiles():
+    from jax.experimental import topologies
+
+    devices = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2").devices
+    mesh = sharding.make_mesh({"fsdp": 2, "tensor": 2}, devices=devices)
+    assert mesh.devices.size == 4 and {d.platform for d in mesh.devices.flat} == {"tpu"}
+    wq = _flat(nnx.state(sharding.abstract_model(TINY, mesh)))[("layers", "attention", "wq")]
+    assert wq.sharding.spec == P(None, "fsdp", "tensor", None) and wq.sharding.mesh == mesh
 
 
 def test_indivisible_parameter_dims_fall_back_to_replication():

@@ -31,7 +31,7 @@ STEPS = 12
 
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory) -> dict[str, str]:
-    return {k: str(v) for k, v in demo.ensure_demo_stores(tmp_path_factory.mktemp("demo")).items()}
+    return {k: str(v) for k, v in demo.ensure_demo_stores(tmp_path_factory.mktemp("demo") / "data").items()}
 
 
 def tiny_overrides(demo_data: dict[str, str], run_dir: Path, *extra: str) -> list[str]:

@@ -33,6 +33,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterable
 
+from megadoc_jax import config as config_lib
 from megadoc_jax.config import MODEL_SIZES
 
 DEMO_VOCAB_SIZE: int = MODEL_SIZES["demo"]["vocab_size"]
@@ -216,3 +217,32 @@ def ensure_demo_stores(root: str | Path, workers: int = 0) -> dict[str, Path]:
             f"{root} exists but has no {COMPLETE_MARKER}: it is not a complete demo build; remove it to rebuild"
         )
     return demo_paths(root)
+
+
+DEMO_PREFIX = "demo:"
+
+
+def resolve_demo_paths(config: config_lib.Config) -> config_lib.Config:
+    """Replaces `demo:NAME` paths (tokenizer, train, heldout) by the embedded demo data, built on first
+    use under $MEGADOC_DEMO_DIR (default ~/.cache/megadoc_jax/demo)."""
+    raw = config_lib.to_dict(config)
+    data = raw["data"]
+    named = [data["tokenizer"], *(s["store"] for s in data["streams"]), *data["eval_stores"].values()]
+    if not any(str(path).startswith(DEMO_PREFIX) for path in named):
+        return config
+    root = Path(os.environ.get("MEGADOC_DEMO_DIR", Path.home() / ".cache" / "megadoc_jax" / "demo"))
+    paths = {name: str(path) for name, path in ensure_demo_stores(root).items()}
+
+    def resolve(path: str, key: str) -> str:
+        if not path.startswith(DEMO_PREFIX):
+            return path
+        name = path[len(DEMO_PREFIX):]
+        if name not in paths:
+            raise config_lib.ConfigError(f"{key}: unknown demo path {path!r}; known: {sorted(paths)}")
+        return paths[name]
+
+    data["tokenizer"] = resolve(data["tokenizer"], "data.tokenizer")
+    for i, stream in enumerate(data["streams"]):
+        stream["store"] = resolve(stream["store"], f"data.streams[{i}].store")
+    data["eval_stores"] = {k: resolve(v, f"data.eval_stores.{k}") for k, v in data["eval_stores"].items()}
+    return config_lib.from_dict(raw)
