@@ -32,12 +32,13 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 import tqdm
+from tokenizers import Tokenizer
 
 from generation import megadocs
 from generation.documents import EXAMPLES_PER_REASON
 from generation.export import DEFAULT_FLUSH_TOKENS, NO_AUTO_FLUSH, default_workers, load_tokenizer
 from generation.megadoc_spool import SPOOL_DIR, GenerationGroup, TextSpool, ensure_spool
-from generation.megadoc_workers import BatchResult, Unit, WorkerPool, build_batch, init_worker
+from generation.megadoc_workers import BatchResult, Unit, WorkerPool, build_batch, init_worker, tokenize_separators
 from megadoc_jax.data.store import Document, SegmentKind, StoreWriter, TokenizerInfo
 from megadoc_jax.data.store_format import MANIFEST_FILE, read_json, write_json_atomic
 
@@ -259,6 +260,7 @@ def build_megadocs(
         spool = ensure_spool(out, sources, generations, text_field=text_field, id_field=id_field, on_error=on_error)
         _check_generations_exist(spool, streams)
         used = {name: text for method, _ in streams for name, text in options.separators.used_by(method).items()}
+        tokenize_separators(Tokenizer.from_str(tokenizer_json), used)  # refused here, before any worker starts
         with WorkerPool(workers, init_worker, (tokenizer_json, info.eos_id, used)) as pool:
             reports = [build_stream(spool, m, G, out / stream_name(m, G), info, pool, options) for m, G in streams]
         if not keep_spool:

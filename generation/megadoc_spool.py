@@ -27,6 +27,7 @@ from __future__ import annotations
 import array
 import hashlib
 import json
+import mmap
 import os
 import shutil
 import tempfile
@@ -352,11 +353,11 @@ class TextSpool:
             self._source_spans = index["source_spans"]
             self._entries = {name: index[name] for name in index.files if name != "source_spans"}
         self._group_keys = self._entries["task"] * GROUP_STRIDE + self._entries["splits"]  # sorted
-        size = (root / "texts.bin").stat().st_size
-        self._texts = np.memmap(root / "texts.bin", dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
+        with open(root / "texts.bin", "rb") as f:  # the mapping stays valid after the file is closed
+            self._texts = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.fstat(f.fileno()).st_size else b""
 
     def _text(self, start: int, end: int) -> bytes:
-        return self._texts[start:end].tobytes()
+        return self._texts[int(start) : int(end)]
 
     def source_text(self, source: int) -> bytes:
         return self._text(*self._source_spans[source])

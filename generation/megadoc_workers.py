@@ -30,11 +30,19 @@ def init_worker(tokenizer_json: str, eos_id: int, separators: dict[str, str], si
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_str(tokenizer_json)
-    separator_ids = {name: _ids(tokenizer.encode(text, add_special_tokens=False).ids) for name, text in separators.items()}
+    _worker.update(tokenizer=tokenizer, eos_id=eos_id, separator_ids=tokenize_separators(tokenizer, separators))
+
+
+def tokenize_separators(tokenizer: Any, separators: dict[str, str]) -> dict[str, np.ndarray]:
+    """Token ids of each separator; ValueError for a non-empty one that gives no tokens (it would vanish).
+
+    Call it in the main process before starting workers: a pool whose initializer fails restarts it forever.
+    """
+    ids = {name: _ids(tokenizer.encode(text, add_special_tokens=False).ids) for name, text in separators.items()}
     for name, text in separators.items():
-        if text and not separator_ids[name].size:
+        if text and not ids[name].size:
             raise ValueError(f"separator {name}={text!r} gives no tokens with this tokenizer; choose another or ''")
-    _worker.update(tokenizer=tokenizer, eos_id=eos_id, separator_ids=separator_ids)
+    return ids
 
 
 def _ids(ids: list[int]) -> np.ndarray:
@@ -64,8 +72,7 @@ def build_batch(task: tuple[str, int, list[Unit]]) -> BatchResult:
     original_encodings = iter(encode_originals(originals, add_special_tokens=False))
     original_texts = iter(originals)
     generation_encodings = iter(tokenizer.encode_batch_fast(generations, add_special_tokens=False))
-    all_tokens, all_segments, misplaced = [], [], []
-    tokens_by_kind = np.zeros(len(SegmentKind), dtype=np.int64)
+    all_tokens, all_segments, all_runs, misplaced = [], [], [], []
     for original, pieces in units:
         encoding = next(original_encodings) if original is not None else None
         original_ids = _ids(encoding.ids) if encoding is not None else None
@@ -75,7 +82,7 @@ def build_batch(task: tuple[str, int, list[Unit]]) -> BatchResult:
         )
         all_tokens.append(tokens)
         all_segments.append(megadocs.segments_of(runs))
-        np.add.at(tokens_by_kind, runs[:, 0], runs[:, 2])
+        all_runs.append(runs)
         misplaced.append(0)
         if method == megadocs.STRETCHED:
             mine = megadocs.split_characters(
@@ -83,6 +90,8 @@ def build_batch(task: tuple[str, int, list[Unit]]) -> BatchResult:
             )
             misplaced[-1] = megadocs.misplaced_rationales(mine, [(number, char) for number, _, char in pieces])
     lengths = np.array([t.size for t in all_tokens], dtype=np.int64)
+    runs_Rx3 = np.concatenate(all_runs)
+    tokens_by_kind = np.bincount(runs_Rx3[:, 0], weights=runs_Rx3[:, 2], minlength=len(SegmentKind)).astype(np.int64)
     return BatchResult(np.concatenate(all_tokens), lengths, all_segments, tokens_by_kind, np.array(misplaced, np.int64))
 
 

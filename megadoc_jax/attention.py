@@ -135,3 +135,7 @@ def xla_attention(
         preferred_element_type=jnp.float32,
     )
     return out_BxLxGxRxK.reshape(b, length, heads, size).astype(q_BxLxHxK.dtype)
+
+
+# Backends in their own modules register themselves on import (they import this module first).
+from megadoc_jax import attention_ring  # noqa: E402,F401  (ring, all_gather)

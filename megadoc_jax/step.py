@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from megadoc_jax import attention_ring
 from megadoc_jax import loss as loss_lib
 from megadoc_jax import sharding
 from megadoc_jax.config import Config
@@ -33,9 +34,25 @@ def _model_inputs(batch: Batch, document_masking: bool) -> tuple[jax.Array, jax.
     return batch["inputs"], batch["positions"], segment_ids
 
 
+def _context_layout(batch: Batch, config: Config) -> Batch:
+    """The batch in the zig-zag layout that ring / all_gather attention expect when context > 1.
+
+    One permutation of the sequence axis for every [B, L] array (tokens, positions, segment ids, targets,
+    loss mask), so each token keeps its target and mask. The loss is a sum over tokens and is not
+    un-permuted; per-token outputs would be read back with attention_ring.zigzag_order.
+    """
+    context = attention_ring.context_size()
+    if context == 1 or not attention_ring.uses_layout(config.model.attention):
+        return batch
+    order_L = jnp.asarray(attention_ring.zigzag_order(batch["inputs"].shape[-1], context))
+    permute = lambda x_BxL: sharding.constrain(jnp.take(x_BxL, order_L, axis=-1), BATCH_AXES)
+    return jax.tree.map(permute, batch)
+
+
 def _loss_sums(graphdef: nnx.GraphDef, params: Any, batch: Batch, config: Config) -> dict[str, jax.Array]:
     """Summed (not averaged) losses of one microbatch, so microbatches add up exactly."""
     model = nnx.merge(graphdef, params)
+    batch = _context_layout(batch, config)
     x_BxLxD = model.hidden_states(*_model_inputs(batch, config.data.document_masking))
     return loss_lib.next_token_loss(
         x_BxLxD,

@@ -389,8 +389,9 @@ def test_bad_sources_follow_the_export_policy_and_merge_directories_are_read(tmp
 def test_separator_without_tokens_is_refused(tmp_path, inputs, tokenizer_dir):
     sources, gens = inputs
     options = StreamOptions(separators=Separators(between="\n\n"), progress=False)  # whitespace: no word tokens
-    with pytest.raises(ValueError, match="between='\\\\n\\\\n' gives no tokens"):
-        build_megadocs([sources], [gens], tokenizer_dir, tmp_path / "out", [(BACK, 2)], options, workers=0)
+    for workers in (0, 1):  # refused before any worker starts (a failing pool initializer would restart forever)
+        with pytest.raises(ValueError, match="between='\\\\n\\\\n' gives no tokens"):
+            build_megadocs([sources], [gens], tokenizer_dir, tmp_path / "out", [(BACK, 2)], options, workers=workers)
 
 
 # --------------------------------------------------------------------------------------------------

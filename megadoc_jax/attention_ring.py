@@ -1,0 +1,388 @@
+"""Context-parallel attention over the mesh's `context` axis: `ring` and `all_gather` backends.
+
+Both run inside `jax.shard_map` over the mesh set with `jax.set_mesh(mesh)`: batch rows split over
+('data', 'fsdp'), heads over 'tensor', the sequence over 'context' (C devices, sharding.RULES).
+
+Load-balanced layout (zig-zag). Under causal masking, device d of a contiguous split would do d+1 blocks
+of work and idle otherwise. Instead the sequence of L tokens is cut into 2C chunks of c = L / (2C) tokens
+and device d holds chunks d and 2C-1-d (`zigzag_order`). The caller permutes every [B, L] input with
+that order before the model (step.py does it for tokens, positions, segment ids, targets and loss mask);
+attention recomputes each token's original index from the device index, so causal masking follows the
+original order. The loss is a sum over tokens and needs no un-permutation; anything that reads
+per-token outputs must index them with `zigzag_order` (out_original[:, order] = out_permuted).
+
+Ring (forward): each device keeps its queries; K/V (and their segment ids) travel one hop per step with
+`lax.ppermute`, the next hop issued before the current block is computed so that the transfer overlaps
+with compute. Online softmax in fp32. With the zig-zag layout every off-diagonal block is exactly half
+masked: from a device j < d, all local queries see only chunk j; from j > d, only chunk 2C-1-d sees both
+chunks of j. The fully masked half is skipped (`lax.cond`), so each device does the same work per step.
+
+Ring (backward): a custom VJP. Residuals are only local: q, k, v, the output and the fp32 logsumexp
+([B, L/C, H]); the backward pass runs the ring again, recomputing each block's probabilities, with the
+dK/dV accumulators travelling with their K/V and one last hop home. Per-device memory is therefore the
+local sequence's activations plus one block of scores, never the [L/C, L] strip that all_gather keeps.
+
+all_gather: the simple baseline. K/V and segment ids are gathered over 'context' (a [B, L, G, K] copy
+per device) and the local queries attend to the whole sequence; plain autodiff.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec
+
+from megadoc_jax import attention as attention_lib
+from megadoc_jax import sharding
+
+CONTEXT_AXIS = "context"
+_NEG = float(jnp.finfo(jnp.float32).min)  # finite: max/exp of a fully masked row never makes NaN
+
+
+# --------------------------------------------------------------------------------------------------
+# Layout
+# --------------------------------------------------------------------------------------------------
+
+
+def context_size() -> int:
+    """Size of the 'context' axis of the mesh set with jax.set_mesh (1 without a mesh)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return 1 if mesh.empty else dict(mesh.shape).get(CONTEXT_AXIS, 1)
+
+
+def zigzag_order(length: int, context: int) -> np.ndarray:
+    """int32 [length]: original token index at each position of the load-balanced layout."""
+    if length % (2 * context):
+        raise ValueError(
+            f"zig-zag layout: sequence length {length} (data.seq_len) must be divisible by "
+            f"2 x context = {2 * context}"
+        )
+    chunk = length // (2 * context)
+    chunks = [(d, 2 * context - 1 - d) for d in range(context)]
+    return np.concatenate([np.arange(i * chunk, (i + 1) * chunk) for pair in chunks for i in pair]).astype(np.int32)
+
+
+def uses_layout(impl: str) -> bool:
+    """Whether backend `impl` expects its inputs in the zig-zag layout (when context > 1)."""
+    return impl in ("ring", "all_gather")
+
+
+def _device_index(context: int) -> jax.Array:
+    """This device's index along 'context' (0 without a context axis: nothing to bind it to)."""
+    return jax.lax.axis_index(CONTEXT_AXIS) if context > 1 else jnp.int32(0)
+
+
+def _local_indices(device: jax.Array, chunk: int, context: int) -> jax.Array:
+    """int32 [2 * chunk]: original indices of the tokens that `device` holds in the zig-zag layout."""
+    within = jnp.arange(chunk, dtype=jnp.int32)
+    return jnp.concatenate([device * chunk + within, (2 * context - 1 - device) * chunk + within])
+
+
+# --------------------------------------------------------------------------------------------------
+# One block: local queries [B, Q, G, R, K] against visiting keys [B, S, G, K]
+# --------------------------------------------------------------------------------------------------
+
+
+def _block_mask(q_idx_Q, k_idx_S, q_seg_BxQ, k_seg_BxS, causal: bool) -> jax.Array | None:
+    """Boolean [B or 1, Q, 1, 1, S] (True = may attend) from original indices and segment ids."""
+    mask = None
+    if causal:
+        mask = (q_idx_Q[:, None] >= k_idx_S[None, :])[None]
+    if q_seg_BxQ is not None:
+        same = q_seg_BxQ[:, :, None] == k_seg_BxS[:, None, :]
+        mask = same if mask is None else mask & same
+    return None if mask is None else mask[:, :, None, None, :]
+
+
+def _scores(q_BxQxGxRxK, k_BxSxGxK, mask) -> jax.Array:
+    scale = q_BxQxGxRxK.shape[-1] ** -0.5
+    s_BxQxGxRxS = jnp.einsum("bqgrk,bsgk->bqgrs", q_BxQxGxRxK, k_BxSxGxK, preferred_element_type=jnp.float32)
+    s_BxQxGxRxS = s_BxQxGxRxS * scale
+    return s_BxQxGxRxS if mask is None else jnp.where(mask, s_BxQxGxRxS, _NEG)
+
+
+def _block_forward(acc, q, k, v, mask):
+    """Online-softmax update of acc = (o fp32 [B,Q,G,R,K], m, l fp32 [B,Q,G,R]) with one K/V block."""
+    o, m, l = acc
+    s = _scores(q, k, mask)
+    m_new = jnp.maximum(m, s.max(axis=-1))
+    p = jnp.exp(s - m_new[..., None])
+    if mask is not None:
+        p = jnp.where(mask, p, 0.0)  # a row with no visible key here adds nothing
+    alpha = jnp.exp(m - m_new)
+    pv = jnp.einsum("bqgrs,bsgk->bqgrk", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return o * alpha[..., None] + pv, m_new, l * alpha + p.sum(axis=-1)
+
+
+def _block_backward(q, k, v, do, lse, delta, mask):
+    """(dq, dk, dv) of one block in fp32, from the final logsumexp and delta = rowsum(do * o)."""
+    scale = q.shape[-1] ** -0.5
+    p = jnp.exp(_scores(q, k, mask) - lse[..., None])
+    if mask is not None:
+        p = jnp.where(mask, p, 0.0)
+    dv = jnp.einsum("bqgrs,bqgrk->bsgk", p.astype(do.dtype), do, preferred_element_type=jnp.float32)
+    dp = jnp.einsum("bqgrk,bsgk->bqgrs", do, v, preferred_element_type=jnp.float32)
+    ds = (p * (dp - delta[..., None]) * scale).astype(q.dtype)
+    dq = jnp.einsum("bqgrs,bsgk->bqgrk", ds, k, preferred_element_type=jnp.float32)
+    dk = jnp.einsum("bqgrs,bqgrk->bsgk", ds, q, preferred_element_type=jnp.float32)
+    return dq, dk, dv
+
+
+# --------------------------------------------------------------------------------------------------
+# Ring
+# --------------------------------------------------------------------------------------------------
+
+
+def _rotate(tree, context: int):
+    """Send every array one hop around the ring: device d receives from d - 1."""
+    perm = [(d, (d + 1) % context) for d in range(context)]
+    return jax.tree.map(lambda x: jax.lax.ppermute(x, CONTEXT_AXIS, perm), tree)
+
+
+def _varying(x: jax.Array, like: jax.Array) -> jax.Array:
+    """x marked as varying over the same manual axes as `like` (loop carries inside shard_map)."""
+    varying = lambda a: jax.typeof(a).manual_axis_type.varying
+    axes = tuple(sorted(varying(like) - varying(x)))
+    return jax.lax.pcast(x, axes, to="varying") if axes else x
+
+
+def _halves(x, chunk: int):
+    return x[:, :chunk], x[:, chunk:]
+
+
+def _ring_steps(context: int, step_fn, carry, travelling):
+    """Runs step_fn(carry, travelling, source) for the diagonal and the C-1 visiting blocks.
+
+    The hop to the next device is issued before the current block's compute (no data dependency), so
+    the transfer can overlap with it. Returns the carry and the travelling tree after the last block.
+    """
+    device = _device_index(context)
+    if context == 1:
+        return step_fn(carry, travelling, device), travelling
+    incoming = _rotate(travelling, context)
+    carry = step_fn(carry, travelling, device)
+
+    def body(state, step):
+        carry, current = state
+        nxt = _rotate(current, context)
+        carry = step_fn(carry, current, (device - step) % context)
+        return (carry, nxt), None
+
+    (carry, current), _ = jax.lax.scan(body, (carry, incoming), jnp.arange(1, context - 1))
+    carry = step_fn(carry, current, (device - (context - 1)) % context)
+    return carry, current
+
+
+def _visible_part(source, device, causal: bool, full_fn, first_kv_fn, second_q_fn, diag_fn):
+    """Dispatch on which part of a zig-zag block is visible (module docstring)."""
+    if not causal:
+        return full_fn()
+    return jax.lax.cond(
+        source == device,
+        diag_fn,
+        lambda: jax.lax.cond(source < device, first_kv_fn, second_q_fn),
+    )
+
+
+def _ring_forward(q, k, v, seg, causal: bool, context: int):
+    """Local q [B, 2c, G, R, K], k/v [B, 2c, G, K], seg [B, 2c] or None -> (out, lse)."""
+    b, length, g, r, size = q.shape
+    chunk = length // 2
+    device = _device_index(context)
+    q_idx = _local_indices(device, chunk, context)
+    zeros = lambda shape: _varying(jnp.zeros(shape, jnp.float32), q)
+    acc = (zeros(q.shape), _varying(jnp.full((b, length, g, r), _NEG, jnp.float32), q), zeros((b, length, g, r)))
+
+    def step(acc, kv, source):
+        k_s, v_s, seg_s = kv
+        k_idx = _local_indices(source, chunk, context)
+        seg_2 = None if seg is None else seg[:, chunk:]
+
+        def full():
+            return _block_forward(acc, q, k_s, v_s, _block_mask(q_idx, k_idx, seg, seg_s, causal))
+
+        def first_kv():  # source < device: every local query sees only the source's first chunk
+            seg_s1 = None if seg_s is None else seg_s[:, :chunk]
+            mask = _block_mask(q_idx, k_idx[:chunk], seg, seg_s1, causal)
+            return _block_forward(acc, q, k_s[:, :chunk], v_s[:, :chunk], mask)
+
+        def second_q():  # source > device: only the second local chunk sees the source, all of it
+            mask = _block_mask(q_idx[chunk:], k_idx, seg_2, seg_s, causal)
+            part = _block_forward(tuple(x[:, chunk:] for x in acc), q[:, chunk:], k_s, v_s, mask)
+            return tuple(jnp.concatenate([x[:, :chunk], y], axis=1) for x, y in zip(acc, part))
+
+        return _visible_part(source, device, causal, full, first_kv, second_q, full)
+
+    (o, m, l), _ = _ring_steps(context, step, acc, (k, v, seg))
+    out = (o / l[..., None]).astype(q.dtype)
+    return out, m + jnp.log(l)
+
+
+def _ring_backward(q, k, v, seg, out, lse, do, causal: bool, context: int):
+    b, length, g, r, size = q.shape
+    chunk = length // 2
+    device = _device_index(context)
+    q_idx = _local_indices(device, chunk, context)
+    delta = jnp.einsum("bqgrk,bqgrk->bqgr", do.astype(jnp.float32), out.astype(jnp.float32))
+    f32_zeros = lambda x: _varying(jnp.zeros(x.shape, jnp.float32), x)
+    do = do.astype(q.dtype)
+
+    def step(dq, travelling, source):
+        k_s, v_s, seg_s, dk_s, dv_s = travelling
+        k_idx = _local_indices(source, chunk, context)
+        seg_2 = None if seg is None else seg[:, chunk:]
+
+        def full():
+            dq_b, dk_b, dv_b = _block_backward(
+                q, k_s, v_s, do, lse, delta, _block_mask(q_idx, k_idx, seg, seg_s, causal)
+            )
+            return dq + dq_b, dk_s + dk_b, dv_s + dv_b
+
+        def first_kv():
+            seg_s1 = None if seg_s is None else seg_s[:, :chunk]
+            mask = _block_mask(q_idx, k_idx[:chunk], seg, seg_s1, causal)
+            dq_b, dk_b, dv_b = _block_backward(q, k_s[:, :chunk], v_s[:, :chunk], do, lse, delta, mask)
+            pad = lambda x: jnp.concatenate([x, jnp.zeros_like(x)], axis=1)
+            return dq + dq_b, dk_s + pad(dk_b), dv_s + pad(dv_b)
+
+        def second_q():
+            mask = _block_mask(q_idx[chunk:], k_idx, seg_2, seg_s, causal)
+            dq_b, dk_b, dv_b = _block_backward(
+                q[:, chunk:], k_s, v_s, do[:, chunk:], lse[:, chunk:], delta[:, chunk:], mask
+            )
+            return dq + jnp.concatenate([jnp.zeros_like(dq_b), dq_b], axis=1), dk_s + dk_b, dv_s + dv_b
+
+        dq, dk_s, dv_s = _visible_part(source, device, causal, full, first_kv, second_q, full)
+        return dq, (k_s, v_s, seg_s, dk_s, dv_s)
+
+    # dK/dV accumulators travel with their K/V and come home after the last block.
+    travelling = (k, v, seg, f32_zeros(k), f32_zeros(v))
+    dq, (_, _, _, dk, dv) = _ring_steps_with_accumulators(context, step, f32_zeros(q), travelling)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+def _ring_steps_with_accumulators(context: int, step_fn, carry, travelling):
+    """Like _ring_steps, but the travelling tree is updated by each block (dK/dV accumulate into it).
+
+    K/V hop ahead of the compute; the accumulators hop after it. After the last block the accumulators
+    are one hop short of home, so they make that hop.
+    """
+    device = _device_index(context)
+    carry, travelling = step_fn(carry, travelling, device)
+    if context == 1:
+        return carry, travelling
+
+    def body(state, step):
+        carry, (k, v, seg, dk, dv) = state
+        k, v, seg = _rotate((k, v, seg), context)
+        dk, dv = _rotate((dk, dv), context)
+        carry, travelling = step_fn(carry, (k, v, seg, dk, dv), (device - step) % context)
+        return (carry, travelling), None
+
+    (carry, travelling), _ = jax.lax.scan(body, (carry, travelling), jnp.arange(1, context))
+    k, v, seg, dk, dv = travelling
+    dk, dv = _rotate((dk, dv), context)
+    return carry, (k, v, seg, dk, dv)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _ring_local(q, k, v, seg, causal: bool, context: int):
+    return _ring_forward(q, k, v, seg, causal, context)[0]
+
+
+def _ring_local_fwd(q, k, v, seg, causal, context):
+    out, lse = _ring_forward(q, k, v, seg, causal, context)
+    return out, (q, k, v, seg, out, lse)
+
+
+def _ring_local_bwd(causal, context, residuals, do):
+    q, k, v, seg, out, lse = residuals
+    dq, dk, dv = _ring_backward(q, k, v, seg, out, lse, do, causal, context)
+    return dq, dk, dv, None
+
+
+_ring_local.defvjp(_ring_local_fwd, _ring_local_bwd)
+
+
+# --------------------------------------------------------------------------------------------------
+# all_gather
+# --------------------------------------------------------------------------------------------------
+
+
+def _all_gather_local(q, k, v, seg, causal: bool, context: int):
+    chunk = q.shape[1] // 2
+    device = _device_index(context)
+    if context == 1:
+        gather = lambda x: x
+    else:
+        gather = lambda x: jax.lax.all_gather(x, CONTEXT_AXIS, axis=1, tiled=True)
+    k_all, v_all = gather(k), gather(v)
+    seg_all = None if seg is None else gather(seg)
+    k_idx = jnp.concatenate([_local_indices(d, chunk, context) for d in range(context)])
+    mask = _block_mask(_local_indices(device, chunk, context), k_idx, seg, seg_all, causal)
+    s = _scores(q, k_all, mask)
+    p = jax.nn.softmax(s, axis=-1)
+    out = jnp.einsum("bqgrs,bsgk->bqgrk", p.astype(v.dtype), v_all, preferred_element_type=jnp.float32)
+    return out.astype(q.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# Backends
+# --------------------------------------------------------------------------------------------------
+
+
+def _specs(q_shape, k_shape, mesh) -> tuple[PartitionSpec, PartitionSpec, PartitionSpec]:
+    """shard_map specs for q, k/v and segment ids from sharding.RULES; heads split only if both fit."""
+    sizes = dict(mesh.shape)
+    q_spec = sharding.logical_to_spec(("batch", "seq", "heads", "head_dim"), q_shape, sizes)
+    k_spec = sharding.logical_to_spec(("batch", "seq", "kv_heads", "head_dim"), k_shape, sizes)
+    if q_spec[2] != k_spec[2]:  # kv heads not divisible: keep all heads whole on each device
+        q_spec = PartitionSpec(q_spec[0], q_spec[1], None, None)
+        k_spec = PartitionSpec(k_spec[0], k_spec[1], None, None)
+    if q_spec[1] != CONTEXT_AXIS and sizes.get(CONTEXT_AXIS, 1) > 1:
+        raise ValueError(
+            f"context attention: sequence length {q_shape[1]} is not divisible by the context axis "
+            f"({sizes[CONTEXT_AXIS]})"
+        )
+    return q_spec, k_spec, PartitionSpec(q_spec[0], q_spec[1])
+
+
+def _context_parallel(local_fn, q, k, v, segment_ids, causal: bool) -> jax.Array:
+    """Runs local_fn on each device's shard of q, k, v (and segment ids) inside shard_map."""
+    length, context = q.shape[1], context_size()
+    if length % (2 * context):
+        raise ValueError(
+            f"context attention: sequence length {length} must be divisible by 2 x context = {2 * context}"
+        )
+
+    def per_device(q_l, k_l, v_l, *seg_l):
+        groups = k_l.shape[2]
+        q_5 = q_l.reshape(*q_l.shape[:2], groups, q_l.shape[2] // groups, q_l.shape[3])
+        seg = seg_l[0] if seg_l else None
+        return local_fn(q_5, k_l, v_l, seg, causal, context).reshape(q_l.shape)
+
+    args = (q, k, v) if segment_ids is None else (q, k, v, segment_ids)
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:  # one device, no mesh: the same local code with C = 1
+        return per_device(*args)
+    q_spec, k_spec, seg_spec = _specs(q.shape, k.shape, mesh)
+    in_specs = (q_spec, k_spec, k_spec, seg_spec)[: len(args)]
+    return jax.shard_map(per_device, in_specs=in_specs, out_specs=q_spec)(*args)
+
+
+@attention_lib.register_backend("ring")
+def ring_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, *, segment_ids_BxL, causal):
+    """Ring attention over 'context' (inputs in the zig-zag layout when context > 1)."""
+    return _context_parallel(_ring_local, q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, causal)
+
+
+@attention_lib.register_backend("all_gather")
+def all_gather_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, *, segment_ids_BxL, causal):
+    """K/V gathered over 'context' (inputs in the zig-zag layout when context > 1)."""
+    return _context_parallel(_all_gather_local, q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, causal)
+
+
+__all__ = ["CONTEXT_AXIS", "context_size", "zigzag_order", "uses_layout", "ring_attention", "all_gather_attention"]

@@ -1,0 +1,92 @@
+"""The full training loop against the bare jitted step on the same batches: is the host hidden?
+
+    python -m megadoc_jax.benchmarks.train_loop [--steps 60] [--log-every 10] [overrides ...]
+
+Both sides run the same config (default: the demo model and data, checkpoints off), the same compiled
+step and the same batches. The bare side feeds batches that are already on the device and only waits at
+the end; the full side is `megadoc_jax.train.run` (input pipeline with prefetch, global batch assembly,
+metric read-back one step behind, logging, TensorBoard and JSONL writers). Step time of the loop comes
+from the JSONL timestamps between the first and last logged step, so start-up and compilation are not
+counted. Prints both step times and the ratio (goal: 1.05 or better).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+from flax import nnx
+
+from megadoc_jax import config as config_lib
+from megadoc_jax import optim, sharding, train
+from megadoc_jax import step as step_lib
+from megadoc_jax.data import demo, pipeline
+from megadoc_jax.data.store import TokenizerInfo
+
+DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+
+
+def bare_step_seconds(config: config_lib.Config, steps: int) -> float:
+    """Seconds per step of the jitted step alone, batches pre-assembled on the devices."""
+    devices = jax.devices()
+    mesh = sharding.make_mesh(config_lib.validate_for_devices(config, len(devices)), devices)
+    graphdef, params = nnx.split(sharding.create_sharded_model(config.model, mesh, config.train.seed))
+    params = nnx.to_pure_dict(params)
+    tx, schedule = optim.make_optimizer(config.optim, steps)
+    shardings = step_lib.state_shardings(params, tx)
+    state = jax.jit(lambda p: step_lib.init_state(p, tx), out_shardings=shardings)(params)
+    data = pipeline.TrainData(config, tokenizer=TokenizerInfo.from_directory(config.data.tokenizer))
+    layout = step_lib.batch_sharding(mesh, config)
+    batches = [step_lib.global_batch(data.batch(s), layout) for s in range(steps)]
+    with jax.set_mesh(mesh):
+        train_step = jax.jit(step_lib.make_train_step(graphdef, tx, schedule, config),
+                             in_shardings=(shardings, layout), out_shardings=(shardings, None), donate_argnums=0)
+        state, metrics = train_step(state, batches[0])  # compile and warm up
+        jax.block_until_ready(metrics)
+        start = time.perf_counter()
+        for batch in batches[1:]:
+            state, metrics = train_step(state, batch)
+        jax.block_until_ready((state, metrics))
+    return (time.perf_counter() - start) / (steps - 1)
+
+
+def loop_step_seconds(config: config_lib.Config) -> float:
+    """Seconds per step of the whole training loop, from the JSONL log's timestamps."""
+    result = train.run(config)
+    assert result.exit_code == 0
+    times = {}
+    for line in (Path(config.train.run_dir) / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            times[record["step"]] = record["time"]
+    first, last = min(times), max(times)
+    return (times[last] - times[first]) / (last - first)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--log-every", type=int, default=10)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as run_dir:
+        config = config_lib.load(DEMO_CONFIG, [
+            f"train.steps={args.steps}", f"train.log_every={args.log_every}", "train.checkpoints=false",
+            "train.eval_every=0", f"train.run_dir={run_dir}", "data.eval_stores={}", *args.overrides,
+        ])
+        config = demo.resolve_demo_paths(config)
+        print(f"config: model {config.model.size}, batch {config.train.batch_size} x {config.data.seq_len}, "
+              f"{args.steps} steps on {jax.device_count()} x {jax.devices()[0].device_kind}")
+        loop = loop_step_seconds(config)
+        bare = bare_step_seconds(config, args.steps)
+    print(f"bare jitted step: {bare * 1e3:.1f} ms/step")
+    print(f"full loop:        {loop * 1e3:.1f} ms/step")
+    print(f"ratio loop/bare:  {loop / bare:.3f}  (goal <= 1.05)")
+
+
+if __name__ == "__main__":
+    main()

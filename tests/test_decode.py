@@ -1,0 +1,137 @@
+"""KV-cache decoding against the Decoder's full forward pass (no cache): logits at every step, tokens for
+the same keys, right and left padding, batch independence, top-k / top-p, EOS, a 2-device mesh."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from megadoc_jax import decode, sharding
+from megadoc_jax.config import ModelConfig
+from megadoc_jax.model import Decoder
+
+# init_std 0.3: logits spread over several nats, so that sampling is far from uniform and a wrong
+# position or mask shows in the logits.
+CFG = ModelConfig(size="tiny", vocab_size=2048, compute_dtype="float32", init_std=0.3)
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [300, 4, 5], [7]]
+
+
+@pytest.fixture(scope="module")
+def model() -> Decoder:
+    return Decoder(CFG, rngs=nnx.Rngs(0))
+
+
+def full_forward_logits(model: Decoder, tokens: list[int]) -> np.ndarray:
+    """The reference without cache: logits of the last token of the whole prefix."""
+    tokens_1xL = jnp.asarray([tokens], jnp.int32)
+    return np.asarray(jax.jit(model.__call__)(tokens_1xL, jnp.arange(len(tokens))[None])[0, -1])
+
+
+@pytest.mark.parametrize("padding", ["right", "left"])
+def test_cached_logits_equal_the_full_forward_pass_at_every_step(model, padding):
+    graphdef, params = nnx.split(model)
+    prefill = jax.jit(lambda p, *a: decode.prefill(nnx.merge(graphdef, p), *a))
+    step = jax.jit(lambda p, *a: decode.decode_step(nnx.merge(graphdef, p), *a))
+    tokens_BxP, start_B, next_B = decode.pad_prompts(PROMPTS, 12, padding, pad_id=0)
+    cache = decode.init_cache(CFG, len(PROMPTS), 12 + 6)
+    logits_BxV, cache = prefill(params, tokens_BxP, start_B, next_B, cache)
+    prefixes = [list(p) for p in PROMPTS]
+    for _ in range(6):
+        for row, prefix in enumerate(prefixes):
+            np.testing.assert_allclose(np.asarray(logits_BxV[row]), full_forward_logits(model, prefix), atol=2e-5, rtol=1e-5)
+        # Feed different tokens per row, as sampling would.
+        next_tokens_B = jnp.asarray([(7 * len(p) + 31 * row) % CFG.vocab_size for row, p in enumerate(prefixes)], jnp.int32)
+        for row, token in enumerate(next_tokens_B.tolist()):
+            prefixes[row].append(token)
+        logits_BxV, cache = step(params, next_tokens_B, cache)
+    assert logits_BxV.dtype == jnp.float32 and cache.keys_NxBxSxGxK.dtype == jnp.float32
+
+
+def reference_sample(model: Decoder, prompt: list[int], seed: int, sampling, max_new: int, eos: tuple[int, ...]):
+    """Sampling without a cache: full forward over the prefix each step, the same per-step key."""
+    key_1 = decode.seed_keys([seed])
+    tokens = list(prompt)
+    for step in range(max_new):
+        logits_1xV = jnp.asarray(full_forward_logits(model, tokens))[None]
+        token = int(decode.sample_tokens(logits_1xV, key_1, jnp.int32(step), sampling)[0])
+        tokens.append(token)
+        if token in eos:
+            return tuple(tokens[len(prompt) :]), decode.FINISH_STOP
+    return tuple(tokens[len(prompt) :]), decode.FINISH_LENGTH
+
+
+def test_samples_equal_the_reference_decoding_without_cache(model):
+    sampling = decode.SamplingConfig(temperature=1.0, top_k=200, top_p=0.95)
+    eos = (17,)
+    sampler = decode.Sampler(model, eos)
+    seeds = [2**55 + 3, 11, 12]  # 56-bit seeds, as generate.py's document_seed gives
+    generated = sampler.generate(PROMPTS, seeds, sampling, max_new_tokens=12)
+    for prompt, seed, sample in zip(PROMPTS, seeds, generated):
+        assert (sample.token_ids, sample.finish_reason) == reference_sample(model, prompt, seed, sampling, 12, eos)
+    # The same key gives the same tokens whatever the batch: alone, wider, left padded, other batch mates.
+    alone = sampler.generate([PROMPTS[0]], [seeds[0]], sampling, 12, width=32, padding="left")
+    assert alone[0] == generated[0]
+    # Different seeds for one prompt (the G samples of a document): different samples.
+    same_prompt = sampler.generate([PROMPTS[1]] * 3, [100, 101, 102], sampling, 12)
+    assert len({s.token_ids for s in same_prompt}) == 3
+
+
+def test_eos_stops_a_row_and_is_kept(model):
+    sampling = decode.SamplingConfig()
+    half = tuple(range(0, CFG.vocab_size, 2))  # every even token ends a sample: most rows stop early
+    generated = decode.Sampler(model, half).generate(PROMPTS * 3, list(range(9)), sampling, max_new_tokens=8)
+    reasons = {s.finish_reason for s in generated}
+    assert decode.FINISH_STOP in reasons
+    for sample in generated:
+        assert 1 <= len(sample.token_ids) <= 8
+        assert all(t % 2 for t in sample.token_ids[:-1])  # no EOS before the last token
+        if sample.finish_reason == decode.FINISH_STOP:
+            assert sample.token_ids[-1] % 2 == 0
+        else:
+            assert len(sample.token_ids) == 8 and sample.token_ids[-1] % 2
+    everything = decode.Sampler(model, tuple(range(CFG.vocab_size))).generate([[1, 2]], [0], sampling, 8)
+    assert everything[0].finish_reason == decode.FINISH_STOP and len(everything[0].token_ids) == 1
+
+
+def test_top_k_and_top_p_cut_the_right_tokens_and_sample_the_softmax():
+    logits_V = jnp.log(jnp.asarray([0.5, 0.25, 0.15, 0.1]))
+    kept = lambda **kw: np.isfinite(np.asarray(decode.filter_logits(logits_V, decode.SamplingConfig(**kw))))  # noqa: E731
+    assert kept(top_k=2).tolist() == [True, True, False, False]
+    assert kept(top_p=0.5).tolist() == [True, False, False, False]  # 0.5 alone reaches p
+    assert kept(top_p=0.7).tolist() == [True, True, False, False]
+    assert kept(top_p=0.76).tolist() == [True, True, True, False]
+    assert kept(top_k=3, top_p=1.0).tolist() == [True, True, True, False]
+    rows = 4000
+    tokens = decode.sample_tokens(jnp.tile(logits_V, (rows, 1)), decode.seed_keys(range(rows)), jnp.int32(0),
+                                  decode.SamplingConfig(temperature=2.0))  # fmt: skip
+    frequencies = np.bincount(np.asarray(tokens), minlength=4) / rows
+    expected = np.asarray(jax.nn.softmax(logits_V / 2.0))
+    assert np.all(np.abs(frequencies - expected) <= 4 * np.sqrt(expected * (1 - expected) / rows)), frequencies
+
+
+def test_bfloat16_cache_follows_the_model_config(model):
+    bf16 = dataclasses.replace(CFG, compute_dtype="bfloat16")
+    model_bf16 = nnx.merge(nnx.graphdef(Decoder(bf16, rngs=nnx.Rngs(0))), nnx.state(model))
+    cache = decode.init_cache(bf16, 1, 8)
+    tokens_BxP, start_B, next_B = decode.pad_prompts([PROMPTS[0][:5]], 5, "right", 0)
+    logits_BxV, cache = decode.prefill(model_bf16, tokens_BxP, start_B, next_B, cache)
+    assert cache.keys_NxBxSxGxK.dtype == jnp.bfloat16
+    reference = model_bf16(jnp.asarray(tokens_BxP), jnp.arange(5)[None])[0, -1]
+    np.testing.assert_allclose(np.asarray(logits_BxV[0]), np.asarray(reference), atol=0.05)
+
+
+def test_two_device_mesh_gives_the_single_device_samples(model):
+    if len(jax.devices()) < 2:
+        pytest.skip("needs 2 devices (tests/conftest.py sets 8 fake CPU devices)")
+    mesh = sharding.make_mesh({"data": 1, "tensor": 2}, jax.devices()[:2])
+    sampled = decode.Sampler(model, (17,)).generate(PROMPTS, [1, 2, 3], decode.SamplingConfig(), 8)
+    with jax.set_mesh(mesh):
+        sharded = sharding.create_sharded_model(CFG, mesh, seed=0)  # the same values as Decoder(rngs=Rngs(0))
+        assert sharded.layers.attention.wq[...].sharding.spec == jax.sharding.PartitionSpec(None, None, "tensor")
+        generated = decode.Sampler(sharded, (17,)).generate(PROMPTS, [1, 2, 3], decode.SamplingConfig(), 8)
+    assert generated == sampled
