@@ -18,7 +18,6 @@ A finished stream of the same settings is not rebuilt; other settings are refuse
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import fcntl
@@ -356,14 +355,3 @@ def main(args: Any) -> int:
         print(f"inputs: {json.dumps(reports[0]['inputs'])}")
     return 0
 
-
-def cli(argv: Sequence[str] | None = None) -> int:
-    """`python -m generation.megadoc_export ARGS` runs `megadocs ARGS` (what `python -m generation megadocs` runs)."""
-    parser = argparse.ArgumentParser(prog="python -m generation.megadoc_export")
-    add_subcommand(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["megadocs", *(sys.argv[1:] if argv is None else argv)])
-    return args.run(args)
-
-
-if __name__ == "__main__":
-    sys.exit(cli())

@@ -1,9 +1,9 @@
-"""Megadoc layouts: how a source document and its generations become the documents of one stream.
+"""Megadoc builders: how source documents and their generations become the documents of one stream.
 
 The paper's methods (docs/megadocs.md has a worked example of each):
 
     simple          each rephrase is its own document; one copy of each original joins them; the
-                    stream is shuffled globally (megadoc_export.py does the shuffle)
+                    stream is shuffled globally (plan_stream)
     stitched-back   original, rephrase 1, ..., rephrase G                      (one document)
     stitched-front  rephrase 1, ..., rephrase G, original                      (one document)
     stitched-nodoc  rephrase 1, ..., rephrase G                                (one document)
@@ -16,10 +16,12 @@ string means no separator. The EOS that ends every document belongs to a SEPARAT
 
 Segments are maximal runs of (kind, index): ORIGINAL 0 for the original or its chunks, REPHRASE k /
 RATIONALE k with k = the generation's 1-based sample number (for a rationale: its split point), and
-SEPARATOR 0 for separators and EOS. 
+SEPARATOR 0 for separators and EOS.
+
 Planning (which generations go into which document, in which order) is here too: `plan_stream` applies
 the missing-generation policy and the simple stream's global shuffle to the numbers of the generations
-that exist. This module is pure: no files, no tokenizer.
+that exist. This module is pure (token ids in, token ids and segments out): no files, no tokenizer;
+megadoc_workers.py tokenizes, megadoc_export.py writes the stores.
 """
 
 from __future__ import annotations

@@ -36,6 +36,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from megadoc_jax.data.store_format import fsync_directory, write_bytes_atomic
+
 FORMAT_VERSION = 1
 PROVENANCE, LEDGER, PARTS, SUMMARY, LOCK = "provenance.json", "ledger.jsonl", "parts", "summary.json", ".lock"
 WORKER_NAME = re.compile(r"worker-(\d{5})-of-(\d{5})$")
@@ -60,25 +62,6 @@ def worker_dir(out: str | Path, worker_index: int, num_workers: int) -> Path:
 # --------------------------------------------------------------------------------------------------
 # Durable writes
 # --------------------------------------------------------------------------------------------------
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary name, fsync, rename over `path`, fsync the directory."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def append_line(path: Path, entry: dict) -> None:
@@ -158,7 +141,7 @@ class WorkerOutput:
 
     def add_session(self, session: dict[str, Any]) -> None:
         self.provenance["sessions"].append(session)
-        write_atomic(self.dir / PROVENANCE, _dumps(self.provenance))
+        write_bytes_atomic(self.dir / PROVENANCE, _dumps(self.provenance))
 
     def commit(self, records: list[dict], stats: dict, last_position: int, wall_seconds: float, devices: dict) -> None:
         """Make one chunk durable: its part (if it has documents), then its ledger line."""
@@ -166,7 +149,7 @@ class WorkerOutput:
         data = b"".join(json.dumps(r, ensure_ascii=False).encode() + b"\n" for r in records)
         part = f"part-{chunk:06d}.jsonl" if records else None
         if part:
-            write_atomic(self.dir / PARTS / part, data)
+            write_bytes_atomic(self.dir / PARTS / part, data)
         entry = {
             "chunk": chunk, "part": part, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
             "last_position": last_position, "keys": [[r["doc_id"], len(r["samples"])] for r in records],
@@ -177,7 +160,7 @@ class WorkerOutput:
 
     def finish(self) -> dict[str, Any]:
         summary = {"finished": True, **summarize(self.entries)}
-        write_atomic(self.dir / SUMMARY, _dumps(summary))
+        write_bytes_atomic(self.dir / SUMMARY, _dumps(summary))
         return summary
 
     def close(self) -> None:
@@ -187,7 +170,7 @@ class WorkerOutput:
         path = self.dir / PROVENANCE
         if not path.exists():
             provenance = {"format": FORMAT_VERSION, "identity": identity, "sessions": []}
-            write_atomic(path, _dumps(provenance))
+            write_bytes_atomic(path, _dumps(provenance))
             return provenance
         provenance = read_json(path)
         differences = diff_keys(provenance.get("identity", {}), identity)
@@ -334,9 +317,9 @@ def merge(out: str | Path, merged: str | Path) -> dict[str, Any]:
             "identity": {k: v for k, v in identities[0].items() if k not in PER_WORKER_KEYS},
             **counts, "totals": totals, "finished": True,
         }  # fmt: skip
-        write_atomic(tmp / "manifest.json", _dumps(manifest))
+        write_bytes_atomic(tmp / "manifest.json", _dumps(manifest))
         os.rename(tmp, merged)
-        fsync_dir(merged.parent)
+        fsync_directory(merged.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return manifest

@@ -67,6 +67,9 @@ def tpu_topology_devices(name: str) -> list[jax.Device]:
             f"{sorted(_TPU_CHIP_CONFIG)} (e.g. 'v5e:2x2', 'v5p:4x4x4')"
         )
     _require_libtpu()
+    # Compile-only use never touches a chip: let several processes (parallel tests, a dry run beside a
+    # job) load libtpu at once instead of failing on /tmp/libtpu_lockfile. Read when libtpu loads.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     from jax.experimental import topologies
 
     dims = [int(d) for d in match["dims"].split("x")]

@@ -139,3 +139,4 @@ def xla_attention(
 
 # Backends in their own modules register themselves on import (they import this module first).
 from megadoc_jax import attention_ring  # noqa: E402,F401  (ring, all_gather)
+from megadoc_jax import attention_kernels  # noqa: E402,F401  (splash, cudnn)

@@ -216,7 +216,8 @@ def generate_tokens(
         return token_B, out_BxN, stopped_B | jnp.isin(token_B, eos_E), lengths_B
 
     out_BxN = jnp.zeros((b, max_new_tokens), jnp.int32)
-    state = (jnp.int32(0), *record(jnp.int32(0), logits_BxV, out_BxN, jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32)), cache)
+    first = record(jnp.int32(0), logits_BxV, out_BxN, jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32))
+    state = (jnp.int32(0), *first, cache)
 
     def not_done(state: tuple) -> jax.Array:
         step, _, _, stopped_B, _, _ = state

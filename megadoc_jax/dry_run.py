@@ -12,9 +12,7 @@ against the chip's HBM and the step's FLOPs from the compiled program. Exits 1 w
 from __future__ import annotations
 
 import jax
-from flax import nnx
-
-from megadoc_jax import aot, metrics, optim, sharding
+from megadoc_jax import aot, metrics, sharding
 from megadoc_jax import config as config_lib
 from megadoc_jax import step as step_lib
 
@@ -26,18 +24,9 @@ def main(config: config_lib.Config, topology: str | None) -> int:
     device_kind = devices[0].device_kind
     print(f"mesh: {mesh_sizes} over {len(devices)} x {device_kind}")
 
-    graphdef, params = nnx.split(sharding.abstract_model(config.model, mesh, config.train.seed))
-    params = nnx.to_pure_dict(params)
-    print(f"parameters: {sum(x.size for x in jax.tree.leaves(params))}")
-
-    tx, schedule = optim.make_optimizer(config.optim, max(config.train.steps, 1))
-    shardings = step_lib.state_shardings(params, tx)
-    abstract_state = jax.tree.map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-        jax.eval_shape(lambda p: step_lib.init_state(p, tx), params),
-        shardings,
-    )
-    state_bytes = aot.state_bytes_per_device(abstract_state)
+    setup = step_lib.train_setup(config, mesh, max(config.train.steps, 1))
+    print(f"parameters: {setup.num_parameters}")
+    state_bytes = aot.state_bytes_per_device(setup.abstract_state)
     capacity = metrics.hbm_bytes_per_device(device_kind)
     print("train state (parameters + AdamW moments) per device: " + aot.format_fit(state_bytes, device_kind, capacity))
     flops = metrics.train_flops_per_token(config.model, config.data.seq_len)
@@ -48,15 +37,9 @@ def main(config: config_lib.Config, topology: str | None) -> int:
     if not topology:
         return 0
 
-    batch_layout = step_lib.batch_sharding(mesh, config)
-    train_step = jax.jit(
-        step_lib.make_train_step(graphdef, tx, schedule, config),
-        in_shardings=(shardings, batch_layout),
-        out_shardings=(shardings, None),
-        donate_argnums=(0,),
-    )
+    train_step = step_lib.jit_train_step(setup, config, step_lib.batch_sharding(mesh, config))
     with jax.set_mesh(mesh):  # activations follow the rule table through `sharding.constrain`
-        report = aot.compile_report(train_step, (abstract_state, step_lib.abstract_batch(mesh, config)))
+        report = aot.compile_report(train_step, (setup.abstract_state, step_lib.abstract_batch(mesh, config)))
     print(aot.format_compile_report(report))
     if report["memory"] is not None:  # None: the compiler refused the program (it does not fit)
         tokens = config.train.batch_size * config.data.seq_len

@@ -7,6 +7,7 @@ graphdef) is closed over and never travels through jit.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import jax
@@ -16,7 +17,7 @@ from flax import nnx
 
 from megadoc_jax import attention_ring
 from megadoc_jax import loss as loss_lib
-from megadoc_jax import sharding
+from megadoc_jax import optim, sharding
 from megadoc_jax.config import Config
 
 Batch = dict[str, jax.Array]
@@ -27,6 +28,50 @@ BATCH_AXES = ("batch", "seq")  # logical axes of every [B, L] batch array
 
 def init_state(params: Any, tx: optax.GradientTransformation) -> State:
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSetup:
+    """What a run needs besides the state's values: built abstractly, so nothing is allocated."""
+
+    graphdef: nnx.GraphDef
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    state_shardings: dict[str, Any]
+    abstract_state: State  # ShapeDtypeStructs with shardings: the target of a restore, or of an AOT compile
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(x.size for x in jax.tree.leaves(self.abstract_state["params"]))
+
+
+def train_setup(config: Config, mesh: jax.sharding.Mesh, total_steps: int) -> TrainSetup:
+    graphdef, params = nnx.split(sharding.abstract_model(config.model, mesh, config.train.seed))
+    params = nnx.to_pure_dict(params)
+    tx, schedule = optim.make_optimizer(config.optim, total_steps)
+    shardings = state_shardings(params, tx)
+    abstract_state = jax.tree.map(
+        lambda s, layout: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=layout),
+        jax.eval_shape(lambda p: init_state(p, tx), params),
+        shardings,
+    )
+    return TrainSetup(graphdef, tx, schedule, shardings, abstract_state)
+
+
+def initial_state(setup: TrainSetup, config: Config, mesh: jax.sharding.Mesh) -> State:
+    """Freshly initialised parameters and optimizer state, each device creating only its shards."""
+    params = nnx.to_pure_dict(nnx.state(sharding.create_sharded_model(config.model, mesh, config.train.seed)))
+    return jax.jit(lambda p: init_state(p, setup.tx), out_shardings=setup.state_shardings)(params)
+
+
+def jit_train_step(setup: TrainSetup, config: Config, batch_layout: jax.sharding.Sharding) -> Callable:
+    """The train step with explicit shardings in and out, the old state's buffers donated."""
+    return jax.jit(
+        make_train_step(setup.graphdef, setup.tx, setup.schedule, config),
+        in_shardings=(setup.state_shardings, batch_layout),
+        out_shardings=(setup.state_shardings, None),
+        donate_argnums=(0,),
+    )
 
 
 def _model_inputs(batch: Batch, document_masking: bool) -> tuple[jax.Array, jax.Array, jax.Array | None]:

@@ -22,10 +22,8 @@ import sys
 from pathlib import Path
 
 import jax
-import numpy as np
-from flax import nnx
 
-from megadoc_jax import checkpoint, distributed, metrics, optim, sharding
+from megadoc_jax import checkpoint, distributed, metrics, sharding
 from megadoc_jax import config as config_lib
 from megadoc_jax import step as step_lib
 from megadoc_jax.data import demo, pipeline
@@ -140,15 +138,8 @@ def _run(config: config_lib.Config, devices: list[jax.Device], cleanup: contextl
     # ============================================================================================
     mesh = sharding.make_mesh(mesh_sizes, devices)
     log.info("mesh: %s over %d devices (%s)", mesh_sizes, len(devices), devices[0].device_kind)
-    model = sharding.create_sharded_model(config.model, mesh, config.train.seed)
-    graphdef, params = nnx.split(model)
-    params = nnx.to_pure_dict(params)
-    del model
-    log.info("parameters: %d", sum(x.size for x in jax.tree.leaves(params)))
-    tx, schedule = optim.make_optimizer(config.optim, total_steps)
-    state_shardings = step_lib.state_shardings(params, tx)
-    state = jax.jit(lambda p: step_lib.init_state(p, tx), out_shardings=state_shardings)(params)
-    del params
+    setup = step_lib.train_setup(config, mesh, total_steps)
+    log.info("parameters: %d", setup.num_parameters)
 
     # ============================================================================================
     # Resume: the newest complete checkpoint in the run directory, restored onto this mesh.
@@ -156,24 +147,21 @@ def _run(config: config_lib.Config, devices: list[jax.Device], cleanup: contextl
     checkpointer = cleanup.enter_context(checkpoint.Checkpointer(run_dir / "checkpoints", config.train))
     start_step = checkpointer.latest_step() or 0
     if start_step:
-        state = checkpointer.restore(start_step, checkpoint.abstract_like(state))
+        state = checkpointer.restore(start_step, setup.abstract_state)
         log.info("resumed from step %d", start_step)
+    else:
+        state = step_lib.initial_state(setup, config, mesh)
 
     # ============================================================================================
-    # Compiled steps: explicit shardings in and out, the old state's buffers donated.
+    # Compiled steps.
     # ============================================================================================
     # Under the mesh, activations follow the rule table through `sharding.constrain`. (Set after the
     # model is built: NNX initialisers would read the logical axis names as mesh axes.)
     cleanup.enter_context(jax.set_mesh(mesh))
     batch_sharding = step_lib.batch_sharding(mesh, config)
-    train_step = jax.jit(
-        step_lib.make_train_step(graphdef, tx, schedule, config),
-        in_shardings=(state_shardings, batch_sharding),
-        out_shardings=(state_shardings, None),
-        donate_argnums=(0,),
-    )
+    train_step = step_lib.jit_train_step(setup, config, batch_sharding)
     eval_step = jax.jit(
-        step_lib.make_eval_step(graphdef, config), in_shardings=(state_shardings["params"], batch_sharding)
+        step_lib.make_eval_step(setup.graphdef, config), in_shardings=(setup.state_shardings["params"], batch_sharding)
     )
     eval_sets = {
         name: [step_lib.global_batch(b, batch_sharding) for b in batches] for name, batches in eval_sets.items()

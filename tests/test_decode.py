@@ -21,70 +21,91 @@ CFG = ModelConfig(size="tiny", vocab_size=2048, compute_dtype="float32", init_st
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [300, 4, 5], [7]]
 
 
+REFERENCE_WIDTH = 32
+
+
 @pytest.fixture(scope="module")
 def model() -> Decoder:
     return Decoder(CFG, rngs=nnx.Rngs(0))
 
 
-def full_forward_logits(model: Decoder, tokens: list[int]) -> np.ndarray:
-    """The reference without cache: logits of the last token of the whole prefix."""
-    tokens_1xL = jnp.asarray([tokens], jnp.int32)
-    return np.asarray(jax.jit(model.__call__)(tokens_1xL, jnp.arange(len(tokens))[None])[0, -1])
-
-
-@pytest.mark.parametrize("padding", ["right", "left"])
-def test_cached_logits_equal_the_full_forward_pass_at_every_step(model, padding):
+@pytest.fixture(scope="module")
+def compiled(model):
+    """Jitted prefill, decode step and the reference forward pass, compiled once for the module."""
     graphdef, params = nnx.split(model)
-    prefill = jax.jit(lambda p, *a: decode.prefill(nnx.merge(graphdef, p), *a))
-    step = jax.jit(lambda p, *a: decode.decode_step(nnx.merge(graphdef, p), *a))
-    tokens_BxP, start_B, next_B = decode.pad_prompts(PROMPTS, 12, padding, pad_id=0)
-    cache = decode.init_cache(CFG, len(PROMPTS), 12 + 6)
-    logits_BxV, cache = prefill(params, tokens_BxP, start_B, next_B, cache)
-    prefixes = [list(p) for p in PROMPTS]
-    for _ in range(6):
-        for row, prefix in enumerate(prefixes):
-            np.testing.assert_allclose(np.asarray(logits_BxV[row]), full_forward_logits(model, prefix), atol=2e-5, rtol=1e-5)
-        # Feed different tokens per row, as sampling would.
-        next_tokens_B = jnp.asarray([(7 * len(p) + 31 * row) % CFG.vocab_size for row, p in enumerate(prefixes)], jnp.int32)
-        for row, token in enumerate(next_tokens_B.tolist()):
-            prefixes[row].append(token)
-        logits_BxV, cache = step(params, next_tokens_B, cache)
-    assert logits_BxV.dtype == jnp.float32 and cache.keys_NxBxSxGxK.dtype == jnp.float32
+    prefill = jax.jit(lambda *a: decode.prefill(nnx.merge(graphdef, params), *a))
+    step = jax.jit(lambda *a: decode.decode_step(nnx.merge(graphdef, params), *a))
+    positions = lambda tokens_BxL: jnp.zeros_like(tokens_BxL) + jnp.arange(tokens_BxL.shape[1])  # noqa: E731
+    forward = jax.jit(lambda tokens_BxL: nnx.merge(graphdef, params)(tokens_BxL, positions(tokens_BxL)))
+    sample = jax.jit(decode.sample_tokens, static_argnames="sampling")
+    return prefill, step, forward, sample
 
 
-def reference_sample(model: Decoder, prompt: list[int], seed: int, sampling, max_new: int, eos: tuple[int, ...]):
-    """Sampling without a cache: full forward over the prefix each step, the same per-step key."""
-    key_1 = decode.seed_keys([seed])
-    tokens = list(prompt)
+def full_forward_logits(forward, prefixes: list[list[int]]) -> np.ndarray:
+    """The reference without cache: the Decoder over each whole prefix, logits [B, V] of its last token.
+    Prefixes are right-padded to one width so one program serves all; causality keeps the padding out."""
+    tokens_BxL = np.zeros((len(prefixes), REFERENCE_WIDTH), np.int32)
+    for row, prefix in enumerate(prefixes):
+        tokens_BxL[row, : len(prefix)] = prefix
+    logits_BxLxV = np.asarray(forward(jnp.asarray(tokens_BxL)))
+    return np.stack([logits_BxLxV[row, len(prefix) - 1] for row, prefix in enumerate(prefixes)])
+
+
+def test_cached_logits_equal_the_full_forward_pass_at_every_step(compiled):
+    prefill, step, forward, _ = compiled
+    for padding in ("right", "left"):
+        tokens_BxP, start_B, next_B = decode.pad_prompts(PROMPTS, 12, padding, pad_id=0)
+        logits_BxV, cache = prefill(tokens_BxP, start_B, next_B, decode.init_cache(CFG, len(PROMPTS), 12 + 6))
+        prefixes = [list(p) for p in PROMPTS]
+        for _ in range(6):
+            expected_BxV = full_forward_logits(forward, prefixes)
+            np.testing.assert_allclose(np.asarray(logits_BxV), expected_BxV, atol=2e-5, rtol=1e-5)
+            # Different tokens per row, as sampling would give.
+            next_tokens = [(7 * len(p) + 31 * row) % CFG.vocab_size for row, p in enumerate(prefixes)]
+            for prefix, token in zip(prefixes, next_tokens):
+                prefix.append(token)
+            logits_BxV, cache = step(jnp.asarray(next_tokens, jnp.int32), cache)
+        assert logits_BxV.dtype == jnp.float32 and cache.keys_NxBxSxGxK.dtype == jnp.float32
+
+
+def reference_samples(compiled, prompts, seeds, sampling, max_new: int, eos: tuple[int, ...]):
+    """Sampling without a cache: the full forward pass over each prefix every step, the same keys."""
+    _, _, forward, sample = compiled
+    keys_B = decode.seed_keys(seeds)
+    prefixes = [list(p) for p in prompts]
+    outputs: list[list[int]] = [[] for _ in prompts]
+    reasons = [decode.FINISH_LENGTH] * len(prompts)
     for step in range(max_new):
-        logits_1xV = jnp.asarray(full_forward_logits(model, tokens))[None]
-        token = int(decode.sample_tokens(logits_1xV, key_1, jnp.int32(step), sampling)[0])
-        tokens.append(token)
-        if token in eos:
-            return tuple(tokens[len(prompt) :]), decode.FINISH_STOP
-    return tuple(tokens[len(prompt) :]), decode.FINISH_LENGTH
+        logits_BxV = jnp.asarray(full_forward_logits(forward, prefixes))
+        tokens_B = np.asarray(sample(logits_BxV, keys_B, jnp.int32(step), sampling=sampling))
+        for row, token in enumerate(tokens_B.tolist()):
+            if reasons[row] == decode.FINISH_STOP:
+                continue
+            prefixes[row].append(token)
+            outputs[row].append(token)
+            reasons[row] = decode.FINISH_STOP if token in eos else reasons[row]
+    return [decode.Generated(tuple(out), reason) for out, reason in zip(outputs, reasons)]
 
 
-def test_samples_equal_the_reference_decoding_without_cache(model):
+def test_samples_equal_the_reference_decoding_without_cache(model, compiled):
     sampling = decode.SamplingConfig(temperature=1.0, top_k=200, top_p=0.95)
     eos = (17,)
     sampler = decode.Sampler(model, eos)
     seeds = [2**55 + 3, 11, 12]  # 56-bit seeds, as generate.py's document_seed gives
-    generated = sampler.generate(PROMPTS, seeds, sampling, max_new_tokens=12)
-    for prompt, seed, sample in zip(PROMPTS, seeds, generated):
-        assert (sample.token_ids, sample.finish_reason) == reference_sample(model, prompt, seed, sampling, 12, eos)
-    # The same key gives the same tokens whatever the batch: alone, wider, left padded, other batch mates.
-    alone = sampler.generate([PROMPTS[0]], [seeds[0]], sampling, 12, width=32, padding="left")
-    assert alone[0] == generated[0]
+    generated = sampler.generate(PROMPTS, seeds, sampling, max_new_tokens=12, width=16)
+    assert generated == reference_samples(compiled, PROMPTS, seeds, sampling, 12, eos)
+    # The same key gives the same tokens whatever the batch: other batch mates, left padded.
+    moved = sampler.generate(PROMPTS[::-1], [5, 6, seeds[0]], sampling, 12, width=16, padding="left")
+    assert moved[2] == generated[0]
     # Different seeds for one prompt (the G samples of a document): different samples.
-    same_prompt = sampler.generate([PROMPTS[1]] * 3, [100, 101, 102], sampling, 12)
+    same_prompt = sampler.generate([PROMPTS[1]] * 3, [100, 101, 102], sampling, 12, width=16)
     assert len({s.token_ids for s in same_prompt}) == 3
 
 
 def test_eos_stops_a_row_and_is_kept(model):
     sampling = decode.SamplingConfig()
     half = tuple(range(0, CFG.vocab_size, 2))  # every even token ends a sample: most rows stop early
-    generated = decode.Sampler(model, half).generate(PROMPTS * 3, list(range(9)), sampling, max_new_tokens=8)
+    generated = decode.Sampler(model, half).generate(PROMPTS * 3, list(range(9)), sampling, max_new_tokens=8, width=16)
     reasons = {s.finish_reason for s in generated}
     assert decode.FINISH_STOP in reasons
     for sample in generated:
@@ -94,13 +115,13 @@ def test_eos_stops_a_row_and_is_kept(model):
             assert sample.token_ids[-1] % 2 == 0
         else:
             assert len(sample.token_ids) == 8 and sample.token_ids[-1] % 2
-    everything = decode.Sampler(model, tuple(range(CFG.vocab_size))).generate([[1, 2]], [0], sampling, 8)
-    assert everything[0].finish_reason == decode.FINISH_STOP and len(everything[0].token_ids) == 1
 
 
 def test_top_k_and_top_p_cut_the_right_tokens_and_sample_the_softmax():
     logits_V = jnp.log(jnp.asarray([0.5, 0.25, 0.15, 0.1]))
-    kept = lambda **kw: np.isfinite(np.asarray(decode.filter_logits(logits_V, decode.SamplingConfig(**kw))))  # noqa: E731
+    def kept(**sampling) -> np.ndarray:
+        return np.isfinite(np.asarray(decode.filter_logits(logits_V, decode.SamplingConfig(**sampling))))
+
     assert kept(top_k=2).tolist() == [True, True, False, False]
     assert kept(top_p=0.5).tolist() == [True, False, False, False]  # 0.5 alone reaches p
     assert kept(top_p=0.7).tolist() == [True, True, False, False]
@@ -130,8 +151,8 @@ def test_two_device_mesh_gives_the_single_device_samples(model):
         pytest.skip("needs 2 devices (tests/conftest.py sets 8 fake CPU devices)")
     mesh = sharding.make_mesh({"data": 1, "tensor": 2}, jax.devices()[:2])
     sampled = decode.Sampler(model, (17,)).generate(PROMPTS, [1, 2, 3], decode.SamplingConfig(), 8)
+    sharded = sharding.create_sharded_model(CFG, mesh, seed=0)  # the same values as Decoder(rngs=Rngs(0))
     with jax.set_mesh(mesh):
-        sharded = sharding.create_sharded_model(CFG, mesh, seed=0)  # the same values as Decoder(rngs=Rngs(0))
-        assert sharded.layers.attention.wq[...].sharding.spec == jax.sharding.PartitionSpec(None, None, "tensor")
+        assert sharded.layers.attention.wq[...].sharding.spec == jax.sharding.PartitionSpec(None, None, "tensor", None)
         generated = decode.Sampler(sharded, (17,)).generate(PROMPTS, [1, 2, 3], decode.SamplingConfig(), 8)
     assert generated == sampled

@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from generation import __main__ as cli
 from generation import megadoc_export, megadocs
 from generation.documents import InputError
 from generation.megadoc_export import PROGRESS_FILE, MegadocExportError, StreamOptions, build_megadocs
@@ -467,7 +468,7 @@ def test_kill_9_mid_build_then_rerun_matches_uninterrupted(tmp_path, tokenizer_d
             "--methods", "stitched-back", "--G", "4", "--workers", "0", "--batch-texts", "20", "--separator", " || ",
             "--flush-tokens", "2000", "--no-progress"]  # fmt: skip
     store = tmp_path / "out" / "stitched-back-G4"
-    command = [sys.executable, "-m", "generation.megadoc_export", *args, "--out", str(tmp_path / "out")]
+    command = [sys.executable, "-m", "generation", "megadocs", *args, "--out", str(tmp_path / "out")]
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 120
@@ -483,8 +484,8 @@ def test_kill_9_mid_build_then_rerun_matches_uninterrupted(tmp_path, tokenizer_d
             process.kill()
             process.wait()
     assert json.loads((store / "manifest.json").read_text())["finished"] is False
-    assert megadoc_export.cli([*args, "--out", str(tmp_path / "out")]) == 0
-    assert megadoc_export.cli([*args, "--out", str(tmp_path / "fresh")]) == 0
+    assert cli.main(["megadocs", *args, "--out", str(tmp_path / "out")]) == 0
+    assert cli.main(["megadocs", *args, "--out", str(tmp_path / "fresh")]) == 0
     resumed = json.loads((store / megadoc_export.REPORT_FILE).read_text())
     fresh = json.loads((tmp_path / "fresh" / "stitched-back-G4" / megadoc_export.REPORT_FILE).read_text())
     assert resumed["resumed_at_document"] > 0 and resumed["content_hash"] == fresh["content_hash"]
@@ -501,7 +502,7 @@ def test_cli_separators_summary_and_errors(tmp_path, inputs, tokenizer_dir, caps
     sources, gens = inputs
     base = ["--sources", str(sources), "--generations", str(gens), "--tokenizer", str(tokenizer_dir), "--workers", "0",
             "--no-progress", "--G", "2", "--rationale-open", "<t>", "--rationale-close", "</t>"]  # fmt: skip
-    code = megadoc_export.cli([*base, "--out", str(tmp_path / "a"), "--methods", "stitched-front",
+    code = cli.main(["megadocs", *base, "--out", str(tmp_path / "a"), "--methods", "stitched-front",
                                "--separator", "\\n||\\n", "--keep-spool"])  # fmt: skip
     assert code == 0
     assert "stitched-front-G2: 3 documents" in capsys.readouterr().out
@@ -509,7 +510,7 @@ def test_cli_separators_summary_and_errors(tmp_path, inputs, tokenizer_dir, caps
     assert front.metadata["separators"] == {"between": "\n||\n"}
     assert as_words(front)[0] == "a1 a2 || a3 || o1 o2 o3 o4 o5 <eos>"
     assert (tmp_path / "a" / SPOOL_DIR / "spool.json").exists()
-    assert megadoc_export.cli([*base, "--out", str(tmp_path / "b"), "--methods", "stretched", "--G", "3"]) == 2
+    assert cli.main(["megadocs", *base, "--out", str(tmp_path / "b"), "--methods", "stretched", "--G", "3"]) == 2
     assert "needs rationale generations made for G=3" in capsys.readouterr().err
-    assert megadoc_export.cli([*base, "--out", str(tmp_path / "c"), "--methods", "stitched"]) == 2
+    assert cli.main(["megadocs", *base, "--out", str(tmp_path / "c"), "--methods", "stitched"]) == 2
     assert "method 'stitched'" in capsys.readouterr().err

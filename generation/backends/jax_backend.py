@@ -79,11 +79,10 @@ class JaxBackend(Backend):
             cfg, default_context = llama_model_config(model_dir), None
         if options.dtype != "auto":
             cfg = dataclasses.replace(cfg, compute_dtype=options.dtype)
-        with jax.set_mesh(self.mesh):
-            if config_yaml is not None:
-                model = restore_run_model(model_dir, cfg, self.mesh)
-            else:
-                model, default_context = import_llama(model_dir, cfg, self.mesh)
+        if config_yaml is not None:
+            model = restore_run_model(model_dir, cfg, self.mesh)
+        else:
+            model, default_context = import_llama(model_dir, cfg, self.mesh)
         self.model_config = cfg
         self._context_length = options.context_length or default_context
         self.tokenizer = load_tokenizer(model_dir, run_config.data.tokenizer if config_yaml else None)
@@ -166,7 +165,7 @@ def restore_run_model(path: Path, cfg: ModelConfig, mesh: jax.sharding.Mesh) -> 
 
     step_dir = checkpoint_step_dir(path)
     graphdef, abstract_state = nnx.split(sharding.abstract_model(cfg, mesh))
-    item = {"params": abstract_state.to_pure_dict()}
+    item = {"params": nnx.to_pure_dict(abstract_state)}
     args = ocp.args.PyTreeRestore(
         item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True
     )
@@ -185,7 +184,8 @@ def load_tokenizer(model_dir: Path, run_tokenizer: str | None):
     for directory in (model_dir, Path(run_tokenizer) if run_tokenizer else None):
         if directory is not None and (directory / "tokenizer.json").is_file():
             return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
-    raise BackendError(f"backend jax: no tokenizer.json in {model_dir} nor in the run's data.tokenizer {run_tokenizer!r}")
+    raise BackendError(f"backend jax: no tokenizer.json in {model_dir} nor in the run's data.tokenizer "
+                       f"{run_tokenizer!r}")
 
 
 def config_eos_ids(model_dir: Path) -> list[int]:
@@ -237,13 +237,17 @@ def llama_model_config(model_dir: Path) -> ModelConfig:
     for key in ("rope_scaling", "attention_bias", "mlp_bias"):
         if hf.get(key):
             raise BackendError(f"{where}: {key}={hf[key]!r} is not supported by megadoc_jax's decoder")
+    # transformers 5 writes rope_parameters {rope_theta, rope_type}; older configs a top-level rope_theta.
+    rope = hf.get("rope_parameters") or {"rope_theta": hf.get("rope_theta", 10_000.0)}
+    if rope.get("rope_type", "default") != "default":
+        raise BackendError(f"{where}: rope_parameters={rope!r}: only the default rotary embedding is supported")
     if hf.get("hidden_act", "silu") != "silu":
         raise BackendError(f"{where}: hidden_act={hf['hidden_act']!r}; the decoder's MLP is SwiGLU (silu)")
     heads = hf["num_attention_heads"]
     return ModelConfig(
         size="custom", vocab_size=hf["vocab_size"], hidden=hf["hidden_size"], mlp=hf["intermediate_size"],
         layers=hf["num_hidden_layers"], heads=heads, kv_heads=hf.get("num_key_value_heads") or heads,
-        head_dim=hf.get("head_dim") or 0, rope_base=float(hf.get("rope_theta", 10_000.0)),
+        head_dim=hf.get("head_dim") or 0, rope_base=float(rope["rope_theta"]),
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)), compute_dtype="bfloat16",
     )  # fmt: skip
 
@@ -292,7 +296,7 @@ def import_llama(model_dir: Path, cfg: ModelConfig, mesh: jax.sharding.Mesh) -> 
         },
     }
     graphdef, abstract_state = nnx.split(sharding.abstract_model(cfg, mesh))
-    flat_target, treedef = jax.tree_util.tree_flatten_with_path(abstract_state.to_pure_dict())
+    flat_target, treedef = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(abstract_state))
     flat_weights = treedef.flatten_up_to(pure)
     wrong = [f"{jax.tree_util.keystr(path)} {w.shape} != {spec.shape}"
              for (path, spec), w in zip(flat_target, flat_weights) if w.shape != spec.shape]  # fmt: skip
@@ -306,7 +310,9 @@ def import_llama(model_dir: Path, cfg: ModelConfig, mesh: jax.sharding.Mesh) -> 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m generation.backends.jax_backend", description=prepare_run_dir.__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m generation.backends.jax_backend", description=prepare_run_dir.__doc__
+    )
     parser.add_argument("run_dir")
     parser.add_argument("--tokenizer", default=None, help="tokenizer directory (default: config.yaml's data.tokenizer)")
     args = parser.parse_args(argv)

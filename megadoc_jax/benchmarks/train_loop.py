@@ -19,10 +19,9 @@ import time
 from pathlib import Path
 
 import jax
-from flax import nnx
 
 from megadoc_jax import config as config_lib
-from megadoc_jax import optim, sharding, train
+from megadoc_jax import sharding, train
 from megadoc_jax import step as step_lib
 from megadoc_jax.data import demo, pipeline
 from megadoc_jax.data.store import TokenizerInfo
@@ -34,17 +33,13 @@ def bare_step_seconds(config: config_lib.Config, steps: int) -> float:
     """Seconds per step of the jitted step alone, batches pre-assembled on the devices."""
     devices = jax.devices()
     mesh = sharding.make_mesh(config_lib.validate_for_devices(config, len(devices)), devices)
-    graphdef, params = nnx.split(sharding.create_sharded_model(config.model, mesh, config.train.seed))
-    params = nnx.to_pure_dict(params)
-    tx, schedule = optim.make_optimizer(config.optim, steps)
-    shardings = step_lib.state_shardings(params, tx)
-    state = jax.jit(lambda p: step_lib.init_state(p, tx), out_shardings=shardings)(params)
+    setup = step_lib.train_setup(config, mesh, steps)
+    state = step_lib.initial_state(setup, config, mesh)
     data = pipeline.TrainData(config, tokenizer=TokenizerInfo.from_directory(config.data.tokenizer))
     layout = step_lib.batch_sharding(mesh, config)
     batches = [step_lib.global_batch(data.batch(s), layout) for s in range(steps)]
     with jax.set_mesh(mesh):
-        train_step = jax.jit(step_lib.make_train_step(graphdef, tx, schedule, config),
-                             in_shardings=(shardings, layout), out_shardings=(shardings, None), donate_argnums=0)
+        train_step = step_lib.jit_train_step(setup, config, layout)
         state, metrics = train_step(state, batches[0])  # compile and warm up
         jax.block_until_ready(metrics)
         start = time.perf_counter()

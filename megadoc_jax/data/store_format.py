@@ -199,16 +199,19 @@ def fsync_directory(path: Path) -> None:
         os.close(fd)
 
 
-def write_json_atomic(path: Path, value: dict[str, Any]) -> None:
+def write_bytes_atomic(path: Path, data: bytes) -> None:
     """tmp file + fsync + rename + fsync of the directory: readers see the old or the new file."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(value, f, indent=1, sort_keys=True)
-        f.write("\n")
+    with open(tmp, "wb") as f:
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_directory(path.parent)
+
+
+def write_json_atomic(path: Path, value: dict[str, Any]) -> None:
+    write_bytes_atomic(path, (json.dumps(value, indent=1, sort_keys=True) + "\n").encode())
 
 
 def read_json(path: Path, what: str) -> dict[str, Any]:
