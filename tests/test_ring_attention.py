@@ -128,3 +128,10 @@ def test_ring_residuals_are_local():
         with jax.set_mesh(mesh):
             temp[impl] = jax.jit(grad).lower(q, kv, kv).compile().memory_analysis().temp_size_in_bytes
     assert temp["ring"] < temp["all_gather"], temp
+
+
+@pytest.mark.parametrize("segments", [False, True])
+def test_ring_query_tiles_match_reference(monkeypatch, segments):
+    # Tiles of 4 queries: blocks of 8 and 16 local queries go through the row/tile loops.
+    monkeypatch.setattr(attention_ring, "QUERY_TILE", 4)
+    _assert_close(*_run("ring", 2, segments), rtol=1e-5)

@@ -181,6 +181,7 @@ def model_revision(model_dir: Path) -> str | None:
 _REGISTRY: dict[str, str | Callable[..., Backend]] = {
     "vllm": "generation.backends.vllm_backend:VllmBackend",
     "transformers": "generation.backends.transformers_backend:TransformersBackend",
+    "jax": "generation.backends.jax_backend:JaxBackend",
 }
 
 
