@@ -19,9 +19,7 @@ STORE/export_report.json.
 
 from __future__ import annotations
 
-import collections
 import itertools
-import multiprocessing
 import os
 import time
 from pathlib import Path
@@ -40,6 +38,7 @@ from generation.documents import (
     parse_record,
     read_records,
 )
+from generation.worker_pool import WorkerPool
 from megadoc_jax.data.store import Document, StoreWriter, TokenizerInfo
 from megadoc_jax.data.store_format import MANIFEST_FILE, read_json, write_json_atomic
 
@@ -111,28 +110,6 @@ def load_tokenizer(tokenizer_dir: str | Path) -> tuple[TokenizerInfo, str]:
             f"tokenizer_config.json eos_token id {info.eos_id}"
         )
     return info, hf_tokenizer.backend_tokenizer.to_str()
-
-
-def _ordered_results(
-    tasks: Iterable[tuple[Any, tuple]], workers: int, init_args: tuple
-) -> Iterator[tuple[Any, tuple]]:
-    """(context, process_batch(task)) in task order, at most 2 tasks per worker in flight."""
-    if workers == 0:
-        init_worker(*init_args, single_threaded=False)
-        for context, task in tasks:
-            yield context, process_batch(task)
-        return
-    # spawn, not fork: the parent holds tensorstore threads, which fork does not carry over safely.
-    with multiprocessing.get_context("spawn").Pool(workers, initializer=init_worker, initargs=init_args) as pool:
-        pending: collections.deque = collections.deque()
-        for context, task in tasks:
-            pending.append((context, pool.apply_async(process_batch, (task,))))
-            if len(pending) >= 2 * workers:
-                context, result = pending.popleft()
-                yield context, result.get()
-        while pending:
-            context, result = pending.popleft()
-            yield context, result.get()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -302,8 +279,8 @@ def _run(
     total_bytes = sum(entry["bytes"] for entry in settings["inputs"])
     bar = tqdm.tqdm(total=total_bytes, unit="B", unit_scale=True, desc="export", disable=not show_progress)
     started, uncommitted_tokens = time.monotonic(), 0
-    with bar:
-        for batch, (verdicts, lengths, tokens) in _ordered_results(tasks(), workers, init_args):
+    with bar, WorkerPool(workers, init_worker, init_args) as pool:
+        for batch, (verdicts, lengths, tokens) in pool.map_ordered(process_batch, tasks()):
             redo = lengths is None
             documents = _accept(batch, verdicts, lengths, tokens, state, files, id_field, max_tokens, redo)
             if documents:
