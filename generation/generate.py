@@ -49,7 +49,6 @@ from generation.backends import (
     model_identity,
 )
 from generation.merge import FORMAT_VERSION, SUMMARY, OutputError, WorkerOutput, read_json, shard_of, worker_dir
-from generation.merge import add_subcommand as add_merge_subcommand
 
 FLAGS = ("truncated", "empty", "duplicate", "copies_source", "aborted")
 DEFAULT_FLAG_POLICY = dict(truncated="keep", empty="drop", duplicate="drop", copies_source="drop", aborted="drop")
@@ -446,24 +445,3 @@ def main(args: argparse.Namespace) -> int:
         backend_options=parse_backend_options(args.backend_option), chat_template=args.chat_template,
         trust_remote_code=args.trust_remote_code, progress=not args.no_progress)  # fmt: skip
     return 0
-
-
-ERRORS = (GenerationError, OutputError, BackendError, P.PromptError, documents.InputError)
-
-
-def cli(argv: Sequence[str] | None = None) -> int:
-    """`python -m generation.generate generate|merge ...`, until generation/__main__.py has them."""
-    parser = argparse.ArgumentParser(prog="python -m generation.generate")
-    subparsers = parser.add_subparsers(required=True)
-    add_subcommand(subparsers)
-    add_merge_subcommand(subparsers)
-    args = parser.parse_args(argv)
-    try:
-        return args.run(args)
-    except ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(cli())
