@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,9 @@ import pytest
 from generation import __main__ as cli
 from megadoc_jax.config import MODEL_SIZES
 from megadoc_jax.data import demo
-from megadoc_jax.data.store import StoreReader, TokenizerInfo
+from megadoc_jax.data.store import SegmentKind, StoreReader, TokenizerInfo
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -123,3 +126,95 @@ def test_cli_demo_data_reports_the_stores(built, capsys):
     assert cli.main(["demo-data", "--out", str(built["train"].parent)]) == 0
     out = capsys.readouterr().out
     assert f"{built['train']}: " in out and "sha256:" in out and f"tokenizer: {built['tokenizer']}" in out
+
+
+# --------------------------------------------------------------------------------------------------
+# The synthetic stream: tiny random generator -> rephrases (jax backend) -> merge -> stitched megadocs
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def synthetic(built) -> dict[str, Path]:
+    return demo.ensure_demo_megadocs(built["train"].parent)
+
+
+def test_synthetic_stream_is_stitched_megadocs_with_the_real_tokenizer(built, synthetic):
+    from generation import demo as generation_demo
+    from generation.merge import read_generations
+
+    assert {k: synthetic[k] for k in built} == built  # the real stores are the same ones
+    info = TokenizerInfo.from_directory(built["tokenizer"])
+    reader = StoreReader.open(synthetic["stitched"], info)  # refused if the tokenizer differed
+    assert reader.manifest["tokenizer"]["hash"] == StoreReader.open(built["train"]).manifest["tokenizer"]["hash"]
+    sources = read_jsonl(built["train_jsonl"])
+    assert reader.num_documents == len(sources)  # every train document was rephrased G=2 times
+    generations = {(g["doc_id"], g["sample"]): g for g in read_generations(synthetic["merged"])}
+    G = generation_demo.SAMPLES
+    assert len(generations) == G * len(sources)
+    train = StoreReader.open(built["train"], info)
+    for i in (0, reader.num_documents // 2, reader.num_documents - 1):
+        document = reader.document(i)
+        assert document.metadata["source_id"] == sources[i]["id"] and document.metadata["G"] == G
+        kinds = [(s.kind, s.index) for s in document.segments]
+        # original, separator, rephrase 1, separator, rephrase 2, EOS (a one-token separator segment).
+        assert kinds == [(SegmentKind.ORIGINAL, 0), (SegmentKind.SEPARATOR, 0), (SegmentKind.REPHRASE, 1),
+                         (SegmentKind.SEPARATOR, 0), (SegmentKind.REPHRASE, 2), (SegmentKind.SEPARATOR, 0)]  # fmt: skip
+        assert document.segments[-1].length == 1 and sum(s.length for s in document.segments) == len(document.tokens)
+        original = train.document(i).tokens[:-1]  # the real document without its EOS
+        assert document.tokens[: len(original)].tolist() == original.tolist()
+        assert document.tokens[-1] == info.eos_id
+        rephrase_lengths = [s.length for s in document.segments if s.kind == SegmentKind.REPHRASE]
+        assert all(0 < n for n in rephrase_lengths)  # re-tokenized text: not bounded by MAX_NEW_TOKENS
+        assert all(generations[(sources[i]["id"], k)]["text"] for k in range(G))
+    assert json.loads((synthetic["stitched"].parents[1] / demo.SYNTHETIC_MARKER).read_text())["stitched"][
+        "content_hash"
+    ] == reader.manifest["content_hash"]
+
+
+def test_synthetic_stream_is_deterministic_and_not_rebuilt(built, synthetic, tmp_path):
+    marker = synthetic["stitched"].parents[1] / demo.SYNTHETIC_MARKER
+    before = marker.stat().st_mtime_ns
+    assert demo.ensure_demo_megadocs(built["train"].parent) == synthetic
+    assert marker.stat().st_mtime_ns == before  # not rebuilt
+    shutil.copytree(built["train"].parent, tmp_path / "again", ignore=shutil.ignore_patterns(demo.SYNTHETIC_DIR))
+    again = demo.ensure_demo_megadocs(tmp_path / "again")  # the synthetic stream built once more
+    assert StoreReader.open(again["stitched"]).manifest["content_hash"] == StoreReader.open(
+        synthetic["stitched"]
+    ).manifest["content_hash"]
+
+
+def test_failed_synthetic_build_leaves_the_real_stores_and_no_synthetic_dir(built, tmp_path, monkeypatch):
+    from generation import demo as generation_demo
+
+    root = tmp_path / "root"
+    demo.ensure_demo_stores(root)
+
+    def failing(train_jsonl, tokenizer_dir, out_dir):
+        Path(out_dir).mkdir(parents=True)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(generation_demo, "build_synthetic", failing)
+    with pytest.raises(KeyboardInterrupt):
+        demo.ensure_demo_megadocs(root)
+    assert not (root / demo.SYNTHETIC_DIR).exists() and not list(root.glob(".synthetic.building-*"))
+    (root / demo.SYNTHETIC_DIR).mkdir()
+    with pytest.raises(demo.DemoDataError, match="not a complete demo build"):
+        demo.ensure_demo_megadocs(root)
+
+
+def test_resolve_builds_the_synthetic_stream_only_when_named(built, synthetic, monkeypatch):
+    from megadoc_jax import config as config_lib
+
+    monkeypatch.setenv("MEGADOC_DEMO_DIR", str(built["train"].parent))
+    real_only = config_lib.load(None, ["data.tokenizer=demo:tokenizer"])
+    calls = []
+    monkeypatch.setattr(demo, "ensure_demo_megadocs", lambda root: calls.append(root) or synthetic)
+    assert demo.resolve_demo_paths(real_only).data.tokenizer == str(built["tokenizer"]) and not calls
+    demo_config = config_lib.load(REPO / "configs" / "demo.yaml")
+    resolved = demo.resolve_demo_paths(demo_config)
+    assert calls and {s.name: s.store for s in resolved.data.streams} == {
+        "real": str(built["train"]), "synthetic": str(synthetic["stitched"])
+    }
+    assert [s.weight for s in resolved.data.streams] == [0.5, 0.5]
+    with pytest.raises(config_lib.ConfigError, match="unknown demo path 'demo:nope'.*stitched"):
+        demo.resolve_demo_paths(config_lib.load(None, ["data.tokenizer=demo:nope"]))

@@ -14,9 +14,13 @@ of config.MODEL_SIZES['demo'] size, EOS '<|endoftext|>'), saved as a Hugging Fac
 same path as real data.
 
     ensure_demo_stores(root) -> {'tokenizer', 'train_jsonl', 'heldout_jsonl', 'train', 'heldout'}
+    ensure_demo_megadocs(root) -> the same plus {'generator', 'generations', 'merged', 'stitched'}
 
-builds root/ on first use (into a temporary directory renamed into place, so an interrupted build
-leaves nothing half-made at root) and afterwards just returns the paths.
+build root/ (and root/synthetic/) on first use (into a temporary directory renamed into place, so an
+interrupted build leaves nothing half-made) and afterwards just return the paths. The synthetic stream
+(generation/demo.py) is rephrases of every train document by a tiny randomly initialised generator with
+the jax backend, stitched back G=2 into a store with the train stores' tokenizer: a random model cannot
+rephrase, so it shows the machinery, not the effect. It is built only when a config names it.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 from megadoc_jax import config as config_lib
 from megadoc_jax.config import MODEL_SIZES
@@ -41,6 +45,9 @@ EOS_TOKEN = "<|endoftext|>"
 HELDOUT_PERCENT = 10
 MAX_DOCUMENT_CHARS = 8000
 COMPLETE_MARKER = "demo.json"  # written last inside the temporary directory, before the rename
+SYNTHETIC_DIR = "synthetic"  # root/synthetic: the demo's synthetic stream, built only when a config asks
+SYNTHETIC_MARKER = "synthetic.json"
+SYNTHETIC_NAMES = ("generator", "generations", "merged", "stitched")  # `demo:` names that need it
 DEMO_FORMAT = 1
 
 # Pure-Python modules with substantial English docstrings; fixed so the corpus is deterministic.
@@ -197,48 +204,74 @@ def build_demo_data(out_dir: str | Path, workers: int = 0) -> dict[str, Path]:
     return paths
 
 
-def ensure_demo_stores(root: str | Path, workers: int = 0) -> dict[str, Path]:
-    """The demo paths under root, building them first if root does not exist yet (idempotent)."""
-    root = Path(root)
-    if not root.exists():
-        root.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.building-", dir=root.parent))
+def _build_into_place(target: Path, build: Callable[[Path], None], marker: str) -> None:
+    """Run build(tmp) into a temporary directory next to target, then rename it to target, unless target
+    exists already. A failed build leaves nothing at target; a concurrent builder's rename may win."""
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.building-", dir=target.parent))
         try:
-            build_demo_data(tmp / "demo", workers=workers)
+            build(tmp / target.name)
             try:
-                os.rename(tmp / "demo", root)
+                os.rename(tmp / target.name, target)
             except OSError:
-                if not (root / COMPLETE_MARKER).exists():  # not a concurrent builder that won the race
+                if not (target / marker).exists():  # not a concurrent builder that won the race
                     raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    if not (root / COMPLETE_MARKER).exists():
+    if not (target / marker).exists():
         raise DemoDataError(
-            f"{root} exists but has no {COMPLETE_MARKER}: it is not a complete demo build; remove it to rebuild"
+            f"{target} exists but has no {marker}: it is not a complete demo build; remove it to rebuild"
         )
+
+
+def ensure_demo_stores(root: str | Path, workers: int = 0) -> dict[str, Path]:
+    """The demo paths under root, building them first if root does not exist yet (idempotent)."""
+    root = Path(root)
+    _build_into_place(root, lambda out_dir: build_demo_data(out_dir, workers=workers), COMPLETE_MARKER)
     return demo_paths(root)
+
+
+def ensure_demo_megadocs(root: str | Path, workers: int = 0) -> dict[str, Path]:
+    """demo_paths plus the synthetic stream under root/SYNTHETIC_DIR (generation/demo.py: a tiny random
+    generator, rephrases with the jax backend, stitched megadocs), each built on first use."""
+    from generation import demo as generation_demo  # imports JAX: only when the synthetic stream is asked for
+
+    paths = ensure_demo_stores(root, workers=workers)
+
+    def build(out_dir: Path) -> None:
+        summary = generation_demo.build_synthetic(paths["train_jsonl"], paths["tokenizer"], out_dir)
+        (out_dir / SYNTHETIC_MARKER).write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
+
+    synthetic_dir = Path(root) / SYNTHETIC_DIR
+    _build_into_place(synthetic_dir, build, SYNTHETIC_MARKER)
+    return {**paths, **generation_demo.synthetic_paths(synthetic_dir)}
 
 
 DEMO_PREFIX = "demo:"
 
 
 def resolve_demo_paths(config: config_lib.Config) -> config_lib.Config:
-    """Replaces `demo:NAME` paths (tokenizer, train, heldout) by the embedded demo data, built on first
-    use under $MEGADOC_DEMO_DIR (default ~/.cache/megadoc_jax/demo)."""
+    """Replaces `demo:NAME` paths by the embedded demo data, built on first use under $MEGADOC_DEMO_DIR
+    (default ~/.cache/megadoc_jax/demo): tokenizer, train, heldout; and `stitched` (the synthetic stream,
+    built only when some path names one of SYNTHETIC_NAMES)."""
     raw = config_lib.to_dict(config)
     data = raw["data"]
     named = [data["tokenizer"], *(s["store"] for s in data["streams"]), *data["eval_stores"].values()]
-    if not any(str(path).startswith(DEMO_PREFIX) for path in named):
+    demo_names = {str(path)[len(DEMO_PREFIX):] for path in named if str(path).startswith(DEMO_PREFIX)}
+    if not demo_names:
         return config
     root = Path(os.environ.get("MEGADOC_DEMO_DIR", Path.home() / ".cache" / "megadoc_jax" / "demo"))
-    paths = {name: str(path) for name, path in ensure_demo_stores(root).items()}
+    ensure = ensure_demo_megadocs if demo_names & set(SYNTHETIC_NAMES) else ensure_demo_stores
+    paths = {name: str(path) for name, path in ensure(root).items()}
 
     def resolve(path: str, key: str) -> str:
         if not path.startswith(DEMO_PREFIX):
             return path
         name = path[len(DEMO_PREFIX):]
         if name not in paths:
-            raise config_lib.ConfigError(f"{key}: unknown demo path {path!r}; known: {sorted(paths)}")
+            known = sorted({*paths, *SYNTHETIC_NAMES})
+            raise config_lib.ConfigError(f"{key}: unknown demo path {path!r}; known: {known}")
         return paths[name]
 
     data["tokenizer"] = resolve(data["tokenizer"], "data.tokenizer")
