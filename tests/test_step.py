@@ -1,5 +1,7 @@
 """The train step: gradient accumulation equals one big batch; sharded and unsharded steps agree."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +10,6 @@ from flax import nnx
 from megadoc_jax import config as config_lib
 from megadoc_jax import optim, sharding
 from megadoc_jax import step as step_lib
-from megadoc_jax.model import Decoder
 
 
 def tiny_config(*overrides: str) -> config_lib.Config:
@@ -30,9 +31,16 @@ def random_batch(config: config_lib.Config, seed: int = 0) -> dict[str, np.ndarr
             "segment_ids": segment_ids, "loss_mask": loss_mask}
 
 
+@functools.lru_cache(maxsize=None)
+def initial_model(model_config: config_lib.ModelConfig):
+    """(graphdef, params) of a freshly initialised decoder; built once per model config (init compiles)."""
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1, "context": 1}, jax.devices()[:1])
+    graphdef, params = nnx.split(sharding.create_sharded_model(model_config, mesh, 0))
+    return graphdef, nnx.to_pure_dict(params)
+
+
 def one_step(config: config_lib.Config, batch):
-    graphdef, params = nnx.split(Decoder(config.model, rngs=nnx.Rngs(0)))
-    params = nnx.to_pure_dict(params)
+    graphdef, params = initial_model(config.model)
     tx, schedule = optim.make_optimizer(config.optim, 10)
     train_step = jax.jit(step_lib.make_train_step(graphdef, tx, schedule, config))
     state, metrics = train_step(step_lib.init_state(params, tx), jax.tree.map(jnp.asarray, batch))
