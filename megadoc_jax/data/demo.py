@@ -30,6 +30,7 @@ import functools
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import re
 import shutil
@@ -62,6 +63,9 @@ DOCSTRING_MODULES = (
 
 _SECTION_HEADING = re.compile(r"\n(?=[^\n]+\n=+\n)")  # a line followed by a line of '='
 _PARAGRAPH_BREAK = re.compile(r"\n\s*\n")
+
+
+log = logging.getLogger(__name__)
 
 
 class DemoDataError(RuntimeError):
@@ -208,6 +212,7 @@ def _build_into_place(target: Path, build: Callable[[Path], None], marker: str) 
     """Run build(tmp) into a temporary directory next to target, then rename it to target, unless target
     exists already. A failed build leaves nothing at target; a concurrent builder's rename may win."""
     if not target.exists():
+        log.info("building %s (first use)", target)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.building-", dir=target.parent))
         try:
