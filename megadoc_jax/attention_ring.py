@@ -20,7 +20,7 @@ chunks of j. The fully masked half is skipped (`lax.cond`), so each device does 
 Ring (backward): a custom VJP. Residuals are only local: q, k, v, the output and the fp32 logsumexp
 ([B, L/C, H]); the backward pass runs the ring again, recomputing each block's probabilities, with the
 dK/dV accumulators travelling with their K/V and one last hop home. Per-device memory is therefore the
-local sequence's activations plus one block of scores, never the [L/C, L] strip that all_gather keeps.
+local sequence's activations plus one tile of scores (attention_blocks.py), never the [L/C, L] strip that all_gather keeps.
 
 all_gather: the simple baseline. K/V and segment ids are gathered over 'context' (a [B, L, G, K] copy
 per device) and the local queries attend to the whole sequence; plain autodiff.
@@ -37,9 +37,9 @@ from jax.sharding import PartitionSpec
 
 from megadoc_jax import attention as attention_lib
 from megadoc_jax import sharding
+from megadoc_jax.attention_blocks import NEG, block_mask, scores, tiled_backward, tiled_forward, varying_like
 
 CONTEXT_AXIS = "context"
-_NEG = float(jnp.finfo(jnp.float32).min)  # finite: max/exp of a fully masked row never makes NaN
 
 
 # --------------------------------------------------------------------------------------------------
@@ -82,129 +82,6 @@ def _local_indices(device: jax.Array, chunk: int, context: int) -> jax.Array:
 
 
 # --------------------------------------------------------------------------------------------------
-# One block: local queries [B, Q, G, R, K] against visiting keys [B, S, G, K]
-# --------------------------------------------------------------------------------------------------
-
-
-def _block_mask(q_idx_Q, k_idx_S, q_seg_BxQ, k_seg_BxS, causal: bool) -> jax.Array | None:
-    """Boolean [B or 1, Q, 1, 1, S] (True = may attend) from original indices and segment ids."""
-    mask = None
-    if causal:
-        mask = (q_idx_Q[:, None] >= k_idx_S[None, :])[None]
-    if q_seg_BxQ is not None:
-        same = q_seg_BxQ[:, :, None] == k_seg_BxS[:, None, :]
-        mask = same if mask is None else mask & same
-    return None if mask is None else mask[:, :, None, None, :]
-
-
-def _scores(q_BxQxGxRxK, k_BxSxGxK, mask) -> jax.Array:
-    scale = q_BxQxGxRxK.shape[-1] ** -0.5
-    s_BxQxGxRxS = jnp.einsum("bqgrk,bsgk->bqgrs", q_BxQxGxRxK, k_BxSxGxK, preferred_element_type=jnp.float32)
-    s_BxQxGxRxS = s_BxQxGxRxS * scale
-    return s_BxQxGxRxS if mask is None else jnp.where(mask, s_BxQxGxRxS, _NEG)
-
-
-def _block_forward(acc, q, q_idx, q_seg, keys, causal: bool):
-    """Online-softmax update of acc = (o fp32 [B,Q,G,R,K], m, l fp32 [B,Q,G,R]) with one K/V block;
-    keys = (k [B,S,G,K], v, original indices [S], segment ids [B,S] or None)."""
-    k, v, k_idx, k_seg = keys
-    mask = _block_mask(q_idx, k_idx, q_seg, k_seg, causal)
-    o, m, l = acc
-    s = _scores(q, k, mask)
-    m_new = jnp.maximum(m, s.max(axis=-1))
-    p = jnp.exp(s - m_new[..., None])
-    if mask is not None:
-        p = jnp.where(mask, p, 0.0)  # a row with no visible key here adds nothing
-    alpha = jnp.exp(m - m_new)
-    pv = jnp.einsum("bqgrs,bsgk->bqgrk", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return o * alpha[..., None] + pv, m_new, l * alpha + p.sum(axis=-1)
-
-
-def _block_backward(q, do, lse, delta, q_idx, q_seg, keys, causal: bool):
-    """(dq, dk, dv) of one block in fp32, from the final logsumexp and delta = rowsum(do * o)."""
-    k, v, k_idx, k_seg = keys
-    mask = _block_mask(q_idx, k_idx, q_seg, k_seg, causal)
-    scale = q.shape[-1] ** -0.5
-    p = jnp.exp(_scores(q, k, mask) - lse[..., None])
-    if mask is not None:
-        p = jnp.where(mask, p, 0.0)
-    dv = jnp.einsum("bqgrs,bqgrk->bsgk", p.astype(do.dtype), do, preferred_element_type=jnp.float32)
-    dp = jnp.einsum("bqgrk,bsgk->bqgrs", do, v, preferred_element_type=jnp.float32)
-    ds = (p * (dp - delta[..., None]) * scale).astype(q.dtype)
-    dq = jnp.einsum("bqgrs,bsgk->bqgrk", ds, k, preferred_element_type=jnp.float32)
-    dk = jnp.einsum("bqgrs,bqgrk->bsgk", ds, q, preferred_element_type=jnp.float32)
-    return dq, dk, dv
-
-
-# Scores are materialised for one batch row and QUERY_TILE queries at a time, so a block's temporary
-# memory is QUERY_TILE x S per head instead of B x Q x S (32k tokens on 4 devices: 0.4 GB, not 50 GB).
-QUERY_TILE = 512
-
-
-def _tiles(x, n: int):
-    """[1, Q, ...] -> [n, 1, Q/n, ...]."""
-    return jnp.moveaxis(x.reshape(1, n, x.shape[1] // n, *x.shape[2:]), 1, 0)
-
-
-def _untile(x):
-    """[n, 1, T, ...] -> [1, n*T, ...]."""
-    return jnp.moveaxis(x, 0, 1).reshape(1, -1, *x.shape[3:])
-
-
-def _tiled(q_len: int) -> int:
-    """Number of query tiles (0: compute the block at once)."""
-    return q_len // QUERY_TILE if q_len > QUERY_TILE and q_len % QUERY_TILE == 0 else 0
-
-
-def _tiled_forward(acc, q, q_idx, q_seg, keys, causal: bool):
-    """_block_forward, one batch row and one query tile at a time."""
-    n = _tiled(q.shape[1])
-    if not n:
-        return _block_forward(acc, q, q_idx, q_seg, keys, causal)
-    k, v, k_idx, k_seg = keys
-    expand = lambda tree: jax.tree.map(lambda x: x[None], tree)
-
-    def row(args):
-        acc_r, q_r, q_seg_r, k_r, v_r, k_seg_r = expand(args)
-
-        def tile(t):
-            acc_t, q_t, q_idx_t, q_seg_t = t
-            return _block_forward(acc_t, q_t, q_idx_t, q_seg_t, (k_r, v_r, k_idx, k_seg_r), causal)
-
-        tiles = (jax.tree.map(lambda x: _tiles(x, n), acc_r), _tiles(q_r, n), q_idx.reshape(n, -1),
-                 None if q_seg_r is None else _tiles(q_seg_r, n))  # fmt: skip
-        return jax.tree.map(lambda x: _untile(x)[0], jax.lax.map(tile, tiles))
-
-    return jax.lax.map(row, (acc, q, q_seg, k, v, k_seg))
-
-
-def _tiled_backward(q, do, lse, delta, q_idx, q_seg, keys, causal: bool):
-    """_block_backward, one batch row and one query tile at a time; dK/dV summed over the tiles."""
-    n = _tiled(q.shape[1])
-    if not n:
-        return _block_backward(q, do, lse, delta, q_idx, q_seg, keys, causal)
-    k, v, k_idx, k_seg = keys
-    expand = lambda tree: jax.tree.map(lambda x: x[None], tree)
-
-    def row(args):
-        q_r, do_r, lse_r, delta_r, q_seg_r, k_r, v_r, k_seg_r = expand(args)
-
-        def tile(dkv, t):
-            q_t, do_t, lse_t, delta_t, q_idx_t, q_seg_t = t
-            keys_r = (k_r, v_r, k_idx, k_seg_r)
-            dq_t, dk_t, dv_t = _block_backward(q_t, do_t, lse_t, delta_t, q_idx_t, q_seg_t, keys_r, causal)
-            return (dkv[0] + dk_t, dkv[1] + dv_t), dq_t
-
-        zeros = _varying(jnp.zeros(k_r.shape, jnp.float32), k_r)
-        per_tile = [_tiles(x, n) for x in (q_r, do_r, lse_r, delta_r)]
-        tiles = (*per_tile, q_idx.reshape(n, -1), None if q_seg_r is None else _tiles(q_seg_r, n))
-        (dk_r, dv_r), dq_tiles = jax.lax.scan(tile, (zeros, zeros), tiles)
-        return _untile(dq_tiles)[0], dk_r[0], dv_r[0]
-
-    return jax.lax.map(row, (q, do, lse, delta, q_seg, k, v, k_seg))
-
-
-# --------------------------------------------------------------------------------------------------
 # Ring
 # --------------------------------------------------------------------------------------------------
 
@@ -213,17 +90,6 @@ def _rotate(tree, context: int):
     """Send every array one hop around the ring: device d receives from d - 1."""
     perm = [(d, (d + 1) % context) for d in range(context)]
     return jax.tree.map(lambda x: jax.lax.ppermute(x, CONTEXT_AXIS, perm), tree)
-
-
-def _varying(x: jax.Array, like: jax.Array) -> jax.Array:
-    """x marked as varying over the same manual axes as `like` (loop carries inside shard_map)."""
-    varying = lambda a: jax.typeof(a).manual_axis_type.varying
-    axes = tuple(sorted(varying(like) - varying(x)))
-    return jax.lax.pcast(x, axes, to="varying") if axes else x
-
-
-def _halves(x, chunk: int):
-    return x[:, :chunk], x[:, chunk:]
 
 
 def _ring_steps(context: int, step_fn, carry, travelling):
@@ -249,14 +115,13 @@ def _ring_steps(context: int, step_fn, carry, travelling):
     return carry, current
 
 
-def _visible_part(source, device, causal: bool, full_fn, first_kv_fn, second_q_fn, diag_fn):
-    """Dispatch on which part of a zig-zag block is visible (module docstring)."""
+def _visible_part(source, device, causal: bool, full_fn, first_kv_fn, second_q_fn):
+    """Dispatch on which part of a zig-zag block is visible (module docstring); the diagonal block
+    (source == device) is the local causal block, computed whole."""
     if not causal:
         return full_fn()
     return jax.lax.cond(
-        source == device,
-        diag_fn,
-        lambda: jax.lax.cond(source < device, first_kv_fn, second_q_fn),
+        source == device, full_fn, lambda: jax.lax.cond(source < device, first_kv_fn, second_q_fn)
     )
 
 
@@ -266,8 +131,8 @@ def _ring_forward(q, k, v, seg, causal: bool, context: int):
     chunk = length // 2
     device = _device_index(context)
     q_idx = _local_indices(device, chunk, context)
-    zeros = lambda shape: _varying(jnp.zeros(shape, jnp.float32), q)
-    acc = (zeros(q.shape), _varying(jnp.full((b, length, g, r), _NEG, jnp.float32), q), zeros((b, length, g, r)))
+    zeros = lambda shape: varying_like(jnp.zeros(shape, jnp.float32), q)
+    acc = (zeros(q.shape), varying_like(jnp.full((b, length, g, r), NEG, jnp.float32), q), zeros((b, length, g, r)))
 
     def step(acc, kv, source):
         k_s, v_s, seg_s = kv
@@ -275,19 +140,19 @@ def _ring_forward(q, k, v, seg, causal: bool, context: int):
         seg_2 = None if seg is None else seg[:, chunk:]
 
         def full():
-            return _tiled_forward(acc, q, q_idx, seg, (k_s, v_s, k_idx, seg_s), causal)
+            return tiled_forward(acc, q, q_idx, seg, (k_s, v_s, k_idx, seg_s), causal)
 
         def first_kv():  # source < device: every local query sees only the source's first chunk
             seg_s1 = None if seg_s is None else seg_s[:, :chunk]
             keys = (k_s[:, :chunk], v_s[:, :chunk], k_idx[:chunk], seg_s1)
-            return _tiled_forward(acc, q, q_idx, seg, keys, causal)
+            return tiled_forward(acc, q, q_idx, seg, keys, causal)
 
         def second_q():  # source > device: only the second local chunk sees the source, all of it
             acc_2 = tuple(x[:, chunk:] for x in acc)
-            part = _tiled_forward(acc_2, q[:, chunk:], q_idx[chunk:], seg_2, (k_s, v_s, k_idx, seg_s), causal)
+            part = tiled_forward(acc_2, q[:, chunk:], q_idx[chunk:], seg_2, (k_s, v_s, k_idx, seg_s), causal)
             return tuple(jnp.concatenate([x[:, :chunk], y], axis=1) for x, y in zip(acc, part))
 
-        return _visible_part(source, device, causal, full, first_kv, second_q, full)
+        return _visible_part(source, device, causal, full, first_kv, second_q)
 
     (o, m, l), _ = _ring_steps(context, step, acc, (k, v, seg))
     out = (o / l[..., None]).astype(q.dtype)
@@ -300,7 +165,7 @@ def _ring_backward(q, k, v, seg, out, lse, do, causal: bool, context: int):
     device = _device_index(context)
     q_idx = _local_indices(device, chunk, context)
     delta = jnp.einsum("bqgrk,bqgrk->bqgr", do.astype(jnp.float32), out.astype(jnp.float32))
-    f32_zeros = lambda x: _varying(jnp.zeros(x.shape, jnp.float32), x)
+    f32_zeros = lambda x: varying_like(jnp.zeros(x.shape, jnp.float32), x)
     do = do.astype(q.dtype)
 
     def step(dq, travelling, source):
@@ -310,24 +175,24 @@ def _ring_backward(q, k, v, seg, out, lse, do, causal: bool, context: int):
 
         def full():
             keys = (k_s, v_s, k_idx, seg_s)
-            dq_b, dk_b, dv_b = _tiled_backward(q, do, lse, delta, q_idx, seg, keys, causal)
+            dq_b, dk_b, dv_b = tiled_backward(q, do, lse, delta, q_idx, seg, keys, causal)
             return dq + dq_b, dk_s + dk_b, dv_s + dv_b
 
         def first_kv():
             seg_s1 = None if seg_s is None else seg_s[:, :chunk]
             keys = (k_s[:, :chunk], v_s[:, :chunk], k_idx[:chunk], seg_s1)
-            dq_b, dk_b, dv_b = _tiled_backward(q, do, lse, delta, q_idx, seg, keys, causal)
+            dq_b, dk_b, dv_b = tiled_backward(q, do, lse, delta, q_idx, seg, keys, causal)
             pad = lambda x: jnp.concatenate([x, jnp.zeros_like(x)], axis=1)
             return dq + dq_b, dk_s + pad(dk_b), dv_s + pad(dv_b)
 
         def second_q():
             keys = (k_s, v_s, k_idx, seg_s)
-            dq_b, dk_b, dv_b = _tiled_backward(
+            dq_b, dk_b, dv_b = tiled_backward(
                 q[:, chunk:], do[:, chunk:], lse[:, chunk:], delta[:, chunk:], q_idx[chunk:], seg_2, keys, causal
             )
             return dq + jnp.concatenate([jnp.zeros_like(dq_b), dq_b], axis=1), dk_s + dk_b, dv_s + dv_b
 
-        dq, dk_s, dv_s = _visible_part(source, device, causal, full, first_kv, second_q, full)
+        dq, dk_s, dv_s = _visible_part(source, device, causal, full, first_kv, second_q)
         return dq, (k_s, v_s, seg_s, dk_s, dv_s)
 
     # dK/dV accumulators travel with their K/V and come home after the last block.
@@ -394,8 +259,8 @@ def _all_gather_local(q, k, v, seg, causal: bool, context: int):
     k_all, v_all = gather(k), gather(v)
     seg_all = None if seg is None else gather(seg)
     k_idx = jnp.concatenate([_local_indices(d, chunk, context) for d in range(context)])
-    mask = _block_mask(_local_indices(device, chunk, context), k_idx, seg, seg_all, causal)
-    s = _scores(q, k_all, mask)
+    mask = block_mask(_local_indices(device, chunk, context), k_idx, seg, seg_all, causal)
+    s = scores(q, k_all, mask)
     p = jax.nn.softmax(s, axis=-1)
     out = jnp.einsum("bqgrs,bsgk->bqgrk", p.astype(v.dtype), v_all, preferred_element_type=jnp.float32)
     return out.astype(q.dtype)

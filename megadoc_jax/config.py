@@ -415,6 +415,13 @@ def validate_for_devices(config: Config, num_devices: int) -> dict[str, int]:
         "data.seq_len",
         f"{d.seq_len} is not divisible by the context axis mesh.context={sizes['context']}",
     )
+    if m.attention in ("ring", "all_gather") and sizes["context"] > 1:  # zig-zag: 2 chunks per device
+        _require(
+            d.seq_len % (2 * sizes["context"]) == 0,
+            "data.seq_len",
+            f"{d.seq_len} is not divisible by 2 * mesh.context = {2 * sizes['context']}, which "
+            f"model.attention={m.attention!r} needs for its load-balanced (zig-zag) layout",
+        )
     _require(
         m.kv_heads % sizes["tensor"] == 0 or sizes["tensor"] % m.kv_heads == 0,
         "mesh.tensor",

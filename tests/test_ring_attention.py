@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from megadoc_jax import attention as attention_lib
-from megadoc_jax import attention_ring, sharding
+from megadoc_jax import attention_blocks, attention_ring, sharding
 
 B, L, H, G, K = 2, 32, 4, 2, 8  # GQA: two query heads per kv head
 
@@ -133,5 +133,5 @@ def test_ring_residuals_are_local():
 @pytest.mark.parametrize("segments", [False, True])
 def test_ring_query_tiles_match_reference(monkeypatch, segments):
     # Tiles of 4 queries: blocks of 8 and 16 local queries go through the row/tile loops.
-    monkeypatch.setattr(attention_ring, "QUERY_TILE", 4)
+    monkeypatch.setattr(attention_blocks, "QUERY_TILE", 4)
     _assert_close(*_run("ring", 2, segments), rtol=1e-5)
