@@ -123,7 +123,7 @@ def test_kill_9_mid_run_then_resume_matches_an_uninterrupted_run(model_dir, tmp_
         backend_options={"batch_size": 4}, progress=False)  # fmt: skip
     out = tmp_path / "killed"
     ledger = worker_dir(out, 0, 1) / LEDGER
-    command = [sys.executable, "-m", "generation.generate", "generate", "--input", str(docs), "--model",
+    command = [sys.executable, "-m", "generation", "generate", "--input", str(docs), "--model",
                str(model_dir), "--output", str(out), "--backend", "transformers", "--no-progress", *common]  # fmt: skip
     process = subprocess.Popen(command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
