@@ -104,6 +104,28 @@ def attention_mask(length: int, segment_ids_BxL: jax.Array | None, causal: bool)
     return mask_BxLxL
 
 
+def masked_attention(
+    q_BxTxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array, mask_BxTxS: jax.Array | None
+) -> jax.Array:
+    """GQA attention of T queries over S keys under a boolean mask, fp32 scores and softmax. The query
+    heads are grouped ([B, T, G, H/G, K]) so K/V are never repeated in memory. Shared by the xla
+    backend and the KV-cache decoder (megadoc_jax/decode.py)."""
+    b, t, heads, size = q_BxTxHxK.shape
+    kv_heads = k_BxSxGxK.shape[2]
+    q_BxTxGxRxK = q_BxTxHxK.reshape(b, t, kv_heads, heads // kv_heads, size)
+    scores_BxGxRxTxS = jnp.einsum(
+        "btgrk,bsgk->bgrts", q_BxTxGxRxK, k_BxSxGxK, preferred_element_type=jnp.float32
+    ) * (size**-0.5)
+    if mask_BxTxS is not None:
+        # A finite minimum instead of -inf: a fully masked row gives a uniform distribution, not NaN.
+        scores_BxGxRxTxS = jnp.where(mask_BxTxS[:, None, None], scores_BxGxRxTxS, jnp.finfo(jnp.float32).min)
+    probs_BxGxRxTxS = jax.nn.softmax(scores_BxGxRxTxS, axis=-1)
+    out_BxTxGxRxK = jnp.einsum(
+        "bgrts,bsgk->btgrk", probs_BxGxRxTxS.astype(v_BxSxGxK.dtype), v_BxSxGxK, preferred_element_type=jnp.float32
+    )
+    return out_BxTxGxRxK.reshape(b, t, heads, size).astype(q_BxTxHxK.dtype)
+
+
 @register_backend("xla")
 def xla_attention(
     q_BxLxHxK: jax.Array,
@@ -113,28 +135,9 @@ def xla_attention(
     segment_ids_BxL: jax.Array | None,
     causal: bool,
 ) -> jax.Array:
-    """The reference: full [L, L] scores per head, fp32 softmax. GQA by grouping the query heads
-    ([B, L, G, H/G, K]) so K/V are never repeated in memory."""
-    b, length, heads, size = q_BxLxHxK.shape
-    kv_heads = k_BxLxGxK.shape[2]
-    q_BxLxGxRxK = q_BxLxHxK.reshape(b, length, kv_heads, heads // kv_heads, size)
-    scores_BxGxRxLxS = jnp.einsum(
-        "blgrk,bsgk->bgrls", q_BxLxGxRxK, k_BxLxGxK, preferred_element_type=jnp.float32
-    ) * (size**-0.5)
-    mask_BxLxS = attention_mask(length, segment_ids_BxL, causal)
-    if mask_BxLxS is not None:
-        # A finite minimum instead of -inf: a fully masked row (impossible here) would give a uniform
-        # distribution rather than NaN.
-        mask_Bx1x1xLxS = mask_BxLxS[:, None, None]
-        scores_BxGxRxLxS = jnp.where(mask_Bx1x1xLxS, scores_BxGxRxLxS, jnp.finfo(jnp.float32).min)
-    probs_BxGxRxLxS = jax.nn.softmax(scores_BxGxRxLxS, axis=-1)
-    out_BxLxGxRxK = jnp.einsum(
-        "bgrls,bsgk->blgrk",
-        probs_BxGxRxLxS.astype(v_BxLxGxK.dtype),
-        v_BxLxGxK,
-        preferred_element_type=jnp.float32,
-    )
-    return out_BxLxGxRxK.reshape(b, length, heads, size).astype(q_BxLxHxK.dtype)
+    """The reference: full [L, L] scores per head, fp32 softmax."""
+    mask_BxLxL = attention_mask(q_BxLxHxK.shape[1], segment_ids_BxL, causal)
+    return masked_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask_BxLxL)
 
 
 # Backends in their own modules register themselves on import (they import this module first).

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from megadoc_jax.attention import masked_attention
 from megadoc_jax.config import ModelConfig
 from megadoc_jax.model import Decoder, apply_rope, rope_angles
 from megadoc_jax.sharding import constrain
@@ -78,20 +79,9 @@ def init_cache(cfg: ModelConfig, batch: int, slots: int) -> KVCache:
 def cached_attention(
     q_BxTxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array, visible_BxTxS: jax.Array
 ) -> jax.Array:
-    """GQA attention of T queries over S cached slots, numerically as attention.xla_attention."""
-    b, t, heads, size = q_BxTxHxK.shape
-    kv_heads = k_BxSxGxK.shape[2]
-    q_BxTxGxRxK = q_BxTxHxK.reshape(b, t, kv_heads, heads // kv_heads, size)
-    scores_BxGxRxTxS = jnp.einsum(
-        "btgrk,bsgk->bgrts", q_BxTxGxRxK, k_BxSxGxK, preferred_element_type=jnp.float32
-    ) * (size**-0.5)
-    # A row with nothing visible (a left-pad query) gets a uniform softmax, not NaN; its output is unused.
-    scores_BxGxRxTxS = jnp.where(visible_BxTxS[:, None, None], scores_BxGxRxTxS, jnp.finfo(jnp.float32).min)
-    probs_BxGxRxTxS = jax.nn.softmax(scores_BxGxRxTxS, axis=-1)
-    out_BxTxGxRxK = jnp.einsum(
-        "bgrts,bsgk->btgrk", probs_BxGxRxTxS.astype(v_BxSxGxK.dtype), v_BxSxGxK, preferred_element_type=jnp.float32
-    )
-    return out_BxTxGxRxK.reshape(b, t, heads, size).astype(q_BxTxHxK.dtype)
+    """GQA attention of T queries over S cached slots. A row with nothing visible (a left-pad query) gets
+    a uniform softmax, not NaN; its output is unused."""
+    return masked_attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, visible_BxTxS)
 
 
 def forward(model: Decoder, tokens_BxT: jax.Array, slots_BxT: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
