@@ -87,8 +87,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        train, _ = demo.split_heldout(demo.demo_documents())
-        tokenizer_dir = demo.train_tokenizer((d["text"] for d in train), root / "tokenizer")
+        tokenizer_dir = demo.train_demo_tokenizer(root / "tokenizer")
         info, tokenizer_json = export_module.load_tokenizer(tokenizer_dir)  # transformers imported before timing
         texts = write_corpus(root / "corpus.jsonl", args.tokens, tokenizer_json, info.eos_id)
         size_mb = (root / "corpus.jsonl").stat().st_size / 1e6

@@ -77,8 +77,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        train, _ = demo.split_heldout(demo.demo_documents())
-        tokenizer_dir = demo.train_tokenizer((d["text"] for d in train), root / "tokenizer")
+        tokenizer_dir = demo.train_demo_tokenizer(root / "tokenizer")
         info, tokenizer_json = load_tokenizer(tokenizer_dir)  # transformers imported before timing
         sources_path, generations_path, generated = write_inputs(root, args.sources, args.G)
         originals = [json.loads(line)["text"] for line in open(sources_path, encoding="utf-8")]

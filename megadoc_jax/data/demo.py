@@ -179,6 +179,12 @@ def train_tokenizer(texts: Iterable[str], out_dir: Path, vocab_size: int = DEMO_
 # --------------------------------------------------------------------------------------------------
 
 
+def train_demo_tokenizer(out_dir: Path) -> Path:
+    """The demo tokenizer alone (trained on the demo's train split), e.g. for benchmarks."""
+    train, _ = split_heldout(demo_documents())
+    return train_tokenizer((d["text"] for d in train), out_dir)
+
+
 def demo_paths(root: str | Path) -> dict[str, Path]:
     root = Path(root)
     return {
