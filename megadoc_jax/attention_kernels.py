@@ -31,27 +31,33 @@ from megadoc_jax import sharding
 SPLASH_BLOCK = 512  # tokens per kernel block (forward and backward); clipped to the sequence length
 
 
-def _block_sizes(length: int) -> splash_kernel.BlockSizes:
-    block = min(SPLASH_BLOCK, length)
-    if length % block:
-        raise ValueError(f"splash attention: sequence length {length} must be a multiple of {block}")
+def _block_sizes(q_len: int, kv_len: int | None = None) -> splash_kernel.BlockSizes:
+    kv_len = q_len if kv_len is None else kv_len
+    block_q, block_kv = min(SPLASH_BLOCK, q_len), min(SPLASH_BLOCK, kv_len)
+    if q_len % block_q or kv_len % block_kv:
+        raise ValueError(
+            f"splash attention: sequence lengths {q_len} (queries) and {kv_len} (keys) must be multiples "
+            f"of {block_q} and {block_kv}"
+        )
     return splash_kernel.BlockSizes(
-        block_q=block, block_kv=block, block_kv_compute=block,
-        block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
-        block_q_dq=block, block_kv_dq=block,
+        block_q=block_q, block_kv=block_kv, block_kv_compute=block_kv,
+        block_q_dkv=block_q, block_kv_dkv=block_kv, block_kv_dkv_compute=block_kv,
+        block_q_dq=block_q, block_kv_dq=block_kv,
     )  # fmt: skip
 
 
-def _splash_kernel(length: int, group: int, causal: bool, interpret: bool):
+def _splash_kernel(q_len: int, group: int, causal: bool, interpret: bool, kv_len: int | None = None,
+                   save_residuals: bool = False):  # fmt: skip
     """Multi-query kernel for `group` query heads sharing one kv head (the mask is static). Built per
     trace, not cached: it holds arrays that would leak from one trace into another."""
-    shape = (length, length)
+    shape = (q_len, q_len if kv_len is None else kv_len)
     head_mask = splash_mask.CausalMask(shape) if causal else splash_mask.FullMask(shape)
     return splash_kernel.make_splash_mqa(
         splash_mask.MultiHeadMask([head_mask] * group),
         head_shards=1,
         q_seq_shards=1,
-        block_sizes=_block_sizes(length),
+        block_sizes=_block_sizes(*shape),
+        save_residuals=save_residuals,
         interpret=interpret,
     )
 
@@ -104,6 +110,116 @@ def splash_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, *, segment_ids_BxL, causal
     # check_vma=False: the Pallas kernel declares its outputs without varying-axis types.
     return jax.shard_map(per_device, in_specs=specs, out_specs=q_spec, check_vma=False)(*args)
 
+
+
+# --------------------------------------------------------------------------------------------------
+# splash as the block kernel of ring attention (attention_ring.py)
+# --------------------------------------------------------------------------------------------------
+#
+# A ring block is local queries [B, Q, G, R, K] against visiting keys [B, S, G, K] under a static mask:
+# causal on the diagonal block, full on the visible part of an off-diagonal one. The forward runs the
+# kernel with save_residuals=True for the block's normalised output and logsumexp, which the ring
+# merges. The backward calls the kernel's own backward (dq and dK/dV Pallas kernels) with the FINAL
+# output and logsumexp of the whole ring in place of the block's: probabilities exp(s - lse_final)
+# and delta = rowsum(do * out_final) are then exactly this block's share of the gradient, so the
+# ring adds up the blocks' gradients with no correction. The public kernel has no entry for that, so
+# this uses splash's `_splash_attention_bwd` (checked at import time; tests run it in interpret mode).
+
+if not hasattr(splash_kernel, "_splash_attention_bwd"):  # pragma: no cover - depends on the jax version
+    raise ImportError(
+        f"megadoc_jax: ring attention's splash blocks need splash_attention_kernel._splash_attention_bwd, "
+        f"which jax {jax.__version__} does not have; pin the jax version from pyproject.toml"
+    )
+
+MIN_SPLASH_BLOCK = 128  # the kernel's smallest block: ring blocks of other sizes use XLA tiles
+
+
+def splash_fits_block(q_len: int, kv_len: int) -> bool:
+    """Whether the splash kernel can take a ring block of these lengths."""
+    return all(n % min(SPLASH_BLOCK, n) == 0 and n % MIN_SPLASH_BLOCK == 0 for n in (q_len, kv_len))
+
+
+def _head_major(q_BxQxGxRxK, k_BxSxGxK, v_BxSxGxK, q_seg_BxQ, k_seg_BxS):
+    """The kernel's layout: q [B, G, R, Q, K] (scaled by 1/sqrt(K): the kernel does not scale), k and v
+    [B, G, S, K], segment ids (zeros when None: one segment, the static mask alone)."""
+    size = q_BxQxGxRxK.shape[-1]
+    q = (q_BxQxGxRxK * size**-0.5).transpose(0, 2, 3, 1, 4)
+    k, v = k_BxSxGxK.transpose(0, 2, 1, 3), v_BxSxGxK.transpose(0, 2, 1, 3)
+    if q_seg_BxQ is None:
+        q_seg_BxQ = jnp.zeros(q_BxQxGxRxK.shape[:2], jnp.int32)
+        k_seg_BxS = jnp.zeros(k_BxSxGxK.shape[:2], jnp.int32)
+    return q, k, v, q_seg_BxQ, k_seg_BxS
+
+
+def _on_platform(run, interpret: bool | None):
+    """run(interpret) compiled for TPU, in Pallas interpret mode elsewhere (or as forced)."""
+    if interpret is not None:
+        return run(interpret)
+    return jax.lax.platform_dependent(tpu=lambda: run(False), default=lambda: run(True))
+
+
+def splash_block_forward(q_BxQxGxRxK, k_BxSxGxK, v_BxSxGxK, q_seg_BxQ, k_seg_BxS, causal: bool,
+                         interpret: bool | None = None):  # fmt: skip
+    """(out fp32 [B, Q, G, R, K], logsumexp fp32 [B, Q, G, R]) of one block, normalised within it."""
+    b, q_len, groups, group, size = q_BxQxGxRxK.shape
+    q, k, v, q_seg, k_seg = _head_major(q_BxQxGxRxK, k_BxSxGxK, v_BxSxGxK, q_seg_BxQ, k_seg_BxS)
+
+    def run(interpret: bool):
+        kernel = _splash_kernel(q_len, group, causal, interpret, kv_len=k.shape[2], save_residuals=True)
+
+        def one_row(q_GxRxQxK, k_GxSxK, v_GxSxK, q_seg_Q, k_seg_S):
+            ids = splash_kernel.SegmentIds(q=q_seg_Q, kv=k_seg_S)
+            return jax.vmap(lambda q, k, v: kernel(q, k, v, segment_ids=ids))(q_GxRxQxK, k_GxSxK, v_GxSxK)
+
+        out_BxGxRxQxK, (lse_BxGxRxQ,) = jax.vmap(one_row)(q, k, v, q_seg, k_seg)
+        return out_BxGxRxQxK, lse_BxGxRxQ
+
+    out_BxGxRxQxK, lse_BxGxRxQ = _on_platform(run, interpret)
+    return (out_BxGxRxQxK.transpose(0, 3, 1, 2, 4).astype(jnp.float32),
+            lse_BxGxRxQ.transpose(0, 3, 1, 2).astype(jnp.float32))  # fmt: skip
+
+
+def _collapsed(mask_info):
+    """Partial mask blocks flattened to [N, block_q, block_kv], as splash does before its kernels."""
+    if mask_info is None or mask_info.partial_mask_blocks is None:
+        return mask_info
+    blocks = mask_info.partial_mask_blocks
+    return mask_info._replace(partial_mask_blocks=blocks.reshape(-1, *blocks.shape[-2:]))
+
+
+def splash_block_backward(q_BxQxGxRxK, k_BxSxGxK, v_BxSxGxK, q_seg_BxQ, k_seg_BxS, out_BxQxGxRxK,
+                          lse_BxQxGxR, do_BxQxGxRxK, causal: bool, interpret: bool | None = None):  # fmt: skip
+    """(dq, dk, dv) fp32 of one block, from the ring's final output and logsumexp (see above)."""
+    b, q_len, groups, group, size = q_BxQxGxRxK.shape
+    q, k, v, q_seg, k_seg = _head_major(q_BxQxGxRxK, k_BxSxGxK, v_BxSxGxK, q_seg_BxQ, k_seg_BxS)
+    out = out_BxQxGxRxK.astype(q.dtype).transpose(0, 2, 3, 1, 4)
+    do = do_BxQxGxRxK.astype(q.dtype).transpose(0, 2, 3, 1, 4)
+    lse = lse_BxQxGxR.transpose(0, 2, 3, 1)
+
+    def run(interpret: bool):
+        kernel = _splash_kernel(q_len, group, causal, interpret, kv_len=k.shape[2], save_residuals=True)
+        options = kernel.kwargs
+        dq_info, dkv_info = _collapsed(kernel.dq_mask_info), _collapsed(kernel.dkv_mask_info)
+
+        def one_kv_head(q_RxQxK, k_SxK, v_SxK, ids, out_RxQxK, lse_RxQ, do_RxQxK):
+            residuals = (q_RxQxK, k_SxK, v_SxK, ids, None, out_RxQxK, lse_RxQ, dq_info, dkv_info)
+            grads = splash_kernel._splash_attention_bwd(
+                False, options["mask_value"], True, options["block_sizes"], None,
+                options["mask_function"], None, interpret, residuals, do_RxQxK,
+            )  # fmt: skip
+            return grads[3:6]  # dq, dk, dv
+
+        def one_row(q_GxRxQxK, k_GxSxK, v_GxSxK, q_seg_Q, k_seg_S, out_GxRxQxK, lse_GxRxQ, do_GxRxQxK):
+            ids = splash_kernel.SegmentIds(q=q_seg_Q, kv=k_seg_S)
+            per_head = lambda q, k, v, o, l, d: one_kv_head(q, k, v, ids, o, l, d)
+            return jax.vmap(per_head)(q_GxRxQxK, k_GxSxK, v_GxSxK, out_GxRxQxK, lse_GxRxQ, do_GxRxQxK)
+
+        return jax.vmap(one_row)(q, k, v, q_seg, k_seg, out, lse, do)
+
+    dq_BxGxRxQxK, dk_BxGxSxK, dv_BxGxSxK = _on_platform(run, interpret)
+    # The kernel differentiated with respect to the scaled q.
+    dq = dq_BxGxRxQxK.transpose(0, 3, 1, 2, 4).astype(jnp.float32) * size**-0.5
+    return dq, dk_BxGxSxK.transpose(0, 2, 1, 3).astype(jnp.float32), dv_BxGxSxK.transpose(0, 2, 1, 3).astype(jnp.float32)
 
 @functools.lru_cache(maxsize=1)
 def _warn_cudnn_fallback() -> None:

@@ -28,6 +28,7 @@ per device) and the local queries attend to the whole sequence; plain autodiff.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -38,6 +39,12 @@ from jax.sharding import PartitionSpec
 from megadoc_jax import attention as attention_lib
 from megadoc_jax import sharding
 from megadoc_jax.attention_blocks import NEG, block_mask, scores, tiled_backward, tiled_forward, varying_like
+from megadoc_jax.attention_kernels import (
+    MIN_SPLASH_BLOCK,
+    splash_block_backward,
+    splash_block_forward,
+    splash_fits_block,
+)
 
 CONTEXT_AXIS = "context"
 
@@ -81,6 +88,20 @@ def _local_indices(device: jax.Array, chunk: int, context: int) -> jax.Array:
     return jnp.concatenate([device * chunk + within, (2 * context - 1 - device) * chunk + within])
 
 
+def _tie_to(q, device, seg):
+    """(device, seg) made to depend on this call's q.
+
+    Masks depend only on token indices and segment ids, which are the same in every layer. Inside the
+    model's layer scan, JAX's autodiff then treats them as loop invariants and hoists them out of the
+    scan: every block's and every query tile's mask (and its fill constants) are materialised at once,
+    [ring steps x tiles x 512 x heads x keys] -- 18 GiB per device for the 300m step at 32k tokens on
+    a v5e:2x2. An optimization barrier that also takes q makes them per-layer values again, computed
+    tile by tile inside the loops.
+    """
+    device, seg, _ = jax.lax.optimization_barrier((device, seg, q))
+    return device, seg
+
+
 # --------------------------------------------------------------------------------------------------
 # Ring
 # --------------------------------------------------------------------------------------------------
@@ -92,13 +113,12 @@ def _rotate(tree, context: int):
     return jax.tree.map(lambda x: jax.lax.ppermute(x, CONTEXT_AXIS, perm), tree)
 
 
-def _ring_steps(context: int, step_fn, carry, travelling):
+def _ring_steps(context: int, device, step_fn, carry, travelling):
     """Runs step_fn(carry, travelling, source) for the diagonal and the C-1 visiting blocks.
 
     The hop to the next device is issued before the current block's compute (no data dependency), so
     the transfer can overlap with it. Returns the carry and the travelling tree after the last block.
     """
-    device = _device_index(context)
     if context == 1:
         return step_fn(carry, travelling, device), travelling
     incoming = _rotate(travelling, context)
@@ -125,11 +145,69 @@ def _visible_part(source, device, causal: bool, full_fn, first_kv_fn, second_q_f
     )
 
 
-def _ring_forward(q, k, v, seg, causal: bool, context: int):
+class XlaBlocks:
+    """Block kernel from XLA ops (attention_blocks.py): masks from original token indices, query tiles."""
+
+    @staticmethod
+    def forward(acc, q, q_idx, q_seg, keys, causal: bool, diagonal: bool):
+        return tiled_forward(acc, q, q_idx, q_seg, keys, causal)
+
+    @staticmethod
+    def backward(q, do, out, lse, delta, q_idx, q_seg, keys, causal: bool, diagonal: bool):
+        return tiled_backward(q, do, lse, delta, q_idx, q_seg, keys, causal)
+
+
+@dataclasses.dataclass(frozen=True)
+class SplashBlocks:
+    """Block kernel from the Pallas splash kernel (attention_kernels.py). In the zig-zag layout the
+    diagonal block is causal in local order and the visible part of any other block is fully visible,
+    so static masks suffice. interpret: None = compiled on TPU, interpret mode elsewhere."""
+
+    interpret: bool | None = None
+
+    def forward(self, acc, q, q_idx, q_seg, keys, causal: bool, diagonal: bool):
+        k, v, _, k_seg = keys
+        out_b, lse_b = splash_block_forward(q, k, v, q_seg, k_seg, causal and diagonal, self.interpret)
+        # Merge a normalised block as (o, m, l) = (out_b, lse_b, 1). A row with no visible key in the
+        # block has lse_b near the kernel's mask value (-2.4e38): its weight against any real block is 0.
+        o, m, l = acc
+        m_new = jnp.maximum(m, lse_b)
+        alpha, beta = jnp.exp(m - m_new), jnp.exp(lse_b - m_new)
+        return o * alpha[..., None] + out_b * beta[..., None], m_new, l * alpha + beta
+
+    def backward(self, q, do, out, lse, delta, q_idx, q_seg, keys, causal: bool, diagonal: bool):
+        k, v, _, k_seg = keys
+        return splash_block_backward(q, k, v, q_seg, k_seg, out, lse, do, causal and diagonal, self.interpret)
+
+
+# Block kernel of ring attention. auto: splash on TPU where the blocks fit its block sizes, XLA tiles
+# elsewhere (chosen when the program is lowered for its platform); "xla" or "splash" force one (splash
+# off TPU runs in Pallas interpret mode: slow, for tests).
+BLOCK_KERNEL = "auto"
+
+
+def _with_block_kernel(run, chunk: int):
+    """run(blocks) with the block kernel of BLOCK_KERNEL for zig-zag chunks of `chunk` tokens."""
+    if BLOCK_KERNEL not in ("auto", "xla", "splash"):
+        raise ValueError(f"attention_ring.BLOCK_KERNEL must be auto, xla or splash, got {BLOCK_KERNEL!r}")
+    fits = splash_fits_block(chunk, chunk)
+    if BLOCK_KERNEL == "splash":
+        if not fits:
+            raise ValueError(
+                f"ring attention with splash blocks: chunks of {chunk} tokens (seq_len / (2 x context)) "
+                f"must be multiples of {MIN_SPLASH_BLOCK}"
+            )
+        return run(SplashBlocks())
+    if BLOCK_KERNEL == "xla" or not fits:
+        return run(XlaBlocks())
+    return jax.lax.platform_dependent(tpu=lambda: run(SplashBlocks(interpret=False)), default=lambda: run(XlaBlocks()))
+
+
+def _ring_forward(q, k, v, seg, causal: bool, context: int, blocks):
     """Local q [B, 2c, G, R, K], k/v [B, 2c, G, K], seg [B, 2c] or None -> (out, lse)."""
     b, length, g, r, size = q.shape
     chunk = length // 2
-    device = _device_index(context)
+    device, seg = _tie_to(q, _device_index(context), seg)
     q_idx = _local_indices(device, chunk, context)
     zeros = lambda shape: varying_like(jnp.zeros(shape, jnp.float32), q)
     acc = (zeros(q.shape), varying_like(jnp.full((b, length, g, r), NEG, jnp.float32), q), zeros((b, length, g, r)))
@@ -139,30 +217,31 @@ def _ring_forward(q, k, v, seg, causal: bool, context: int):
         k_idx = _local_indices(source, chunk, context)
         seg_2 = None if seg is None else seg[:, chunk:]
 
-        def full():
-            return tiled_forward(acc, q, q_idx, seg, (k_s, v_s, k_idx, seg_s), causal)
+        def full():  # the diagonal block (or any block without causal masking)
+            return blocks.forward(acc, q, q_idx, seg, (k_s, v_s, k_idx, seg_s), causal, diagonal=True)
 
         def first_kv():  # source < device: every local query sees only the source's first chunk
             seg_s1 = None if seg_s is None else seg_s[:, :chunk]
             keys = (k_s[:, :chunk], v_s[:, :chunk], k_idx[:chunk], seg_s1)
-            return tiled_forward(acc, q, q_idx, seg, keys, causal)
+            return blocks.forward(acc, q, q_idx, seg, keys, causal, diagonal=False)
 
         def second_q():  # source > device: only the second local chunk sees the source, all of it
             acc_2 = tuple(x[:, chunk:] for x in acc)
-            part = tiled_forward(acc_2, q[:, chunk:], q_idx[chunk:], seg_2, (k_s, v_s, k_idx, seg_s), causal)
+            keys = (k_s, v_s, k_idx, seg_s)
+            part = blocks.forward(acc_2, q[:, chunk:], q_idx[chunk:], seg_2, keys, causal, diagonal=False)
             return tuple(jnp.concatenate([x[:, :chunk], y], axis=1) for x, y in zip(acc, part))
 
         return _visible_part(source, device, causal, full, first_kv, second_q)
 
-    (o, m, l), _ = _ring_steps(context, step, acc, (k, v, seg))
+    (o, m, l), _ = _ring_steps(context, device, step, acc, (k, v, seg))
     out = (o / l[..., None]).astype(q.dtype)
     return out, m + jnp.log(l)
 
 
-def _ring_backward(q, k, v, seg, out, lse, do, causal: bool, context: int):
+def _ring_backward(q, k, v, seg, out, lse, do, causal: bool, context: int, blocks):
     b, length, g, r, size = q.shape
     chunk = length // 2
-    device = _device_index(context)
+    device, seg = _tie_to(q, _device_index(context), seg)
     q_idx = _local_indices(device, chunk, context)
     delta = jnp.einsum("bqgrk,bqgrk->bqgr", do.astype(jnp.float32), out.astype(jnp.float32))
     f32_zeros = lambda x: varying_like(jnp.zeros(x.shape, jnp.float32), x)
@@ -175,21 +254,23 @@ def _ring_backward(q, k, v, seg, out, lse, do, causal: bool, context: int):
 
         def full():
             keys = (k_s, v_s, k_idx, seg_s)
-            dq_b, dk_b, dv_b = tiled_backward(q, do, lse, delta, q_idx, seg, keys, causal)
+            dq_b, dk_b, dv_b = blocks.backward(q, do, out, lse, delta, q_idx, seg, keys, causal, diagonal=True)
             return dq + dq_b, dk_s + dk_b, dv_s + dv_b
 
         def first_kv():
             seg_s1 = None if seg_s is None else seg_s[:, :chunk]
             keys = (k_s[:, :chunk], v_s[:, :chunk], k_idx[:chunk], seg_s1)
-            dq_b, dk_b, dv_b = tiled_backward(q, do, lse, delta, q_idx, seg, keys, causal)
+            dq_b, dk_b, dv_b = blocks.backward(q, do, out, lse, delta, q_idx, seg, keys, causal, diagonal=False)
             pad = lambda x: jnp.concatenate([x, jnp.zeros_like(x)], axis=1)
             return dq + dq_b, dk_s + pad(dk_b), dv_s + pad(dv_b)
 
         def second_q():
             keys = (k_s, v_s, k_idx, seg_s)
-            dq_b, dk_b, dv_b = tiled_backward(
-                q[:, chunk:], do[:, chunk:], lse[:, chunk:], delta[:, chunk:], q_idx[chunk:], seg_2, keys, causal
-            )
+            half = lambda x: x[:, chunk:]
+            dq_b, dk_b, dv_b = blocks.backward(
+                half(q), half(do), half(out), half(lse), half(delta), q_idx[chunk:], seg_2, keys, causal,
+                diagonal=False,
+            )  # fmt: skip
             return dq + jnp.concatenate([jnp.zeros_like(dq_b), dq_b], axis=1), dk_s + dk_b, dv_s + dv_b
 
         dq, dk_s, dv_s = _visible_part(source, device, causal, full, first_kv, second_q)
@@ -197,17 +278,16 @@ def _ring_backward(q, k, v, seg, out, lse, do, causal: bool, context: int):
 
     # dK/dV accumulators travel with their K/V and come home after the last block.
     travelling = (k, v, seg, f32_zeros(k), f32_zeros(v))
-    dq, (_, _, _, dk, dv) = _ring_steps_with_accumulators(context, step, f32_zeros(q), travelling)
+    dq, (_, _, _, dk, dv) = _ring_steps_with_accumulators(context, device, step, f32_zeros(q), travelling)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
-def _ring_steps_with_accumulators(context: int, step_fn, carry, travelling):
+def _ring_steps_with_accumulators(context: int, device, step_fn, carry, travelling):
     """Like _ring_steps, but the travelling tree is updated by each block (dK/dV accumulate into it).
 
     K/V hop ahead of the compute; the accumulators hop after it. After the last block the accumulators
     are one hop short of home, so they make that hop.
     """
-    device = _device_index(context)
     carry, travelling = step_fn(carry, travelling, device)
     if context == 1:
         return carry, travelling
@@ -223,25 +303,6 @@ def _ring_steps_with_accumulators(context: int, step_fn, carry, travelling):
     k, v, seg, dk, dv = travelling
     dk, dv = _rotate((dk, dv), context)
     return carry, (k, v, seg, dk, dv)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _ring_local(q, k, v, seg, causal: bool, context: int):
-    return _ring_forward(q, k, v, seg, causal, context)[0]
-
-
-def _ring_local_fwd(q, k, v, seg, causal, context):
-    out, lse = _ring_forward(q, k, v, seg, causal, context)
-    return out, (q, k, v, seg, out, lse)
-
-
-def _ring_local_bwd(causal, context, residuals, do):
-    q, k, v, seg, out, lse = residuals
-    dq, dk, dv = _ring_backward(q, k, v, seg, out, lse, do, causal, context)
-    return dq, dk, dv, None
-
-
-_ring_local.defvjp(_ring_local_fwd, _ring_local_bwd)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -271,8 +332,9 @@ def _all_gather_local(q, k, v, seg, causal: bool, context: int):
 # --------------------------------------------------------------------------------------------------
 
 
-def _specs(q_shape, k_shape, mesh) -> tuple[PartitionSpec, PartitionSpec, PartitionSpec]:
-    """shard_map specs for q, k/v and segment ids from sharding.RULES; heads split only if both fit."""
+def _specs(q_shape, k_shape, mesh) -> tuple[PartitionSpec, PartitionSpec, PartitionSpec, PartitionSpec]:
+    """shard_map specs for q, k/v, segment ids and the logsumexp [B, L, H], from sharding.RULES; heads
+    are split over 'tensor' only if both the query and the kv heads divide."""
     sizes = dict(mesh.shape)
     q_spec = sharding.logical_to_spec(("batch", "seq", "heads", "head_dim"), q_shape, sizes)
     k_spec = sharding.logical_to_spec(("batch", "seq", "kv_heads", "head_dim"), k_shape, sizes)
@@ -284,42 +346,92 @@ def _specs(q_shape, k_shape, mesh) -> tuple[PartitionSpec, PartitionSpec, Partit
             f"context attention: sequence length {q_shape[1]} is not divisible by the context axis "
             f"({sizes[CONTEXT_AXIS]})"
         )
-    return q_spec, k_spec, PartitionSpec(q_spec[0], q_spec[1])
+    return q_spec, k_spec, PartitionSpec(q_spec[0], q_spec[1]), PartitionSpec(*q_spec[:3])
 
 
-def _context_parallel(local_fn, q, k, v, segment_ids, causal: bool) -> jax.Array:
-    """Runs local_fn on each device's shard of q, k, v (and segment ids) inside shard_map."""
-    length, context = q.shape[1], context_size()
+def _check_length(length: int, context: int) -> None:
     if length % (2 * context):
         raise ValueError(
             f"context attention: sequence length {length} must be divisible by 2 x context = {2 * context}"
         )
 
-    def per_device(q_l, k_l, v_l, *seg_l):
-        groups = k_l.shape[2]
-        q_5 = q_l.reshape(*q_l.shape[:2], groups, q_l.shape[2] // groups, q_l.shape[3])
-        seg = seg_l[0] if seg_l else None
-        return local_fn(q_5, k_l, v_l, seg, causal, context).reshape(q_l.shape)
 
-    args = (q, k, v) if segment_ids is None else (q, k, v, segment_ids)
+def _per_device(fn, arg_kinds: str, out_kinds: str, *args, check_vma: bool = True):
+    """Runs fn on each device's shards inside shard_map (directly without a mesh).
+
+    Kinds name each array's layout: q = [B, L, H, K], k = [B, L, G, K], s = segment ids [B, L] (may be
+    None), l = logsumexp [B, L, H]. fn sees q-kind arrays grouped as [B, L/C, G, R, K] and l-kind as
+    [B, L/C, G, R] (R = H / G query heads per kv head) and returns its outputs in that form.
+    """
+
+    def local(*local_args):
+        groups = local_args[arg_kinds.index("k")].shape[2]  # kv heads on this device
+        grouped = {"q": lambda x: x.reshape(*x.shape[:2], groups, -1, x.shape[3]),
+                   "l": lambda x: x.reshape(*x.shape[:2], groups, -1)}  # fmt: skip
+        inputs = [grouped.get(kind, lambda x: x)(x) for kind, x in zip(arg_kinds, local_args)]
+        outputs = fn(*inputs)
+        flat = {"q": lambda x: x.reshape(*x.shape[:2], -1, x.shape[4]), "l": lambda x: x.reshape(*x.shape[:2], -1)}
+        return tuple(flat.get(kind, lambda x: x)(x) for kind, x in zip(out_kinds, outputs))
+
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:  # one device, no mesh: the same local code with C = 1
-        return per_device(*args)
-    q_spec, k_spec, seg_spec = _specs(q.shape, k.shape, mesh)
-    in_specs = (q_spec, k_spec, k_spec, seg_spec)[: len(args)]
-    return jax.shard_map(per_device, in_specs=in_specs, out_specs=q_spec)(*args)
+        return local(*args)
+    q, k = args[arg_kinds.index("q")], args[arg_kinds.index("k")]
+    spec = dict(zip("qksl", _specs(q.shape, k.shape, mesh)))
+    in_specs = tuple(spec[kind] for kind in arg_kinds)
+    out_specs = tuple(spec[kind] for kind in out_kinds)
+    return jax.shard_map(local, in_specs=in_specs, out_specs=out_specs, check_vma=check_vma)(*args)
+
+
+# The custom VJP sits outside shard_map: forward and backward are each one shard_map of local code that
+# is never differentiated, and the residuals are global arrays with the shardings of q and the lse.
+def _ring_forward_sharded(q, k, v, seg, causal: bool):
+    context = context_size()
+    chunk = q.shape[1] // (2 * context)
+    local = lambda q, k, v, seg: _with_block_kernel(
+        lambda blocks: _ring_forward(q, k, v, seg, causal, context, blocks), chunk
+    )
+    # check_vma=False: splash's Pallas calls declare their outputs without varying-axis types.
+    return _per_device(local, "qkks", "ql", q, k, v, seg, check_vma=False)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _ring(q, k, v, seg, causal: bool):
+    return _ring_forward_sharded(q, k, v, seg, causal)[0]
+
+
+def _ring_fwd(q, k, v, seg, causal):
+    out, lse = _ring_forward_sharded(q, k, v, seg, causal)
+    return out, (q, k, v, seg, out, lse)
+
+
+def _ring_bwd(causal, residuals, do):
+    context = context_size()
+    chunk = residuals[0].shape[1] // (2 * context)
+    local = lambda q, k, v, seg, out, lse, do: _with_block_kernel(
+        lambda blocks: _ring_backward(q, k, v, seg, out, lse, do, causal, context, blocks), chunk
+    )
+    dq, dk, dv = _per_device(local, "qkksqlq", "qkk", *residuals, do, check_vma=False)
+    return dq, dk, dv, None
+
+
+_ring.defvjp(_ring_fwd, _ring_bwd)
 
 
 @attention_lib.register_backend("ring")
 def ring_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, *, segment_ids_BxL, causal):
     """Ring attention over 'context' (inputs in the zig-zag layout when context > 1)."""
-    return _context_parallel(_ring_local, q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, causal)
+    _check_length(q_BxLxHxK.shape[1], context_size())
+    return _ring(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, causal)
 
 
 @attention_lib.register_backend("all_gather")
 def all_gather_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, *, segment_ids_BxL, causal):
-    """K/V gathered over 'context' (inputs in the zig-zag layout when context > 1)."""
-    return _context_parallel(_all_gather_local, q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, causal)
+    """K/V gathered over 'context' (inputs in the zig-zag layout when context > 1); plain autodiff."""
+    context = context_size()
+    _check_length(q_BxLxHxK.shape[1], context)
+    local = lambda q, k, v, seg: (_all_gather_local(q, k, v, seg, causal, context),)
+    return _per_device(local, "qkks", "q", q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL)[0]
 
 
 __all__ = ["CONTEXT_AXIS", "context_size", "zigzag_order", "uses_layout", "ring_attention", "all_gather_attention"]
