@@ -43,10 +43,10 @@ from generation.backends import (
     Backend,
     BackendError,
     Sampling,
-    check_model_dir,
     create_backend,
+    ensemble_identity,
     file_sha256,
-    model_identity,
+    model_dirs,
 )
 from generation.merge import FORMAT_VERSION, SUMMARY, OutputError, WorkerOutput, read_json, shard_of, worker_dir
 
@@ -289,8 +289,10 @@ def document_record(doc: InputDocument, built: P.DocumentRequests, completions: 
 # --------------------------------------------------------------------------------------------------
 
 
-def job_identity(s: GenerationSettings, files: list[Path], model_dir: Path, tokenizer: Any, backend: str) -> dict:
-    """What decides the output; a restart and the merge compare it (worker_index apart)."""
+def job_identity(s: GenerationSettings, files: list[Path], dirs: list[Path], tokenizer: Any, backend: str) -> dict:
+    """What decides the output; a restart and the merge compare it (worker_index apart). dirs: the model
+    directory, or an ensemble's (the tokenizer is the first one's)."""
+    model_dir = dirs[0]
     tokenizer_files = sorted(p for p in model_dir.glob("*token*") if p.is_file())
     settings = dataclasses.asdict(s)
     settings.pop("worker_index")
@@ -299,7 +301,7 @@ def job_identity(s: GenerationSettings, files: list[Path], model_dir: Path, toke
         "worker_index": s.worker_index,
         "settings": settings,
         "template": P.get_template(s.template, s.task).provenance(),
-        "model": model_identity(model_dir),
+        "model": ensemble_identity(dirs),
         "tokenizer": {
             "files_sha256": {p.name: file_sha256(p) for p in tokenizer_files},
             "chat_template_sha256": hashlib.sha256(tokenizer.chat_template.encode()).hexdigest(),
@@ -309,11 +311,11 @@ def job_identity(s: GenerationSettings, files: list[Path], model_dir: Path, toke
     }  # fmt: skip
 
 
-def session_info(backend: Backend, options: dict | None, model_dir: Path, devices: dict) -> dict:
+def session_info(backend: Backend, options: dict | None, dirs: list[Path], devices: dict) -> dict:
     """One run of the worker (a job resumed after a kill has several); not part of the identity."""
     return {
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname(), "argv": sys.argv,
-        "model_path": str(model_dir), "backend_version": backend.version(), "backend_options": options or {},
+        "model_path": str(dirs[0]) if len(dirs) == 1 else [str(d) for d in dirs], "backend_version": backend.version(), "backend_options": options or {},
         "devices": devices, "python": platform.python_version(),
     }  # fmt: skip
 
@@ -323,27 +325,30 @@ def session_info(backend: Backend, options: dict | None, model_dir: Path, device
 # --------------------------------------------------------------------------------------------------
 
 
-def run(settings: GenerationSettings, inputs: Sequence[str | Path], model: str | Path, output: str | Path, *,
+def run(settings: GenerationSettings, inputs: Sequence[str | Path], model: str | Path | Sequence[str | Path],
+        output: str | Path, *,
         backend: str | Backend = "transformers", backend_options: dict | None = None,
         chat_template: str | Path | None = None, trust_remote_code: bool = False,
         progress: bool = True) -> dict:  # fmt: skip
-    """Run (or resume) one worker to the end of its shard; returns its summary."""
+    """Run (or resume) one worker to the end of its shard; returns its summary. `model`: a directory, or
+    several (an ensemble whose averaged logits are sampled; backends with supports_ensembles)."""
     started = time.monotonic()
     s = settings.resolved()
     files = documents.expand_inputs(inputs)
-    model_dir = check_model_dir(model)
+    dirs = model_dirs(model)
+    model_dir = dirs[0]
     tokenizer = P.load_tokenizer(model_dir, chat_template=chat_template, trust_remote_code=trust_remote_code)
     plan = plan_inputs(files, s)  # bad input stops the job here, before a model is loaded
-    identity = job_identity(s, files, model_dir, tokenizer, backend if isinstance(backend, str) else backend.name)
+    identity = job_identity(s, files, dirs, tokenizer, backend if isinstance(backend, str) else backend.name)
     out = WorkerOutput(worker_dir(output, s.worker_index, s.num_workers), identity)
     owned_backend = isinstance(backend, str)  # created here, so closed here
     try:
         if out.finished:
             return read_json(out.dir / SUMMARY)
         if isinstance(backend, str):
-            backend = create_backend(backend, model_dir, backend_options, trust_remote_code=trust_remote_code)
+            backend = create_backend(backend, dirs, backend_options, trust_remote_code=trust_remote_code)
         devices = dataclasses.asdict(backend.devices())
-        out.add_session(session_info(backend, backend_options, model_dir, devices))
+        out.add_session(session_info(backend, backend_options, dirs, devices))
         builder = P.RequestBuilder(tokenizer, P.get_template(s.template, s.task), s.samples, s.seed,
                                    context_length=backend.context_length, max_new_tokens=s.max_new_tokens,
                                    cut=s.overlong == "cut")  # fmt: skip
@@ -395,7 +400,9 @@ def format_summary(summary: dict, directory: Path) -> str:
 def add_subcommand(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser("generate", help="generate rephrases or rationales (one worker of a job)")
     p.add_argument("--input", nargs="+", required=True, help="JSONL or Parquet files (globs allowed)")
-    p.add_argument("--model", required=True, help="local directory of the generator (no hub access)")
+    p.add_argument("--model", required=True, action="append",
+                   help="local directory of the generator (no hub access); repeat it for an ensemble whose "
+                        "averaged logits are sampled (--backend jax)")  # fmt: skip
     p.add_argument("--output", required=True, help="job directory; this worker writes OUTPUT/worker-I-of-N")
     p.add_argument("--backend", default="transformers", help="vllm | transformers | module:Class")
     p.add_argument("--backend-option", action="append", default=[], metavar="KEY=VALUE",

@@ -11,6 +11,12 @@ s - start and sees the slots start..s. Right padding (start = 0, next = prompt l
 short prompt are written into slots that row has not reached yet; each is overwritten by the row's own
 next token before it becomes visible.
 
+Ensembles. `Sampler` and `generate_tokens` take one decoder or several (an ensemble: independently
+seeded models over one vocabulary, of any shapes). Each member keeps its own KV cache; every step the
+members' fp32 logits are averaged (the paper's ensembles average logits) and the average is sampled.
+This is the teacher of ensemble distillation: a student trained on text sampled from the ensemble. An
+ensemble of one is exactly the single model.
+
 Sampling. Row b draws with its own key: step t uses fold_in(key_b, t), key_b built from the row's
 64-bit seed the way jax.random.key(seed) does. A row's tokens therefore depend on its prompt and seed,
 not on the other rows of its batch. Temperature, top-k (ties with the k-th logit are kept), top-p
@@ -181,8 +187,26 @@ def sample_tokens(logits_BxV: jax.Array, keys_B: jax.Array, step: jax.Array, sam
     return jax.vmap(one)(logits_BxV, keys_B).astype(jnp.int32)
 
 
+def members_of(models: Decoder | Sequence[Decoder]) -> tuple[Decoder, ...]:
+    """The ensemble as a tuple (one decoder is an ensemble of one); members must share a vocabulary."""
+    members = (models,) if isinstance(models, Decoder) else tuple(models)
+    if not members:
+        raise ValueError("decode: an ensemble needs at least one model")
+    vocab = {m.cfg.vocab_size for m in members}
+    if len(vocab) > 1:
+        raise ValueError(f"decode: ensemble members have different vocabulary sizes {sorted(vocab)}")
+    return members
+
+
+def ensemble_logits(logits_MxBxV: Sequence[jax.Array]) -> jax.Array:
+    """The mean of the members' fp32 logits [B, V]."""
+    if len(logits_MxBxV) == 1:
+        return logits_MxBxV[0]
+    return jnp.mean(jnp.stack(logits_MxBxV), axis=0)
+
+
 def generate_tokens(
-    model: Decoder,
+    models: Decoder | Sequence[Decoder],
     tokens_BxP: jax.Array,
     start_B: jax.Array,
     next_B: jax.Array,
@@ -193,10 +217,13 @@ def generate_tokens(
     eos_ids: tuple[int, ...],
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(tokens [B, max_new_tokens], lengths [B], stopped [B]): the whole loop, jit-able with the three
-    keyword arguments static. A row stops after its first EOS (kept); the loop ends when every row has."""
+    keyword arguments static. A row stops after its first EOS (kept); the loop ends when every row has.
+    With several models, their averaged logits are sampled (module docstring)."""
+    members = members_of(models)
     b, p = tokens_BxP.shape
-    cache = init_cache(model.cfg, b, p + max_new_tokens)
-    logits_BxV, cache = prefill(model, tokens_BxP, start_B, next_B, cache)
+    prefilled = [prefill(m, tokens_BxP, start_B, next_B, init_cache(m.cfg, b, p + max_new_tokens)) for m in members]
+    logits_BxV = ensemble_logits([logits for logits, _ in prefilled])
+    caches = tuple(cache for _, cache in prefilled)
     eos_E = jnp.asarray(eos_ids, jnp.int32)
 
     def record(step: jax.Array, logits_BxV: jax.Array, out_BxN: jax.Array, stopped_B: jax.Array, lengths_B: jax.Array):
@@ -207,16 +234,18 @@ def generate_tokens(
 
     out_BxN = jnp.zeros((b, max_new_tokens), jnp.int32)
     first = record(jnp.int32(0), logits_BxV, out_BxN, jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32))
-    state = (jnp.int32(0), *first, cache)
+    state = (jnp.int32(0), *first, caches)
 
     def not_done(state: tuple) -> jax.Array:
         step, _, _, stopped_B, _, _ = state
         return (step + 1 < max_new_tokens) & ~jnp.all(stopped_B)
 
     def body(state: tuple) -> tuple:
-        step, token_B, out_BxN, stopped_B, lengths_B, cache = state
-        logits_BxV, cache = decode_step(model, token_B, cache)
-        return (step + 1, *record(step + 1, logits_BxV, out_BxN, stopped_B, lengths_B), cache)
+        step, token_B, out_BxN, stopped_B, lengths_B, caches = state
+        stepped = [decode_step(m, token_B, cache) for m, cache in zip(members, caches)]
+        logits_BxV = ensemble_logits([logits for logits, _ in stepped])
+        caches = tuple(cache for _, cache in stepped)
+        return (step + 1, *record(step + 1, logits_BxV, out_BxN, stopped_B, lengths_B), caches)
 
     _, _, out_BxN, stopped_B, lengths_B, _ = jax.lax.while_loop(not_done, body, state)
     return out_BxN, lengths_B, stopped_B
@@ -248,24 +277,33 @@ def pad_prompts(
 
 
 class Sampler:
-    """Compiled sampling from one decoder. Shapes are static: batch rows, prompt width and
-    max_new_tokens pick the compiled program (the caller pads to a few sizes to bound compiles)."""
+    """Compiled sampling from one decoder or an ensemble (a sequence of decoders, logits averaged).
+    Shapes are static: batch rows, prompt width and max_new_tokens pick the compiled program (the
+    caller pads to a few sizes to bound compiles)."""
 
-    def __init__(self, model: Decoder, eos_ids: Sequence[int], pad_id: int = 0):
+    def __init__(self, models: Decoder | Sequence[Decoder], eos_ids: Sequence[int], pad_id: int = 0):
         if not eos_ids:
             raise ValueError("Sampler: at least one EOS id is needed")
-        self.cfg: ModelConfig = model.cfg
+        members = members_of(models)
+        self.cfg: ModelConfig = members[0].cfg
+        self.ensemble_size = len(members)
         self.eos_ids = tuple(sorted({int(i) for i in eos_ids}))
         self.pad_id = int(pad_id)
-        self.graphdef, self.params = nnx.split(model)
+        graphdefs, self.params = zip(*(nnx.split(m) for m in members))
+        self.graphdefs = graphdefs
 
         def run(params, tokens_BxP, start_B, next_B, keys_B, *, max_new_tokens, sampling, eos_ids):
             return generate_tokens(
-                nnx.merge(self.graphdef, params), tokens_BxP, start_B, next_B, keys_B,
+                [nnx.merge(g, p) for g, p in zip(graphdefs, params)], tokens_BxP, start_B, next_B, keys_B,
                 max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=eos_ids,
             )  # fmt: skip
 
         self._run = jax.jit(run, static_argnames=("max_new_tokens", "sampling", "eos_ids"))
+
+    @property
+    def models(self) -> tuple[Decoder, ...]:
+        """The ensemble's decoders (one for a single model)."""
+        return tuple(nnx.merge(g, p) for g, p in zip(self.graphdefs, self.params))
 
     def generate(
         self,

@@ -60,7 +60,7 @@ def test_splash_under_a_mesh_runs_per_device_and_refuses_context():
 
 def test_splash_needs_whole_blocks():
     q, k, v, _ = _inputs()
-    with pytest.raises(ValueError, match="multiple of 512"):
+    with pytest.raises(ValueError, match=r"lengths 640 \(queries\) and 640 \(keys\) must be multiples of 512"):
         attention_lib.attention(*(jnp.concatenate([x] * 5, axis=1) for x in (q, k, v)), impl="splash")
 
 

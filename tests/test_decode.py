@@ -68,15 +68,17 @@ def test_cached_logits_equal_the_full_forward_pass_at_every_step(compiled):
         assert logits_BxV.dtype == jnp.float32 and cache.keys_NxBxSxGxK.dtype == jnp.float32
 
 
-def reference_samples(compiled, prompts, seeds, sampling, max_new: int, eos: tuple[int, ...]):
-    """Sampling without a cache: the full forward pass over each prefix every step, the same keys."""
+def reference_samples(compiled, prompts, seeds, sampling, max_new: int, eos: tuple[int, ...], forwards=None):
+    """Sampling without a cache: the full forward pass over each prefix every step, the same keys. With
+    `forwards` (one per ensemble member), the mean of their logits is sampled."""
     _, _, forward, sample = compiled
+    forwards = forwards or [forward]
     keys_B = decode.seed_keys(seeds)
     prefixes = [list(p) for p in prompts]
     outputs: list[list[int]] = [[] for _ in prompts]
     reasons = [decode.FINISH_LENGTH] * len(prompts)
     for step in range(max_new):
-        logits_BxV = jnp.asarray(full_forward_logits(forward, prefixes))
+        logits_BxV = jnp.asarray(np.mean([full_forward_logits(f, prefixes) for f in forwards], axis=0))
         tokens_B = np.asarray(sample(logits_BxV, keys_B, jnp.int32(step), sampling=sampling))
         for row, token in enumerate(tokens_B.tolist()):
             if reasons[row] == decode.FINISH_STOP:
@@ -156,3 +158,31 @@ def test_two_device_mesh_gives_the_single_device_samples(model):
         assert sharded.layers.attention.wq[...].sharding.spec == jax.sharding.PartitionSpec(None, None, "tensor", None)
         generated = decode.Sampler(sharded, (17,)).generate(PROMPTS, [1, 2, 3], decode.SamplingConfig(), 8)
     assert generated == sampled
+
+
+def test_ensemble_samples_the_mean_of_its_members_logits(model, compiled):
+    """Two independently seeded members of different depths: the cached ensemble sampler draws the same
+    tokens as sampling the mean of the members' full-forward logits with the same keys."""
+    other = Decoder(dataclasses.replace(CFG, layers=1), rngs=nnx.Rngs(7))
+    graphdef, params = nnx.split(other)
+    positions = lambda tokens_BxL: jnp.zeros_like(tokens_BxL) + jnp.arange(tokens_BxL.shape[1])  # noqa: E731
+    other_forward = jax.jit(lambda tokens_BxL: nnx.merge(graphdef, params)(tokens_BxL, positions(tokens_BxL)))
+    sampling = decode.SamplingConfig(temperature=1.0, top_k=200)
+    eos, seeds = (17,), [3, 4, 5]
+    ensemble = decode.Sampler([model, other], eos)
+    generated = ensemble.generate(PROMPTS, seeds, sampling, max_new_tokens=10, width=16, padding="left")
+    forwards = [compiled[2], other_forward]
+    assert generated == reference_samples(compiled, PROMPTS, seeds, sampling, 10, eos, forwards=forwards)
+    # Not either member alone: the average changes the draws.
+    alone = decode.Sampler(model, eos).generate(PROMPTS, seeds, sampling, max_new_tokens=10, width=16)
+    assert generated != alone and ensemble.ensemble_size == 2
+    # An ensemble of one is the model itself.
+    assert decode.Sampler([model], eos).generate(PROMPTS, seeds, sampling, 10, width=16) == alone
+
+
+def test_ensemble_members_must_share_the_vocabulary(model):
+    other = Decoder(dataclasses.replace(CFG, vocab_size=1024), rngs=nnx.Rngs(1))
+    with pytest.raises(ValueError, match=r"different vocabulary sizes \[1024, 2048\]"):
+        decode.Sampler([model, other], (17,))
+    with pytest.raises(ValueError, match="at least one model"):
+        decode.Sampler([], (17,))

@@ -27,23 +27,34 @@ CHAT_TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% 
 SAVED_STEP = 3
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
+def make_run_dir(root: Path, seed: int) -> Path:
     """A run directory as train.py leaves it: config.yaml + checkpoints/STEP of {'step','params','opt_state'}."""
-    root = tmp_path_factory.mktemp("jax-backend")
-    tokenizer = demo.ensure_demo_stores(root / "demo")["tokenizer"]
+    tokenizer = demo.ensure_demo_stores(root.parent / "demo")["tokenizer"]
     config = config_lib.load(None, [
         "model.size=tiny", "model.vocab_size=2048", "model.compute_dtype=float32", "model.init_std=0.3",
-        f"data.tokenizer={tokenizer}", "data.seq_len=256", f"train.run_dir={root / 'run'}",
+        f"data.tokenizer={tokenizer}", "data.seq_len=256", f"train.run_dir={root}", f"train.seed={seed}",
     ])  # fmt: skip
     run = Path(config.train.run_dir)
     run.mkdir()
     config_lib.dump(config, run / "config.yaml")
     mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
-    params = nnx.to_pure_dict(nnx.state(sharding.create_sharded_model(config.model, mesh, seed=0)))
+    params = nnx.to_pure_dict(nnx.state(sharding.create_sharded_model(config.model, mesh, seed=seed)))
     tx, _ = optim.make_optimizer(config.optim, total_steps=10)
     with checkpoint.Checkpointer(run / "checkpoints", config.train) as saver:
         saver.save(SAVED_STEP, step_lib.init_state(params, tx))
+    return run
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    return make_run_dir(tmp_path_factory.mktemp("jax-backend") / "run", seed=0)
+
+
+@pytest.fixture(scope="module")
+def second_run_dir(run_dir) -> Path:
+    """Another member for an ensemble: the same model shape and tokenizer, another seed."""
+    run = make_run_dir(run_dir.parent / "run-seed-1", seed=1)
+    jax_backend.prepare_run_dir(run)
     return run
 
 
@@ -56,7 +67,7 @@ def backend(run_dir):
 def test_restores_the_checkpointed_params_and_describes_the_run(backend, run_dir):
     config = config_lib.load(run_dir / "config.yaml")
     saved = nnx.state(sharding.create_sharded_model(config.model, sharding.make_mesh({}, jax.devices()[:1]), 0))
-    restored = nnx.to_pure_dict(backend.sampler.params)
+    restored = nnx.to_pure_dict(backend.sampler.params[0])
     for a, b in zip(jax.tree.leaves(nnx.to_pure_dict(saved)), jax.tree.leaves(restored)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert backend.context_length == 256 and backend.name == "jax"
@@ -74,7 +85,7 @@ def test_samples_follow_seeds_not_batches(backend):
     assert together[1] == alone  # sample k of a request uses seed seeds[0] + k, whatever its batch
     assert len({c.token_ids for c in together[1]}) == 3
     # The same draw as decode.Sampler on the model itself, one row at a time.
-    sampler = decode.Sampler(nnx.merge(backend.sampler.graphdef, backend.sampler.params), backend.sampler.eos_ids)
+    sampler = decode.Sampler(backend.sampler.models[0], backend.sampler.eos_ids)
     direct = sampler.generate([b.prompt_token_ids], [77], decode.SamplingConfig(top_k=100), 12)[0]
     assert (direct.token_ids, direct.finish_reason) == (together[0][0].token_ids, together[0][0].finish_reason)
     for completion in together[0] + together[1]:
@@ -140,7 +151,48 @@ def test_hugging_face_llama_import_matches_transformers(tmp_path):
     tokens = [[3, 17, 250, 9, 42, 42, 7]]
     with torch.no_grad():
         expected = llama(torch.tensor(tokens)).logits[0].numpy()
-    model = nnx.merge(loaded.sampler.graphdef, loaded.sampler.params)
+    model = loaded.sampler.models[0]
     got = np.asarray(model(np.asarray(tokens, np.int32), np.arange(7)[None]))[0]
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
     assert loaded.context_length == 128 and 1 in loaded.sampler.eos_ids
+
+
+def test_ensemble_of_two_runs_samples_their_mean_logits(backend, run_dir, second_run_dir):
+    ensemble = create_backend("jax", [run_dir, second_run_dir], {"batch_size": 4, "devices": 1, "prompt_bucket": 16})
+    assert ensemble.sampler.ensemble_size == 2 and "ensemble of 2" in ensemble.version()
+    request, sampling = Request((5, 6, 7, 8), (41, 42)), Sampling(max_new_tokens=10, top_k=100)
+    got = ensemble.generate([request], sampling)[0]
+    members = [backend.sampler.models[0], ensemble.sampler.models[1]]
+    direct = decode.Sampler(members, backend.sampler.eos_ids).generate(
+        [request.prompt_token_ids] * 2, list(request.seeds), decode.SamplingConfig(top_k=100), 10
+    )
+    assert [c.token_ids for c in got] == [d.token_ids for d in direct]
+    assert [c.token_ids for c in got] != [c.token_ids for c in backend.generate([request], sampling)[0]]
+
+
+def test_only_ensemble_backends_take_several_models(monkeypatch, run_dir, second_run_dir):
+    from generation import backends
+
+    class OneModel(jax_backend.JaxBackend):
+        supports_ensembles = False
+
+    monkeypatch.setitem(backends._REGISTRY, "one-model", OneModel)
+    with pytest.raises(BackendError, match=r"samples from one model; an ensemble of 2 model directories"):
+        create_backend("one-model", [run_dir, second_run_dir])
+
+
+def test_ensemble_generate_command_records_every_member(run_dir, second_run_dir, tmp_path):
+    from generation import generate
+
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text(json.dumps({"id": "d0", "text": "A document about sets and tuples."}) + "\n")
+    template = tmp_path / "chat.jinja"
+    template.write_text(CHAT_TEMPLATE)
+    settings = generate.GenerationSettings(samples=2, max_new_tokens=8, flag_policy=generate.parse_flag_policy("all=keep"))
+    summary = generate.run(settings, [docs], [run_dir, second_run_dir], tmp_path / "out", backend="jax",
+                           backend_options={"devices": 1, "batch_size": 2}, chat_template=template,
+                           progress=False)  # fmt: skip
+    assert summary["samples"] == 2
+    provenance = json.loads((tmp_path / "out" / "worker-00000-of-00001" / "provenance.json").read_text())
+    members = provenance["identity"]["model"]["ensemble"]
+    assert [m["name"] for m in members] == [run_dir.name, second_run_dir.name]

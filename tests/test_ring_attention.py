@@ -17,24 +17,24 @@ from megadoc_jax import attention_blocks, attention_ring, sharding
 B, L, H, G, K = 2, 32, 4, 2, 8  # GQA: two query heads per kv head
 
 
-def _inputs(dtype=jnp.float32):
+def _inputs(dtype=jnp.float32, length=L):
     keys = jax.random.split(jax.random.key(0), 4)
-    q = jax.random.normal(keys[0], (B, L, H, K), dtype)
-    k = jax.random.normal(keys[1], (B, L, G, K), dtype)
-    v = jax.random.normal(keys[2], (B, L, G, K), dtype)
+    q = jax.random.normal(keys[0], (B, length, H, K), dtype)
+    k = jax.random.normal(keys[1], (B, length, G, K), dtype)
+    v = jax.random.normal(keys[2], (B, length, G, K), dtype)
     # Cotangent weights, so gradients are not those of a plain sum.
-    w = jax.random.normal(keys[3], (B, L, H, K), jnp.float32)
+    w = jax.random.normal(keys[3], (B, length, H, K), jnp.float32)
     return q, k, v, w
 
 
-def _segment_ids(context: int) -> jnp.ndarray:
+def _segment_ids(context: int, length=L) -> jnp.ndarray:
     """Row 0: documents that cross every shard boundary. Row 1: a document, then padding (id 0) from
     original index L/2 - c on, so that device C-1 (chunks C-1 and C of the zig-zag layout) holds only
     padding."""
-    crossing = np.repeat([1, 2, 3], [L // 3, L // 3, L - 2 * (L // 3)])
-    chunk = L // (2 * context)
-    padded = np.where(np.arange(L) < L // 2 - chunk, 1, 0)
-    padded[: L // 4] = 5  # two documents before the padding
+    crossing = np.repeat([1, 2, 3], [length // 3, length // 3, length - 2 * (length // 3)])
+    chunk = length // (2 * context)
+    padded = np.where(np.arange(length) < length // 2 - chunk, 1, 0)
+    padded[: length // 4] = 5  # two documents before the padding
     return jnp.asarray(np.stack([crossing, padded]), jnp.int32)
 
 
@@ -54,13 +54,13 @@ def _loss_and_grads(impl, q, k, v, w, segment_ids, causal, order=None):
     return value, out, grads
 
 
-def _run(impl, context, segments, causal=True, dtype=jnp.float32):
-    q, k, v, w = _inputs(dtype)
-    segment_ids = _segment_ids(context) if segments else None
+def _run(impl, context, segments, causal=True, dtype=jnp.float32, length=L):
+    q, k, v, w = _inputs(dtype, length)
+    segment_ids = _segment_ids(context, length) if segments else None
     reference = _loss_and_grads("xla", q, k, v, w, segment_ids, causal)
     tensor = 2 if context < 8 else 1  # heads split too where the 8 devices allow it
     mesh = sharding.make_mesh({"data": 8 // context // tensor, "tensor": tensor, "context": context})
-    order = attention_ring.zigzag_order(L, context)
+    order = attention_ring.zigzag_order(length, context)
     with jax.set_mesh(mesh):
         result = jax.jit(lambda *a: _loss_and_grads(impl, *a, segment_ids, causal, order))(q, k, v, w)
     return reference, result
@@ -135,3 +135,44 @@ def test_ring_query_tiles_match_reference(monkeypatch, segments):
     # Tiles of 4 queries: blocks of 8 and 16 local queries go through the row/tile loops.
     monkeypatch.setattr(attention_blocks, "QUERY_TILE", 4)
     _assert_close(*_run("ring", 2, segments), rtol=1e-5)
+
+
+# splash as ring's block kernel (Pallas interpret mode on CPU): chunks of 128 tokens, the kernel's
+# smallest block, so L = 256 x C.
+@pytest.mark.parametrize("context, segments, causal", [(2, True, True), (4, True, True), (4, False, True), (2, True, False)])
+def test_ring_with_splash_blocks_matches_reference(monkeypatch, context, segments, causal):
+    monkeypatch.setattr(attention_ring, "BLOCK_KERNEL", "splash")
+    _assert_close(*_run("ring", context, segments, causal=causal, length=256 * context), rtol=1e-5)
+
+
+def test_ring_splash_blocks_refuse_small_chunks(monkeypatch):
+    monkeypatch.setattr(attention_ring, "BLOCK_KERNEL", "splash")
+    with pytest.raises(ValueError, match=r"chunks of 4 tokens.*multiples of 128"):
+        _run("ring", 4, segments=True)
+
+
+def test_ring_masks_stay_inside_the_layer_scan():
+    """Masks depend only on indices and segment ids, the same in every layer. Unless tied to the layer's
+    q, autodiff hoists them out of a layer scan and materialises every block's and tile's mask at once
+    (18 GiB per device for 300m at 32k tokens). Two scanned layers must need about the temporary memory
+    of one unscanned call, not a multiple of it."""
+    length, context = 4096, 4
+    mesh = sharding.make_mesh({"data": 2, "context": context})
+    x = jax.ShapeDtypeStruct((1, length, 2, 16), jnp.float32)
+    w = jax.ShapeDtypeStruct((2, 16, 16), jnp.float32)
+    seg = jax.ShapeDtypeStruct((1, length), jnp.int32)
+    attend = lambda q, seg: attention_lib.attention(q, q * 2, q * 3, segment_ids_BxL=seg, impl="ring")
+
+    def layers(x, w, seg):
+        layer = lambda x_, w_l: (x_ + attend(jnp.einsum("blhk,kj->blhj", x_, w_l), seg), None)
+        return jax.lax.scan(layer, x, w)[0].sum()
+
+    def one_call(x, w, seg):
+        return attend(jnp.einsum("blhk,kj->blhj", x, w[0]), seg).sum()
+
+    temp = {}
+    for name, fn in (("scan", layers), ("one", one_call)):
+        with jax.set_mesh(mesh):
+            compiled = jax.jit(jax.grad(fn, argnums=(0, 1))).lower(x, w, seg).compile()
+        temp[name] = compiled.memory_analysis().temp_size_in_bytes
+    assert temp["scan"] < 2 * temp["one"], temp

@@ -88,6 +88,9 @@ class Backend(abc.ABC):
 
     name: ClassVar[str]
     Options: ClassVar[type]  # a dataclass of the backend's knobs; built from a dict by create_backend
+    # Whether the backend samples from an ensemble (several model directories, logits averaged); such a
+    # backend's constructor takes a list of directories when given more than one.
+    supports_ensembles: ClassVar[bool] = False
 
     @property
     @abc.abstractmethod
@@ -212,13 +215,39 @@ def backend_class(name: str) -> Callable[..., Backend]:
         raise BackendError(f"backend {name}: {module_name} has no {attribute}") from None
 
 
+def model_dirs(model: str | Path | Sequence[str | Path]) -> list[Path]:
+    """One model directory or several (an ensemble), each checked by check_model_dir."""
+    models = [model] if isinstance(model, (str, Path)) else list(model)
+    if not models:
+        raise BackendError("no model directory given")
+    return [check_model_dir(m) for m in models]
+
+
 def create_backend(
-    name: str, model_dir: str | Path, options: dict[str, Any] | None = None, *, trust_remote_code: bool = False
+    name: str,
+    model_dir: str | Path | Sequence[str | Path],
+    options: dict[str, Any] | None = None,
+    *,
+    trust_remote_code: bool = False,
 ) -> Backend:
-    """Create a backend for a local model; options are checked against the backend's Options fields."""
+    """Create a backend for a local model, or for an ensemble of several (backends that support them);
+    options are checked against the backend's Options fields."""
     cls = backend_class(name)
+    dirs = model_dirs(model_dir)
+    if len(dirs) > 1 and not getattr(cls, "supports_ensembles", False):
+        raise BackendError(
+            f"backend {name} samples from one model; an ensemble of {len(dirs)} model directories needs a "
+            f"backend that averages logits (jax)"
+        )
     built = build_options(getattr(cls, "Options", None), options or {}, name)
-    return cls(check_model_dir(model_dir), built, trust_remote_code=trust_remote_code)
+    return cls(dirs[0] if len(dirs) == 1 else dirs, built, trust_remote_code=trust_remote_code)
+
+
+def ensemble_identity(dirs: Sequence[Path]) -> dict[str, Any]:
+    """model_identity of one model; of an ensemble, each member's in order and how they combine."""
+    if len(dirs) == 1:
+        return model_identity(dirs[0])
+    return {"ensemble": [model_identity(d) for d in dirs], "combine": "mean of the members' logits"}
 
 
 def build_options(options_cls: type | None, raw: dict[str, Any], backend: str) -> Any:

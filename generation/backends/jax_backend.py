@@ -57,8 +57,13 @@ class JaxOptions:
 class JaxBackend(Backend):
     name = "jax"
     Options = JaxOptions
+    supports_ensembles = True
 
-    def __init__(self, model_dir: Path, options: JaxOptions | None = None, *, trust_remote_code: bool = False):
+    def __init__(self, model_dir: Path | Sequence[Path], options: JaxOptions | None = None, *,
+                 trust_remote_code: bool = False):  # fmt: skip
+        """model_dir: one model, or several (an ensemble: every step samples the mean of the members'
+        logits). Members may differ in shape but must share the tokenizer; the first one's tokenizer,
+        chat template and EOS are used, and the context length is the shortest member's."""
         del trust_remote_code  # nothing in a model directory is ever executed by this backend
         self.options = options = options or JaxOptions()
         if options.batch_size <= 0 or options.prompt_bucket <= 0:
@@ -71,29 +76,45 @@ class JaxBackend(Backend):
         except config_lib.ConfigError as e:
             raise BackendError(f"backend jax options data/tensor over {len(devices)} devices: {e}") from None
         self.mesh = sharding.make_mesh(sizes, devices)
-        model_dir = Path(model_dir)
+        dirs = [Path(model_dir)] if isinstance(model_dir, (str, Path)) else [Path(d) for d in model_dir]
+        members = [self._load_member(d) for d in dirs]
+        models, configs, contexts, tokenizers = zip(*members)
+        for d, tokenizer in zip(dirs[1:], tokenizers[1:]):
+            if tokenizer.get_vocab() != tokenizers[0].get_vocab():
+                raise BackendError(
+                    f"backend jax: ensemble member {d} has another tokenizer than {dirs[0]}; members must share one"
+                )
+        self.model_config = configs[0]
+        known = [c for c in (options.context_length, *contexts) if c]
+        self._context_length = options.context_length or (min(known) if known else None)
+        self.tokenizer = tokenizers[0]
+        eos_ids = {self.tokenizer.eos_token_id} | set(config_eos_ids(dirs[0]))
+        eos_ids.discard(None)
+        if not eos_ids:
+            raise BackendError(f"backend jax: the model and tokenizer in {dirs[0]} define no EOS token")
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(eos_ids)
+        try:
+            self.sampler = decode.Sampler(models, sorted(eos_ids), pad_id)
+        except ValueError as e:  # members with different vocabulary sizes
+            raise BackendError(f"backend jax: {[str(d) for d in dirs]}: {e}") from None
+        batch_spec = sharding.logical_to_spec(("batch",), (options.batch_size,), dict(self.mesh.shape))
+        self.row_sharding = jax.sharding.NamedSharding(self.mesh, batch_spec)
+
+    def _load_member(self, model_dir: Path) -> tuple[nnx.Module, ModelConfig, int | None, Any]:
+        """(decoder, its config, its context length or None, its tokenizer) of a run or Llama directory."""
         if (config_yaml := find_run_config(model_dir)) is not None:
             run_config = config_lib.load(config_yaml)
-            cfg, default_context = run_config.model, run_config.data.seq_len
+            cfg, context = run_config.model, run_config.data.seq_len
         else:
-            cfg, default_context = llama_model_config(model_dir), None
-        if options.dtype != "auto":
-            cfg = dataclasses.replace(cfg, compute_dtype=options.dtype)
+            cfg, context = llama_model_config(model_dir), None
+        if self.options.dtype != "auto":
+            cfg = dataclasses.replace(cfg, compute_dtype=self.options.dtype)
         if config_yaml is not None:
             model = restore_run_model(model_dir, cfg, self.mesh)
         else:
-            model, default_context = import_llama(model_dir, cfg, self.mesh)
-        self.model_config = cfg
-        self._context_length = options.context_length or default_context
-        self.tokenizer = load_tokenizer(model_dir, run_config.data.tokenizer if config_yaml else None)
-        eos_ids = {self.tokenizer.eos_token_id} | set(config_eos_ids(model_dir))
-        eos_ids.discard(None)
-        if not eos_ids:
-            raise BackendError(f"backend jax: the model and tokenizer in {model_dir} define no EOS token")
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(eos_ids)
-        self.sampler = decode.Sampler(model, sorted(eos_ids), pad_id)
-        batch_spec = sharding.logical_to_spec(("batch",), (options.batch_size,), dict(self.mesh.shape))
-        self.row_sharding = jax.sharding.NamedSharding(self.mesh, batch_spec)
+            model, context = import_llama(model_dir, cfg, self.mesh)
+        tokenizer = load_tokenizer(model_dir, run_config.data.tokenizer if config_yaml else None)
+        return model, cfg, context, tokenizer
 
     @property
     def context_length(self) -> int:
@@ -106,7 +127,9 @@ class JaxBackend(Backend):
         return Devices("tpu" if devices[0].platform == "tpu" else "gpu", len(devices))
 
     def version(self) -> str:
-        return f"megadoc_jax decode (jax {jax.__version__}, flax {flax.__version__})"
+        members = self.sampler.ensemble_size
+        ensemble = f", ensemble of {members} (mean logits)" if members > 1 else ""
+        return f"megadoc_jax decode (jax {jax.__version__}, flax {flax.__version__}{ensemble})"
 
     def generate(self, requests: Sequence[Request], sampling: Sampling) -> list[list[Completion]]:
         rows = [(i, k, seed) for i, request in enumerate(requests) for k, seed in enumerate(request.seeds)]

@@ -10,6 +10,8 @@ C = 1 (the goal for ring: close to 1/C). Compiles for the local devices (8 fake 
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu \\
         python -m megadoc_jax.benchmarks.attention_memory --seq 8192 --topology v5p:2x2x2
+    python -m megadoc_jax.benchmarks.attention_memory --seq 32768 --model 300m --document-masking \\
+        --topology v5e:2x4   # the long-context configs' shapes (about half an hour on 2 cores)
 """
 
 from __future__ import annotations
@@ -23,8 +25,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import optax  # noqa: E402
-from flax import nnx  # noqa: E402
 
 from megadoc_jax import aot, sharding  # noqa: E402
 from megadoc_jax import attention as attention_lib  # noqa: E402
@@ -35,30 +35,26 @@ CONTEXTS = (1, 2, 4, 8)
 IMPLS = ("ring", "all_gather")
 
 
-def _attention_temp(impl: str, mesh, length: int, heads: int, head_size: int, rows: int) -> int:
-    shape = jax.ShapeDtypeStruct((rows, length, heads, head_size), jnp.bfloat16)
-    layout = sharding.named_sharding(mesh, ("batch", "seq", "heads", "head_dim"), shape.shape)
-    q = k = v = jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=layout)
+def _attention_temp(impl: str, mesh, length: int, heads: int, head_size: int, rows: int, segments: bool) -> int:
+    shape = (rows, length, heads, head_size)
+    layout = sharding.named_sharding(mesh, ("batch", "seq", "heads", "head_dim"), shape)
+    q = k = v = jax.ShapeDtypeStruct(shape, jnp.bfloat16, sharding=layout)
+    seg = jax.ShapeDtypeStruct(shape[:2], jnp.int32, sharding=sharding.named_sharding(mesh, ("batch", "seq"), shape[:2]))
 
-    def loss(q, k, v):
-        return attention_lib.attention(q, k, v, impl=impl).astype(jnp.float32).sum()
+    def loss(q, k, v, seg):
+        out = attention_lib.attention(q, k, v, segment_ids_BxL=seg if segments else None, impl=impl)
+        return out.astype(jnp.float32).sum()
 
     with jax.set_mesh(mesh):
-        compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v).compile()
+        compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v, seg).compile()
     return compiled.memory_analysis().temp_size_in_bytes
 
 
-def _step_temp(impl: str, mesh, cfg: config_lib.Config) -> int:
-    graphdef, params = nnx.split(sharding.abstract_model(cfg.model, mesh))
-    params = nnx.to_pure_dict(params)
-    tx = optax.sgd(1e-3)
-    shardings = step_lib.state_shardings(params, tx)
-    state = jax.eval_shape(lambda p: step_lib.init_state(p, tx), params)
-    state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state, shardings)
-    step = step_lib.make_train_step(graphdef, tx, optax.constant_schedule(1e-3), cfg)
+def _step_temp(mesh, cfg: config_lib.Config) -> int:
+    setup = step_lib.train_setup(cfg, mesh, total_steps=1000)
+    step = step_lib.jit_train_step(setup, cfg, step_lib.batch_sharding(mesh, cfg))
     with jax.set_mesh(mesh):
-        jitted = jax.jit(step, in_shardings=(shardings, step_lib.batch_sharding(mesh, cfg)))
-        compiled = jitted.lower(state, step_lib.abstract_batch(mesh, cfg)).compile()
+        compiled = step.lower(setup.abstract_state, step_lib.abstract_batch(mesh, cfg)).compile()
     return compiled.memory_analysis().temp_size_in_bytes
 
 
@@ -79,6 +75,7 @@ def main() -> None:
     parser.add_argument("--model", default="tiny", help="model.size of the step (tiny, 150m, 300m, ...)")
     parser.add_argument("--topology", default="", help="also compile for this 8-chip TPU slice, e.g. v5p:2x2x2")
     parser.add_argument("--no-step", action="store_true", help="attention only (the step compiles slowly)")
+    parser.add_argument("--document-masking", action="store_true", help="segment ids in attention and step")
     args = parser.parse_args()
 
     targets = [("local " + jax.devices()[0].platform, jax.devices()[:8])]
@@ -94,11 +91,12 @@ def main() -> None:
                 cfg = config_lib.load(None, [
                     f"model.size={args.model}", f"model.attention={impl}", "model.remat=full",
                     f"data.seq_len={args.seq}", f"train.batch_size={8 // c}",
+                    f"data.document_masking={str(args.document_masking).lower()}",
                 ])  # fmt: skip
-                m = cfg.model
-                attention[(impl, c)] = _attention_temp(impl, mesh, args.seq, m.heads, m.head_size, 8 // c)
+                m, segments = cfg.model, args.document_masking
+                attention[(impl, c)] = _attention_temp(impl, mesh, args.seq, m.heads, m.head_size, 8 // c, segments)
                 if not args.no_step:
-                    step[(impl, c)] = _step_temp(impl, mesh, cfg)
+                    step[(impl, c)] = _step_temp(mesh, cfg)
                 print(f"compiled {name} {impl} C={c}", flush=True)
         _table(f"{name}: attention fwd+bwd, L={args.seq}, temp bytes per device (ratio to C=1)", attention)
         if step:
