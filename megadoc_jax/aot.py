@@ -190,6 +190,15 @@ def compile_report(
     }
 
 
+def temp_bytes_from_error(message: str) -> int | None:
+    """The temporaries a refused program needs, from the TPU compiler's RESOURCE_EXHAUSTED message
+    ("... memory required for HLO temporaries (74.28G) exceeds available HBM ..."), or None."""
+    found = re.search(r"HLO temporaries \(([\d.]+)([KMGT])\)", message)
+    if found is None:
+        return None
+    return int(float(found.group(1)) * 1024 ** "KMGT".index(found.group(2)) * 1024)
+
+
 def format_bytes(n: float) -> str:
     for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if abs(n) >= size:

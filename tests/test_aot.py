@@ -176,3 +176,10 @@ def test_compile_report_tpu_says_when_it_does_not_fit():
     assert report["device_kind"] == "TPU v5 lite" and report["num_devices"] == 4
     assert "RESOURCE_EXHAUSTED" in report["compile_error"]
     assert "DOES NOT FIT" in aot.format_compile_report(report)
+
+
+def test_temp_bytes_from_a_refused_compile():
+    message = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
+               "(74.28G) exceeds available HBM (15.75G).")  # fmt: skip
+    assert aot.temp_bytes_from_error(message) == int(74.28 * 2**30)
+    assert aot.temp_bytes_from_error("RESOURCE_EXHAUSTED: something else") is None

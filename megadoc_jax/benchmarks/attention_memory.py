@@ -46,16 +46,30 @@ def _attention_temp(impl: str, mesh, length: int, heads: int, head_size: int, ro
         return out.astype(jnp.float32).sum()
 
     with jax.set_mesh(mesh):
-        compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v, seg).compile()
-    return compiled.memory_analysis().temp_size_in_bytes
+        return _temp_bytes(jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v, seg))
 
 
 def _step_temp(mesh, cfg: config_lib.Config) -> int:
     setup = step_lib.train_setup(cfg, mesh, total_steps=1000)
     step = step_lib.jit_train_step(setup, cfg, step_lib.batch_sharding(mesh, cfg))
     with jax.set_mesh(mesh):
-        compiled = step.lower(setup.abstract_state, step_lib.abstract_batch(mesh, cfg)).compile()
-    return compiled.memory_analysis().temp_size_in_bytes
+        return _temp_bytes(step.lower(setup.abstract_state, step_lib.abstract_batch(mesh, cfg)))
+
+
+def _temp_bytes(lowered) -> int:
+    """Temporary bytes per device of the compiled program. A TPU compile refused for lack of HBM says in
+    its message how much the program needs; that figure is used (the table marks it)."""
+    try:
+        return lowered.compile().memory_analysis().temp_size_in_bytes
+    except jax.errors.JaxRuntimeError as e:
+        needed = aot.temp_bytes_from_error(str(e))
+        if needed is None:
+            raise
+        REFUSED.add(needed)
+        return needed
+
+
+REFUSED: set[int] = set()  # figures taken from "exceeds available HBM" refusals
 
 
 def _table(title: str, temps: dict[tuple[str, int], int]) -> None:
@@ -65,8 +79,11 @@ def _table(title: str, temps: dict[tuple[str, int], int]) -> None:
         cells = []
         for impl in IMPLS:
             base, value = temps[(impl, 1)], temps[(impl, c)]
-            cells.append(f"{aot.format_bytes(value):>16} {value / base:6.3f}")
+            mark = "*" if value in REFUSED else " "
+            cells.append(f"{aot.format_bytes(value):>15}{mark} {value / base:6.3f}")
         print(f"{c:>3} " + " ".join(cells) + f"   (1/C = {1 / c:.3f})")
+    if any(value in REFUSED for value in temps.values()):
+        print("  * the TPU compiler refused the program (more than the chip's HBM); its message's figure")
 
 
 def main() -> None:
@@ -76,9 +93,10 @@ def main() -> None:
     parser.add_argument("--topology", default="", help="also compile for this 8-chip TPU slice, e.g. v5p:2x2x2")
     parser.add_argument("--no-step", action="store_true", help="attention only (the step compiles slowly)")
     parser.add_argument("--document-masking", action="store_true", help="segment ids in attention and step")
+    parser.add_argument("--tpu-only", action="store_true", help="with --topology: skip the local devices")
     args = parser.parse_args()
 
-    targets = [("local " + jax.devices()[0].platform, jax.devices()[:8])]
+    targets = [] if args.tpu_only and args.topology else [("local " + jax.devices()[0].platform, jax.devices()[:8])]
     if args.topology:
         targets.append((f"TPU {args.topology}", aot.tpu_topology_devices(args.topology)))
     for name, devices in targets:
