@@ -36,6 +36,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from generation.backends import generator_label
 from megadoc_jax.data.store_format import fsync_directory, write_bytes_atomic
 
 FORMAT_VERSION = 1
@@ -364,7 +365,7 @@ def sample_lines(record: dict, identity: dict) -> Iterator[tuple[bool, bytes]]:
     model, template = identity["model"], identity["template"]
     shared = {
         "doc_id": record["doc_id"], "G": identity["settings"]["samples"], "task": record["task"],
-        "generator": model["name"] + (f"@{model['revision']}" if model["revision"] else ""),
+        "generator": generator_label(model),
         "prompt_version": f"{template['name']}-v{template['version']}", "position": record["position"],
         "source_chars": record["source_chars"], "used_chars": record["used_chars"],
     }  # fmt: skip

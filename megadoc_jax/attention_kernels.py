@@ -28,16 +28,25 @@ from jax.sharding import PartitionSpec
 from megadoc_jax import attention as attention_lib
 from megadoc_jax import sharding
 
-SPLASH_BLOCK = 512  # tokens per kernel block (forward and backward); clipped to the sequence length
+SPLASH_BLOCK = 512  # tokens per kernel block (forward and backward), at most
+MIN_SPLASH_BLOCK = 128  # longer sequences are cut into blocks of 512, 256 or 128 tokens
+
+
+def _block(n: int) -> int | None:
+    """The block length for a sequence of n tokens: n itself up to SPLASH_BLOCK, else the largest of
+    512, 256, 128 that divides n; None if none does."""
+    if n <= SPLASH_BLOCK:
+        return n
+    return next((b for b in (512, 256, 128) if n % b == 0), None)
 
 
 def _block_sizes(q_len: int, kv_len: int | None = None) -> splash_kernel.BlockSizes:
     kv_len = q_len if kv_len is None else kv_len
-    block_q, block_kv = min(SPLASH_BLOCK, q_len), min(SPLASH_BLOCK, kv_len)
-    if q_len % block_q or kv_len % block_kv:
+    block_q, block_kv = _block(q_len), _block(kv_len)
+    if block_q is None or block_kv is None:
         raise ValueError(
-            f"splash attention: sequence lengths {q_len} (queries) and {kv_len} (keys) must be multiples "
-            f"of {block_q} and {block_kv}"
+            f"splash attention: sequence lengths {q_len} (queries) and {kv_len} (keys) must be at most "
+            f"{SPLASH_BLOCK} or multiples of {MIN_SPLASH_BLOCK}"
         )
     return splash_kernel.BlockSizes(
         block_q=block_q, block_kv=block_kv, block_kv_compute=block_kv,
@@ -123,32 +132,40 @@ def splash_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, *, segment_ids_BxL, causal
 # output and logsumexp of the whole ring in place of the block's: probabilities exp(s - lse_final)
 # and delta = rowsum(do * out_final) are then exactly this block's share of the gradient, so the
 # ring adds up the blocks' gradients with no correction. The public kernel has no entry for that, so
-# this uses splash's `_splash_attention_bwd` (checked at import time; tests run it in interpret mode).
-
-if not hasattr(splash_kernel, "_splash_attention_bwd"):  # pragma: no cover - depends on the jax version
-    raise ImportError(
-        f"megadoc_jax: ring attention's splash blocks need splash_attention_kernel._splash_attention_bwd, "
-        f"which jax {jax.__version__} does not have; pin the jax version from pyproject.toml"
-    )
-
-MIN_SPLASH_BLOCK = 128  # the kernel's smallest block: ring blocks of other sizes use XLA tiles
+# this uses splash's `_splash_attention_bwd` (`splash_blocks_available`; the tests run it in interpret
+# mode, so a JAX version that changes it fails them).
+#
+# Precision: the kernel writes each block's output and gradients in the input dtype; they are merged and
+# accumulated in fp32. In bf16 that rounds every block's share once more than XLA blocks do (the bf16
+# bound in docs/attention.md is tested for both).
 
 
-def splash_fits_block(q_len: int, kv_len: int) -> bool:
-    """Whether the splash kernel can take a ring block of these lengths."""
-    return all(n % min(SPLASH_BLOCK, n) == 0 and n % MIN_SPLASH_BLOCK == 0 for n in (q_len, kv_len))
+def splash_blocks_available() -> bool:
+    """Whether this JAX's splash kernel has the backward entry point the ring's splash blocks call."""
+    return hasattr(splash_kernel, "_splash_attention_bwd")
 
 
-def _head_major(q_BxQxGxRxK, k_BxSxGxK, v_BxSxGxK, q_seg_BxQ, k_seg_BxS):
+def splash_fits_block(chunk: int) -> bool:
+    """Whether the splash kernel can take the ring's blocks for zig-zag chunks of `chunk` tokens: blocks
+    of (2c, 2c), (2c, c) and (c, 2c) tokens."""
+    return chunk % MIN_SPLASH_BLOCK == 0
+
+
+def _head_major(q_BxQxGxRxK, k_BxSxGxK, v_BxSxGxK):
     """The kernel's layout: q [B, G, R, Q, K] (scaled by 1/sqrt(K): the kernel does not scale), k and v
-    [B, G, S, K], segment ids (zeros when None: one segment, the static mask alone)."""
+    [B, G, S, K]."""
     size = q_BxQxGxRxK.shape[-1]
     q = (q_BxQxGxRxK * size**-0.5).transpose(0, 2, 3, 1, 4)
-    k, v = k_BxSxGxK.transpose(0, 2, 1, 3), v_BxSxGxK.transpose(0, 2, 1, 3)
-    if q_seg_BxQ is None:
-        q_seg_BxQ = jnp.zeros(q_BxQxGxRxK.shape[:2], jnp.int32)
-        k_seg_BxS = jnp.zeros(k_BxSxGxK.shape[:2], jnp.int32)
-    return q, k, v, q_seg_BxQ, k_seg_BxS
+    return q, k_BxSxGxK.transpose(0, 2, 1, 3), v_BxSxGxK.transpose(0, 2, 1, 3)
+
+
+def _segments(q_seg_BxQ, k_seg_BxS) -> tuple:
+    """The rows' segment ids to vmap over with the other inputs: none without document masking."""
+    return () if q_seg_BxQ is None else (q_seg_BxQ, k_seg_BxS)
+
+
+def _ids(*seg) -> "splash_kernel.SegmentIds | None":
+    return splash_kernel.SegmentIds(q=seg[0], kv=seg[1]) if seg else None
 
 
 def _on_platform(run, interpret: bool | None):
@@ -160,18 +177,19 @@ def _on_platform(run, interpret: bool | None):
 
 def splash_block_forward(q_BxQxGxRxK, k_BxSxGxK, v_BxSxGxK, q_seg_BxQ, k_seg_BxS, causal: bool,
                          interpret: bool | None = None):  # fmt: skip
-    """(out fp32 [B, Q, G, R, K], logsumexp fp32 [B, Q, G, R]) of one block, normalised within it."""
+    """(out [B, Q, G, R, K], logsumexp [B, Q, G, R]) of one block, normalised within it; returned in fp32
+    (the output as the kernel wrote it, in the input dtype)."""
     b, q_len, groups, group, size = q_BxQxGxRxK.shape
-    q, k, v, q_seg, k_seg = _head_major(q_BxQxGxRxK, k_BxSxGxK, v_BxSxGxK, q_seg_BxQ, k_seg_BxS)
+    q, k, v = _head_major(q_BxQxGxRxK, k_BxSxGxK, v_BxSxGxK)
 
     def run(interpret: bool):
         kernel = _splash_kernel(q_len, group, causal, interpret, kv_len=k.shape[2], save_residuals=True)
 
-        def one_row(q_GxRxQxK, k_GxSxK, v_GxSxK, q_seg_Q, k_seg_S):
-            ids = splash_kernel.SegmentIds(q=q_seg_Q, kv=k_seg_S)
+        def one_row(q_GxRxQxK, k_GxSxK, v_GxSxK, *seg):
+            ids = _ids(*seg)
             return jax.vmap(lambda q, k, v: kernel(q, k, v, segment_ids=ids))(q_GxRxQxK, k_GxSxK, v_GxSxK)
 
-        out_BxGxRxQxK, (lse_BxGxRxQ,) = jax.vmap(one_row)(q, k, v, q_seg, k_seg)
+        out_BxGxRxQxK, (lse_BxGxRxQ,) = jax.vmap(one_row)(q, k, v, *_segments(q_seg_BxQ, k_seg_BxS))
         return out_BxGxRxQxK, lse_BxGxRxQ
 
     out_BxGxRxQxK, lse_BxGxRxQ = _on_platform(run, interpret)
@@ -189,9 +207,10 @@ def _collapsed(mask_info):
 
 def splash_block_backward(q_BxQxGxRxK, k_BxSxGxK, v_BxSxGxK, q_seg_BxQ, k_seg_BxS, out_BxQxGxRxK,
                           lse_BxQxGxR, do_BxQxGxRxK, causal: bool, interpret: bool | None = None):  # fmt: skip
-    """(dq, dk, dv) fp32 of one block, from the ring's final output and logsumexp (see above)."""
+    """(dq, dk, dv) of one block from the ring's final output and logsumexp (see above); returned in fp32
+    (as the kernel wrote them, in the input dtypes)."""
     b, q_len, groups, group, size = q_BxQxGxRxK.shape
-    q, k, v, q_seg, k_seg = _head_major(q_BxQxGxRxK, k_BxSxGxK, v_BxSxGxK, q_seg_BxQ, k_seg_BxS)
+    q, k, v = _head_major(q_BxQxGxRxK, k_BxSxGxK, v_BxSxGxK)
     out = out_BxQxGxRxK.astype(q.dtype).transpose(0, 2, 3, 1, 4)
     do = do_BxQxGxRxK.astype(q.dtype).transpose(0, 2, 3, 1, 4)
     lse = lse_BxQxGxR.transpose(0, 2, 3, 1)
@@ -209,17 +228,18 @@ def splash_block_backward(q_BxQxGxRxK, k_BxSxGxK, v_BxSxGxK, q_seg_BxQ, k_seg_Bx
             )  # fmt: skip
             return grads[3:6]  # dq, dk, dv
 
-        def one_row(q_GxRxQxK, k_GxSxK, v_GxSxK, q_seg_Q, k_seg_S, out_GxRxQxK, lse_GxRxQ, do_GxRxQxK):
-            ids = splash_kernel.SegmentIds(q=q_seg_Q, kv=k_seg_S)
+        def one_row(q_GxRxQxK, k_GxSxK, v_GxSxK, out_GxRxQxK, lse_GxRxQ, do_GxRxQxK, *seg):
+            ids = _ids(*seg)
             per_head = lambda q, k, v, o, l, d: one_kv_head(q, k, v, ids, o, l, d)
             return jax.vmap(per_head)(q_GxRxQxK, k_GxSxK, v_GxSxK, out_GxRxQxK, lse_GxRxQ, do_GxRxQxK)
 
-        return jax.vmap(one_row)(q, k, v, q_seg, k_seg, out, lse, do)
+        return jax.vmap(one_row)(q, k, v, out, lse, do, *_segments(q_seg_BxQ, k_seg_BxS))
 
     dq_BxGxRxQxK, dk_BxGxSxK, dv_BxGxSxK = _on_platform(run, interpret)
     # The kernel differentiated with respect to the scaled q.
     dq = dq_BxGxRxQxK.transpose(0, 3, 1, 2, 4).astype(jnp.float32) * size**-0.5
     return dq, dk_BxGxSxK.transpose(0, 2, 1, 3).astype(jnp.float32), dv_BxGxSxK.transpose(0, 2, 1, 3).astype(jnp.float32)
+
 
 @functools.lru_cache(maxsize=1)
 def _warn_cudnn_fallback() -> None:

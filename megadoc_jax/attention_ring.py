@@ -17,10 +17,16 @@ with compute. Online softmax in fp32. With the zig-zag layout every off-diagonal
 masked: from a device j < d, all local queries see only chunk j; from j > d, only chunk 2C-1-d sees both
 chunks of j. The fully masked half is skipped (`lax.cond`), so each device does the same work per step.
 
-Ring (backward): a custom VJP. Residuals are only local: q, k, v, the output and the fp32 logsumexp
-([B, L/C, H]); the backward pass runs the ring again, recomputing each block's probabilities, with the
-dK/dV accumulators travelling with their K/V and one last hop home. Per-device memory is therefore the
-local sequence's activations plus one tile of scores (attention_blocks.py), never the [L/C, L] strip that all_gather keeps.
+Ring (backward): a custom VJP around the whole backend (forward and backward are each one shard_map of
+local code that is never differentiated). Residuals are the shards of q, k, v, the output and the fp32
+logsumexp ([B, L/C, H]); the backward pass runs the ring again, recomputing each block's probabilities,
+with the dK/dV accumulators travelling with their K/V and one last hop home. Per-device memory is
+therefore the local sequence's activations plus one block's working set, never the [L/C, L] strip that
+all_gather keeps.
+
+Block kernel: each block is computed by XlaBlocks (XLA ops, one tile of 512 queries at a time:
+attention_blocks.py) or SplashBlocks (the Pallas splash kernel: attention_kernels.py), by BLOCK_KERNEL;
+by default splash on TPU, XLA elsewhere.
 
 all_gather: the simple baseline. K/V and segment ids are gathered over 'context' (a [B, L, G, K] copy
 per device) and the local queries attend to the whole sequence; plain autodiff.
@@ -30,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +50,7 @@ from megadoc_jax.attention_kernels import (
     MIN_SPLASH_BLOCK,
     splash_block_backward,
     splash_block_forward,
+    splash_blocks_available,
     splash_fits_block,
 )
 
@@ -180,25 +188,38 @@ class SplashBlocks:
         return splash_block_backward(q, k, v, q_seg, k_seg, out, lse, do, causal and diagonal, self.interpret)
 
 
-# Block kernel of ring attention. auto: splash on TPU where the blocks fit its block sizes, XLA tiles
-# elsewhere (chosen when the program is lowered for its platform); "xla" or "splash" force one (splash
-# off TPU runs in Pallas interpret mode: slow, for tests).
+# Block kernel of ring attention, read when a program is traced. auto: splash on TPU where the zig-zag
+# chunks are multiples of 128 tokens, XLA tiles elsewhere (chosen when the program is lowered for its
+# platform); "xla" or "splash" force one (splash off TPU runs in Pallas interpret mode: slow, for tests).
 BLOCK_KERNEL = "auto"
+
+
+@functools.lru_cache(maxsize=1)
+def _warn_no_splash_blocks() -> None:
+    warnings.warn(
+        f"ring attention: this jax ({jax.__version__}) lacks splash_attention_kernel._splash_attention_bwd; "
+        f"ring blocks use XLA tiles on TPU too",
+        stacklevel=3,
+    )
 
 
 def _with_block_kernel(run, chunk: int):
     """run(blocks) with the block kernel of BLOCK_KERNEL for zig-zag chunks of `chunk` tokens."""
     if BLOCK_KERNEL not in ("auto", "xla", "splash"):
         raise ValueError(f"attention_ring.BLOCK_KERNEL must be auto, xla or splash, got {BLOCK_KERNEL!r}")
-    fits = splash_fits_block(chunk, chunk)
+    fits, available = splash_fits_block(chunk), splash_blocks_available()
     if BLOCK_KERNEL == "splash":
-        if not fits:
+        if not fits or not available:
             raise ValueError(
                 f"ring attention with splash blocks: chunks of {chunk} tokens (seq_len / (2 x context)) "
-                f"must be multiples of {MIN_SPLASH_BLOCK}"
+                f"must be multiples of {MIN_SPLASH_BLOCK}, and jax must have splash's backward entry point "
+                f"(available: {available})"
             )
         return run(SplashBlocks())
     if BLOCK_KERNEL == "xla" or not fits:
+        return run(XlaBlocks())
+    if not available:
+        _warn_no_splash_blocks()
         return run(XlaBlocks())
     return jax.lax.platform_dependent(tpu=lambda: run(SplashBlocks(interpret=False)), default=lambda: run(XlaBlocks()))
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from megadoc_jax import attention as attention_lib
+from megadoc_jax import attention_kernels
 from megadoc_jax import sharding
 
 B, L, H, G, K = 2, 128, 4, 2, 16  # 128: the smallest splash block
@@ -60,8 +61,13 @@ def test_splash_under_a_mesh_runs_per_device_and_refuses_context():
 
 def test_splash_needs_whole_blocks():
     q, k, v, _ = _inputs()
-    with pytest.raises(ValueError, match=r"lengths 640 \(queries\) and 640 \(keys\) must be multiples of 512"):
-        attention_lib.attention(*(jnp.concatenate([x] * 5, axis=1) for x in (q, k, v)), impl="splash")
+    with pytest.raises(ValueError, match=r"lengths 600 \(queries\) and 600 \(keys\) must be at most 512 or multiples of 128"):
+        attention_lib.attention(*(jnp.concatenate([x] * 5, axis=1)[:, :600] for x in (q, k, v)), impl="splash")
+    # Longer sequences take the largest block of 512, 256, 128 that divides them (ring blocks of
+    # 2c and c tokens: 768 and 384 for chunks of 384).
+    sizes = attention_kernels._block_sizes(768, 384)
+    assert (sizes.block_q, sizes.block_kv, sizes.block_q_dkv, sizes.block_kv_dq) == (256, 384, 256, 384)
+    assert attention_kernels._block_sizes(1536).block_q == 512
 
 
 def test_cudnn_with_segment_ids_warns_and_falls_back_to_reference():

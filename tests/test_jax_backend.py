@@ -160,6 +160,11 @@ def test_hugging_face_llama_import_matches_transformers(tmp_path):
 def test_ensemble_of_two_runs_samples_their_mean_logits(backend, run_dir, second_run_dir):
     ensemble = create_backend("jax", [run_dir, second_run_dir], {"batch_size": 4, "devices": 1, "prompt_bucket": 16})
     assert ensemble.sampler.ensemble_size == 2 and "ensemble of 2" in ensemble.version()
+    # Member 1 holds the second run's checkpoint (seed 1), not a copy of member 0.
+    config = config_lib.load(second_run_dir / "config.yaml")
+    saved = sharding.create_sharded_model(config.model, sharding.make_mesh({}, jax.devices()[:1]), seed=1)
+    for a, b in zip(jax.tree.leaves(nnx.to_pure_dict(nnx.state(saved))), jax.tree.leaves(ensemble.sampler.params[1])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     request, sampling = Request((5, 6, 7, 8), (41, 42)), Sampling(max_new_tokens=10, top_k=100)
     got = ensemble.generate([request], sampling)[0]
     members = [backend.sampler.models[0], ensemble.sampler.models[1]]
@@ -196,3 +201,9 @@ def test_ensemble_generate_command_records_every_member(run_dir, second_run_dir,
     provenance = json.loads((tmp_path / "out" / "worker-00000-of-00001" / "provenance.json").read_text())
     members = provenance["identity"]["model"]["ensemble"]
     assert [m["name"] for m in members] == [run_dir.name, second_run_dir.name]
+    # The merge labels each sample with the whole ensemble.
+    from generation import merge
+
+    merge.merge(tmp_path / "out", tmp_path / "merged")
+    lines = [json.loads(line) for line in (tmp_path / "merged" / "generations.jsonl").read_text().splitlines()]
+    assert [x["generator"] for x in lines] == [f"ensemble({run_dir.name}+{second_run_dir.name})"] * 2

@@ -145,6 +145,13 @@ def test_ring_with_splash_blocks_matches_reference(monkeypatch, context, segment
     _assert_close(*_run("ring", context, segments, causal=causal, length=256 * context), rtol=1e-5)
 
 
+def test_ring_with_splash_blocks_bf16_within_documented_bound(monkeypatch):
+    # The kernel rounds each block's output and gradients to bf16 before the fp32 merge: one rounding more
+    # per block than XLA blocks, still within docs/attention.md's 2e-2.
+    monkeypatch.setattr(attention_ring, "BLOCK_KERNEL", "splash")
+    _assert_close(*_run("ring", 4, segments=True, dtype=jnp.bfloat16, length=1024), rtol=2e-2)
+
+
 def test_ring_splash_blocks_refuse_small_chunks(monkeypatch):
     monkeypatch.setattr(attention_ring, "BLOCK_KERNEL", "splash")
     with pytest.raises(ValueError, match=r"chunks of 4 tokens.*multiples of 128"):

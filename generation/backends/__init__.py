@@ -250,6 +250,13 @@ def ensemble_identity(dirs: Sequence[Path]) -> dict[str, Any]:
     return {"ensemble": [model_identity(d) for d in dirs], "combine": "mean of the members' logits"}
 
 
+def generator_label(identity: dict[str, Any]) -> str:
+    """'name@revision' of a model identity; 'ensemble(a+b@rev+...)' of an ensemble's."""
+    if "ensemble" in identity:
+        return "ensemble(" + "+".join(generator_label(member) for member in identity["ensemble"]) + ")"
+    return identity["name"] + (f"@{identity['revision']}" if identity.get("revision") else "")
+
+
 def build_options(options_cls: type | None, raw: dict[str, Any], backend: str) -> Any:
     """The backend's Options dataclass from a dict; an unknown key or a wrong type names the option."""
     if options_cls is None:

@@ -63,7 +63,8 @@ class JaxBackend(Backend):
                  trust_remote_code: bool = False):  # fmt: skip
         """model_dir: one model, or several (an ensemble: every step samples the mean of the members'
         logits). Members may differ in shape but must share the tokenizer; the first one's tokenizer,
-        chat template and EOS are used, and the context length is the shortest member's."""
+        chat template and EOS are used, and the context length is the shortest member's (unless the
+        context_length option is set)."""
         del trust_remote_code  # nothing in a model directory is ever executed by this backend
         self.options = options = options or JaxOptions()
         if options.batch_size <= 0 or options.prompt_bucket <= 0:
@@ -84,8 +85,12 @@ class JaxBackend(Backend):
                 raise BackendError(
                     f"backend jax: ensemble member {d} has another tokenizer than {dirs[0]}; members must share one"
                 )
+        sizes = {str(d): cfg.vocab_size for d, cfg in zip(dirs, configs)}
+        if len(set(sizes.values())) > 1:
+            raise BackendError(f"backend jax: ensemble members have different vocabulary sizes: {sizes}")
         self.model_config = configs[0]
-        known = [c for c in (options.context_length, *contexts) if c]
+        # The shortest member's context, unless the context_length option says otherwise.
+        known = [c for c in contexts if c]
         self._context_length = options.context_length or (min(known) if known else None)
         self.tokenizer = tokenizers[0]
         eos_ids = {self.tokenizer.eos_token_id} | set(config_eos_ids(dirs[0]))
@@ -93,10 +98,7 @@ class JaxBackend(Backend):
         if not eos_ids:
             raise BackendError(f"backend jax: the model and tokenizer in {dirs[0]} define no EOS token")
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(eos_ids)
-        try:
-            self.sampler = decode.Sampler(models, sorted(eos_ids), pad_id)
-        except ValueError as e:  # members with different vocabulary sizes
-            raise BackendError(f"backend jax: {[str(d) for d in dirs]}: {e}") from None
+        self.sampler = decode.Sampler(models, sorted(eos_ids), pad_id)
         batch_spec = sharding.logical_to_spec(("batch",), (options.batch_size,), dict(self.mesh.shape))
         self.row_sharding = jax.sharding.NamedSharding(self.mesh, batch_spec)
 

@@ -3,7 +3,7 @@
 For a fixed sequence length L and context axis C in {1, 2, 4, 8} over 8 devices (mesh data = 8/C,
 context = C, one sequence per data shard, so each device holds L/C tokens of one sequence), compiles
   - `attention`: forward + backward of one attention call (q, k, v [B, L, H, K]), and
-  - `step`: the whole train step of a small decoder (configs' model.size, remat full),
+  - `step`: the whole train step of the decoder (--model's size, remat full, the default AdamW),
 for ring and all_gather, and prints `memory_analysis()`'s temporary bytes per device and the ratio to
 C = 1 (the goal for ring: close to 1/C). Compiles for the local devices (8 fake CPU devices) and, with
 `--topology`, for a TPU slice of 8 chips through libtpu (see megadoc_jax/aot.py).
@@ -35,7 +35,8 @@ CONTEXTS = (1, 2, 4, 8)
 IMPLS = ("ring", "all_gather")
 
 
-def _attention_temp(impl: str, mesh, length: int, heads: int, head_size: int, rows: int, segments: bool) -> int:
+def _attention_temp(impl: str, mesh, length: int, heads: int, head_size: int, rows: int,
+                    segments: bool) -> tuple[int, bool]:  # fmt: skip
     shape = (rows, length, heads, head_size)
     layout = sharding.named_sharding(mesh, ("batch", "seq", "heads", "head_dim"), shape)
     q = k = v = jax.ShapeDtypeStruct(shape, jnp.bfloat16, sharding=layout)
@@ -49,40 +50,35 @@ def _attention_temp(impl: str, mesh, length: int, heads: int, head_size: int, ro
         return _temp_bytes(jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v, seg))
 
 
-def _step_temp(mesh, cfg: config_lib.Config) -> int:
+def _step_temp(mesh, cfg: config_lib.Config) -> tuple[int, bool]:
     setup = step_lib.train_setup(cfg, mesh, total_steps=1000)
     step = step_lib.jit_train_step(setup, cfg, step_lib.batch_sharding(mesh, cfg))
     with jax.set_mesh(mesh):
         return _temp_bytes(step.lower(setup.abstract_state, step_lib.abstract_batch(mesh, cfg)))
 
 
-def _temp_bytes(lowered) -> int:
-    """Temporary bytes per device of the compiled program. A TPU compile refused for lack of HBM says in
-    its message how much the program needs; that figure is used (the table marks it)."""
+def _temp_bytes(lowered) -> tuple[int, bool]:
+    """(temporary bytes per device of the compiled program, whether the compiler refused it). A TPU
+    compile refused for lack of HBM says in its message how much the program needs; that figure is used."""
     try:
-        return lowered.compile().memory_analysis().temp_size_in_bytes
+        return lowered.compile().memory_analysis().temp_size_in_bytes, False
     except jax.errors.JaxRuntimeError as e:
         needed = aot.temp_bytes_from_error(str(e))
         if needed is None:
             raise
-        REFUSED.add(needed)
-        return needed
+        return needed, True
 
 
-REFUSED: set[int] = set()  # figures taken from "exceeds available HBM" refusals
-
-
-def _table(title: str, temps: dict[tuple[str, int], int]) -> None:
+def _table(title: str, temps: dict[tuple[str, int], tuple[int, bool]]) -> None:
     print(f"\n{title}")
     print(f"{'C':>3} " + " ".join(f"{impl + ' temp':>16} {'ratio':>6}" for impl in IMPLS))
     for c in CONTEXTS:
         cells = []
         for impl in IMPLS:
-            base, value = temps[(impl, 1)], temps[(impl, c)]
-            mark = "*" if value in REFUSED else " "
-            cells.append(f"{aot.format_bytes(value):>15}{mark} {value / base:6.3f}")
+            (base, _), (value, refused) = temps[(impl, 1)], temps[(impl, c)]
+            cells.append(f"{aot.format_bytes(value):>15}{'*' if refused else ' '} {value / base:6.3f}")
         print(f"{c:>3} " + " ".join(cells) + f"   (1/C = {1 / c:.3f})")
-    if any(value in REFUSED for value in temps.values()):
+    if any(refused for _, refused in temps.values()):
         print("  * the TPU compiler refused the program (more than the chip's HBM); its message's figure")
 
 
