@@ -71,27 +71,57 @@ def _splash_kernel(q_len: int, group: int, causal: bool, interpret: bool, kv_len
     )
 
 
+def _head_major(q_BxQxGxRxK, k_BxSxGxK, v_BxSxGxK):
+    """The kernel's layout: q [B, G, R, Q, K] (scaled by 1/sqrt(K): the kernel does not scale), k and v
+    [B, G, S, K]."""
+    size = q_BxQxGxRxK.shape[-1]
+    q = (q_BxQxGxRxK * size**-0.5).transpose(0, 2, 3, 1, 4)
+    return q, k_BxSxGxK.transpose(0, 2, 1, 3), v_BxSxGxK.transpose(0, 2, 1, 3)
+
+
+def _segments(q_seg_BxQ, k_seg_BxS) -> tuple:
+    """The rows' segment ids to vmap over with the other inputs: none without document masking."""
+    return () if q_seg_BxQ is None else (q_seg_BxQ, k_seg_BxS)
+
+
+def _ids(*seg) -> "splash_kernel.SegmentIds | None":
+    return splash_kernel.SegmentIds(q=seg[0], kv=seg[1]) if seg else None
+
+
+def _on_platform(run, interpret: bool | None):
+    """run(interpret) compiled for TPU, in Pallas interpret mode elsewhere (or as forced)."""
+    if interpret is not None:
+        return run(interpret)
+    return jax.lax.platform_dependent(tpu=lambda: run(False), default=lambda: run(True))
+
+
+def _splash_mqa(q_BxQxGxRxK, k_BxSxGxK, v_BxSxGxK, q_seg_BxQ, k_seg_BxS, causal: bool,
+                interpret: bool | None, save_residuals: bool):  # fmt: skip
+    """The multi-query kernel over every batch row and kv head: out [B, G, R, Q, K] in q's dtype, plus the
+    logsumexp [B, G, R, Q] when save_residuals (then not differentiable; otherwise autodiff uses the
+    kernel's own backward)."""
+    q_len, group = q_BxQxGxRxK.shape[1], q_BxQxGxRxK.shape[3]
+    q, k, v = _head_major(q_BxQxGxRxK, k_BxSxGxK, v_BxSxGxK)
+
+    def run(interpret: bool):
+        kernel = _splash_kernel(q_len, group, causal, interpret, kv_len=k.shape[2], save_residuals=save_residuals)
+
+        def one_row(q_GxRxQxK, k_GxSxK, v_GxSxK, *seg):
+            ids = _ids(*seg)
+            return jax.vmap(lambda q, k, v: kernel(q, k, v, segment_ids=ids))(q_GxRxQxK, k_GxSxK, v_GxSxK)
+
+        return jax.vmap(one_row)(q, k, v, *_segments(q_seg_BxQ, k_seg_BxS))
+
+    return _on_platform(run, interpret)
+
+
 def _splash_local(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, causal: bool) -> jax.Array:
     b, length, heads, size = q_BxLxHxK.shape
     kv_heads = k_BxLxGxK.shape[2]
-    group = heads // kv_heads
-    # The kernel does not scale scores; 1/sqrt(K) goes on q.
-    q_BxGxRxLxK = (q_BxLxHxK * size**-0.5).reshape(b, length, kv_heads, group, size).transpose(0, 2, 3, 1, 4)
-    k_BxGxLxK, v_BxGxLxK = k_BxLxGxK.transpose(0, 2, 1, 3), v_BxLxGxK.transpose(0, 2, 1, 3)
-    if segment_ids_BxL is None:
-        segment_ids_BxL = jnp.zeros((b, length), jnp.int32)  # one segment: the kernel's mask alone
-
-    def run(interpret: bool):
-        kernel = _splash_kernel(length, group, causal, interpret)
-
-        def one_row(q_GxRxLxK, k_GxLxK, v_GxLxK, seg_L):
-            ids = splash_kernel.SegmentIds(q=seg_L, kv=seg_L)
-            return jax.vmap(lambda q, k, v: kernel(q, k, v, segment_ids=ids))(q_GxRxLxK, k_GxLxK, v_GxLxK)
-
-        return jax.vmap(one_row)(q_BxGxRxLxK, k_BxGxLxK, v_BxGxLxK, segment_ids_BxL)
-
-    # Both branches are traced; lowering keeps the one for the target platform.
-    out_BxGxRxLxK = jax.lax.platform_dependent(tpu=lambda: run(False), default=lambda: run(True))
+    q_BxLxGxRxK = q_BxLxHxK.reshape(b, length, kv_heads, heads // kv_heads, size)
+    out_BxGxRxLxK = _splash_mqa(
+        q_BxLxGxRxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, segment_ids_BxL, causal, None, save_residuals=False
+    )
     return out_BxGxRxLxK.transpose(0, 3, 1, 2, 4).reshape(b, length, heads, size).astype(q_BxLxHxK.dtype)
 
 
@@ -118,7 +148,6 @@ def splash_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, *, segment_ids_BxL, causal
     per_device = lambda q, k, v, seg=None: local(q, k, v, seg)
     # check_vma=False: the Pallas kernel declares its outputs without varying-axis types.
     return jax.shard_map(per_device, in_specs=specs, out_specs=q_spec, check_vma=False)(*args)
-
 
 
 # --------------------------------------------------------------------------------------------------
@@ -151,48 +180,13 @@ def splash_fits_block(chunk: int) -> bool:
     return chunk % MIN_SPLASH_BLOCK == 0
 
 
-def _head_major(q_BxQxGxRxK, k_BxSxGxK, v_BxSxGxK):
-    """The kernel's layout: q [B, G, R, Q, K] (scaled by 1/sqrt(K): the kernel does not scale), k and v
-    [B, G, S, K]."""
-    size = q_BxQxGxRxK.shape[-1]
-    q = (q_BxQxGxRxK * size**-0.5).transpose(0, 2, 3, 1, 4)
-    return q, k_BxSxGxK.transpose(0, 2, 1, 3), v_BxSxGxK.transpose(0, 2, 1, 3)
-
-
-def _segments(q_seg_BxQ, k_seg_BxS) -> tuple:
-    """The rows' segment ids to vmap over with the other inputs: none without document masking."""
-    return () if q_seg_BxQ is None else (q_seg_BxQ, k_seg_BxS)
-
-
-def _ids(*seg) -> "splash_kernel.SegmentIds | None":
-    return splash_kernel.SegmentIds(q=seg[0], kv=seg[1]) if seg else None
-
-
-def _on_platform(run, interpret: bool | None):
-    """run(interpret) compiled for TPU, in Pallas interpret mode elsewhere (or as forced)."""
-    if interpret is not None:
-        return run(interpret)
-    return jax.lax.platform_dependent(tpu=lambda: run(False), default=lambda: run(True))
-
-
 def splash_block_forward(q_BxQxGxRxK, k_BxSxGxK, v_BxSxGxK, q_seg_BxQ, k_seg_BxS, causal: bool,
                          interpret: bool | None = None):  # fmt: skip
     """(out [B, Q, G, R, K], logsumexp [B, Q, G, R]) of one block, normalised within it; returned in fp32
     (the output as the kernel wrote it, in the input dtype)."""
-    b, q_len, groups, group, size = q_BxQxGxRxK.shape
-    q, k, v = _head_major(q_BxQxGxRxK, k_BxSxGxK, v_BxSxGxK)
-
-    def run(interpret: bool):
-        kernel = _splash_kernel(q_len, group, causal, interpret, kv_len=k.shape[2], save_residuals=True)
-
-        def one_row(q_GxRxQxK, k_GxSxK, v_GxSxK, *seg):
-            ids = _ids(*seg)
-            return jax.vmap(lambda q, k, v: kernel(q, k, v, segment_ids=ids))(q_GxRxQxK, k_GxSxK, v_GxSxK)
-
-        out_BxGxRxQxK, (lse_BxGxRxQ,) = jax.vmap(one_row)(q, k, v, *_segments(q_seg_BxQ, k_seg_BxS))
-        return out_BxGxRxQxK, lse_BxGxRxQ
-
-    out_BxGxRxQxK, lse_BxGxRxQ = _on_platform(run, interpret)
+    out_BxGxRxQxK, (lse_BxGxRxQ,) = _splash_mqa(
+        q_BxQxGxRxK, k_BxSxGxK, v_BxSxGxK, q_seg_BxQ, k_seg_BxS, causal, interpret, save_residuals=True
+    )
     return (out_BxGxRxQxK.transpose(0, 3, 1, 2, 4).astype(jnp.float32),
             lse_BxGxRxQ.transpose(0, 3, 1, 2).astype(jnp.float32))  # fmt: skip
 
