@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -21,6 +18,7 @@ from generation import export as export_module
 from generation.export import PROGRESS_FILE, REPORT_FILE, ExportError, export
 from megadoc_jax.data import demo
 from megadoc_jax.data.store import StoreReader, TokenizerInfo
+from processes import kill_when
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -258,20 +256,9 @@ def test_kill_9_mid_export_then_rerun_matches_uninterrupted(tmp_path, corpus, to
                "--out", str(store), "--workers", "1", "--batch-size", "4", "--flush-tokens", "2000",
                "--no-progress"]  # fmt: skip
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and process.poll() is None:
-            progress_path = store / PROGRESS_FILE
-            if progress_path.exists() and json.loads(progress_path.read_text())["records_done"] > 0:
-                break
-            time.sleep(0.005)
-        assert process.poll() is None, f"export ended before it could be killed: {process.stderr.read()!r}"
-        os.kill(process.pid, signal.SIGKILL)
-        process.wait()
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+    progress_path = store / PROGRESS_FILE
+    started = lambda: progress_path.exists() and json.loads(progress_path.read_text())["records_done"] > 0  # noqa: E731
+    kill_when(process, started, timeout=240, what="export")
     assert manifest(store)["finished"] is False
     options = dict(workers=0, batch_size=4, flush_tokens=2000, progress=False)  # worker count does not matter
     resumed = export([path], tokenizer_dir, store, **options)

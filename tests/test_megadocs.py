@@ -4,11 +4,8 @@ the spool's input checks, and megadoc streams written to token stores, resumed a
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +20,7 @@ from generation.megadoc_export import PROGRESS_FILE, MegadocExportError, StreamO
 from generation.megadoc_spool import SPOOL_DIR, ensure_spool
 from generation.megadocs import BACK, FRONT, NODOC, SIMPLE, STRETCHED, Separators
 from megadoc_jax.data.store import SegmentKind, StoreReader, TokenizerInfo
+from processes import kill_when
 
 REPO = Path(__file__).resolve().parents[1]
 O, R, T, S = SegmentKind.ORIGINAL, SegmentKind.REPHRASE, SegmentKind.RATIONALE, SegmentKind.SEPARATOR
@@ -470,19 +468,9 @@ def test_kill_9_mid_build_then_rerun_matches_uninterrupted(tmp_path, tokenizer_d
     store = tmp_path / "out" / "stitched-back-G4"
     command = [sys.executable, "-m", "generation", "megadocs", *args, "--out", str(tmp_path / "out")]
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and process.poll() is None:
-            if (store / PROGRESS_FILE).exists() and json.loads((store / PROGRESS_FILE).read_text())["documents"] > 0:
-                break
-            time.sleep(0.005)
-        assert process.poll() is None, f"the build ended before it could be killed: {process.stderr.read()!r}"
-        os.kill(process.pid, signal.SIGKILL)
-        process.wait()
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+    progress = store / PROGRESS_FILE
+    started = lambda: progress.exists() and json.loads(progress.read_text())["documents"] > 0  # noqa: E731
+    kill_when(process, started, timeout=120, what="the megadoc build")
     assert json.loads((store / "manifest.json").read_text())["finished"] is False
     assert cli.main(["megadocs", *args, "--out", str(tmp_path / "out")]) == 0
     assert cli.main(["megadocs", *args, "--out", str(tmp_path / "fresh")]) == 0

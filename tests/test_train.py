@@ -13,7 +13,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -24,6 +23,7 @@ import pytest
 from megadoc_jax import config as config_lib
 from megadoc_jax import train
 from megadoc_jax.data import demo
+from processes import wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS = 12
@@ -127,11 +127,8 @@ def logged_steps(run_dir: Path) -> list[int]:
 
 
 def wait_for_step(process: subprocess.Popen, run_dir: Path, step: int, timeout: float = 240) -> None:
-    deadline = time.time() + timeout
-    while not any(s >= step for s in logged_steps(run_dir)):
-        assert process.poll() is None, process.stdout.read()
-        assert time.time() < deadline, "the training process did not reach the step in time"
-        time.sleep(0.05)
+    reached = lambda: any(s >= step for s in logged_steps(run_dir))  # noqa: E731
+    wait_until(process, reached, timeout=timeout, what=f"the training process (waiting for step {step})")
 
 
 def test_kill_minus_nine_then_resume_equals_uninterrupted(demo_data, tmp_path):

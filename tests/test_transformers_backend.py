@@ -8,10 +8,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +18,7 @@ torch = pytest.importorskip("torch", reason="the transformers backend needs torc
 
 from test_generate import merged_lines, write_docs  # noqa: E402
 from test_prompts import make_generator_dir  # noqa: E402
+from processes import kill_when  # noqa: E402
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from generation.backends import BackendError, Request, Sampling, create_backend  # noqa: E402
@@ -127,13 +126,9 @@ def test_kill_9_mid_run_then_resume_matches_an_uninterrupted_run(model_dir, tmp_
                str(model_dir), "--output", str(out), "--backend", "transformers", "--no-progress", *common]  # fmt: skip
     process = subprocess.Popen(command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
-    deadline = time.monotonic() + 240
-    while not (ledger.exists() and ledger.read_bytes().count(b"\n") >= 2):
-        assert process.poll() is None, process.stderr.read().decode()[-2000:]
-        assert time.monotonic() < deadline, "the worker made no progress"
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)  # in the third chunk: generating, writing its part or its ledger line
-    process.wait()
+    # Killed in the third chunk: generating, writing its part or its ledger line.
+    two_chunks = lambda: ledger.exists() and ledger.read_bytes().count(b"\n") >= 2  # noqa: E731
+    kill_when(process, two_chunks, timeout=240, what="the worker")
     process.stderr.close()
     assert not (worker_dir(out, 0, 1) / SUMMARY).exists(), "killed too late: the worker had finished"
     committed_before_resume = ledger.read_bytes().count(b"\n")
