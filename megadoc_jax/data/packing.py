@@ -26,7 +26,7 @@ from typing import Sequence
 
 import numpy as np
 
-from megadoc_jax.data.windows import Rows, TokenStore, check_indices, ragged_ranges, split_rows
+from megadoc_jax.data.windows import Rows, RowSource, TokenStore, check_indices, ragged_ranges
 
 MIN_READ_LENGTH = 256  # shortest read: tiny pieces are read in this bucket (one call per bucket)
 
@@ -116,7 +116,7 @@ def _order_rows_by_store_position(
     return new_bounds, piece_starts[pieces_T], piece_pairs[pieces_T]
 
 
-class PackedWindows:
+class PackedWindows(RowSource):
     """Grain random-access source (`grain.MapDataset.source(...)`) of packed long-context rows.
 
     `read_rows(ids)` reads the pieces of all rows of a batch with one `read_windows` call per length
@@ -133,16 +133,6 @@ class PackedWindows:
 
     def __repr__(self) -> str:
         return f"PackedWindows({self.store.path}, seq_len={self.seq_len}, rows={len(self)})"
-
-    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        return split_rows(self.read_rows([index]))[0]
-
-    def _getitems(self, indices: Sequence[int]) -> list[dict[str, np.ndarray]]:
-        return split_rows(self.read_rows(indices))
-
-    def read_rows(self, row_ids: Sequence[int]) -> dict[str, np.ndarray]:
-        """The batch rows of the given packed rows, in order."""
-        return self.read(row_ids).to_batch()
 
     def read(self, row_ids: Sequence[int]) -> Rows:
         """The given packed rows, in order."""

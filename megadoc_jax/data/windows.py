@@ -144,7 +144,25 @@ def check_indices(ids_N: Sequence[int], size: int, source: str) -> np.ndarray:
     return ids_N
 
 
-class ConcatWindows:
+class RowSource:
+    """Grain's per-record view (`__getitem__`, `_getitems`) and the batch view (`read_rows`) of a source
+    whose `read(ids) -> Rows` reads many rows at once."""
+
+    def read(self, row_ids: Sequence[int]) -> Rows:
+        raise NotImplementedError
+
+    def read_rows(self, row_ids: Sequence[int]) -> dict[str, np.ndarray]:
+        """The batch rows of the given row ids, in order."""
+        return self.read(row_ids).to_batch()
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        return split_rows(self.read_rows([index]))[0]
+
+    def _getitems(self, indices: Sequence[int]) -> list[dict[str, np.ndarray]]:
+        return split_rows(self.read_rows(indices))
+
+
+class ConcatWindows(RowSource):
     """Grain random-access source (`grain.MapDataset.source(...)`) of concatenated windows.
 
     `read_rows(ids)` reads all windows of a batch with one batched, concurrent `read_windows` call;
@@ -165,16 +183,6 @@ class ConcatWindows:
 
     def __repr__(self) -> str:
         return f"ConcatWindows({self.store.path}, seq_len={self.seq_len}, masking={self.document_masking})"
-
-    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        return split_rows(self.read_rows([index]))[0]
-
-    def _getitems(self, indices: Sequence[int]) -> list[dict[str, np.ndarray]]:
-        return split_rows(self.read_rows(indices))
-
-    def read_rows(self, window_ids: Sequence[int]) -> dict[str, np.ndarray]:
-        """The batch rows of the given windows, in order."""
-        return self.read(window_ids).to_batch()
 
     def read(self, window_ids: Sequence[int]) -> Rows:
         """The given windows, in order, read with one batched read_windows call."""
