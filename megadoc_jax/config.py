@@ -305,12 +305,12 @@ def from_dict(raw: dict[str, Any]) -> Config:
 BASE_KEY = "base"
 
 
-def merge(below: dict[str, Any], above: dict[str, Any]) -> dict[str, Any]:
+def _merge(below: dict[str, Any], above: dict[str, Any]) -> dict[str, Any]:
     """Deep merge: mappings merge key by key, any other value of `above` replaces the one below."""
     merged = dict(below)
     for key, value in above.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = merge(merged[key], value)
+            merged[key] = _merge(merged[key], value)
         else:
             merged[key] = value
     return merged
@@ -337,27 +337,29 @@ def _base_paths(raw: dict[str, Any], path: Path) -> list[Path]:
     return [path.parent / base for base in bases]
 
 
-def compose(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+def compose(path: str | Path) -> dict[str, Any]:
     """The merged dict of config file `path` and its bases (module doc), without the base key.
 
     Each file's keys and types are checked on their own, so an unknown key or a wrong type is named
     with the file that holds it."""
-    path = Path(path)
-    chain = (*_chain, path)
-    if path.resolve() in [p.resolve() for p in _chain]:
-        raise ConfigError("config files extend each other in a cycle: " + " -> ".join(map(str, chain)))
+    return _compose(Path(path), ())
+
+
+def _compose(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
+    if path.resolve() in [p.resolve() for p in chain]:
+        raise ConfigError("config files extend each other in a cycle: " + " -> ".join(map(str, (*chain, path))))
     raw = _read_file(path)
     merged: dict[str, Any] = {}
     for base in _base_paths(raw, path):
         if not base.is_file():
             raise ConfigError(f"config file {path}: its base {base} does not exist")
-        merged = merge(merged, compose(base, chain))
+        merged = _merge(merged, _compose(base, (*chain, path)))
     own = {key: value for key, value in raw.items() if key != BASE_KEY}
     try:
         _build(Config, {**own, "model": own.get("model") or {}}, "")
     except ConfigError as e:
         raise ConfigError(f"config file {path}: {e}") from None
-    return merge(merged, own)
+    return _merge(merged, own)
 
 
 def load(path: str | Path | None, overrides: list[str] = ()) -> Config:

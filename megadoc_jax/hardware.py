@@ -42,13 +42,13 @@ class Accelerator:
         return self.hbm_bytes_per_chip // self.devices_per_chip
 
 
-def _tpu(name, kinds, peak, hbm_gib, devices_per_chip, generation, chip_config):
-    return Accelerator(
-        name, kinds, peak, hbm_gib * GIB, devices_per_chip, f"cloud.google.com/tpu/docs/{generation}",
-        generation, chip_config,
-    )  # fmt: skip
+def _tpu(name, kinds, peak, hbm_gib, devices_per_chip, generation, chip_config) -> Accelerator:
+    source = f"cloud.google.com/tpu/docs/{generation}"
+    return Accelerator(name, kinds, peak, hbm_gib * GIB, devices_per_chip, source, generation, chip_config)
 
 
+# A table, one entry per line or two (fmt: skip). TPU rows: name, device kinds, peak bf16 FLOP/s per chip,
+# HBM GiB per chip, devices per chip, topology generation, chip mode.
 ACCELERATORS: tuple[Accelerator, ...] = (
     _tpu("TPU v2", ("TPU v2",), 45e12, 16, 2, "v2", "default"),
     _tpu("TPU v3", ("TPU v3",), 123e12, 32, 2, "v3", "default"),

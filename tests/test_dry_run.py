@@ -22,7 +22,6 @@ def test_dry_run_of_the_1_5b_model_allocates_nothing(capsys):
     assert "train state (parameters + AdamW moments) per device" in out
 
 
-
 # Parameter counts of every shipped config, frozen: composing configs/ from base files changes none.
 PARAMETERS = {
     "150m": 154_147_328,
@@ -44,6 +43,7 @@ def test_every_shipped_config_is_covered():
 def test_dry_run_parameter_counts_of_the_shipped_configs(name, capsys):
     assert train.main(["--config", f"configs/{name}.yaml", "--dry-run"]) == 0
     assert f"parameters: {PARAMETERS[name]}\n" in capsys.readouterr().out
+
 
 def test_dry_run_reports_config_errors_before_building(capsys):
     assert train.main(["--config", "configs/tiny.yaml", "--dry-run", "train.batch_size=7"]) == 2
