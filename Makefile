@@ -1,6 +1,7 @@
 # Two commands do all the set-up on a fresh machine (Python 3.11+ and make):
 #   make demo   creates .venv, installs megadoc-jax, runs the embedded demo end to end on CPU
-#   make test   creates .venv, installs megadoc-jax with the test extras, runs the whole test suite
+#   make test   creates .venv, installs megadoc-jax with the test extras, runs ruff (lint, format check)
+#               and the whole test suite
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -12,6 +13,8 @@ demo: $(VENV)/.installed
 	$(BIN)/python -m megadoc_jax.train
 
 test: $(VENV)/.installed-dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
 
 $(VENV)/.installed: pyproject.toml

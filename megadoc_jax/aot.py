@@ -21,20 +21,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from megadoc_jax import metrics
+from megadoc_jax import hardware
 
-# Per TPU generation: the chip mode that matches how the runtime presents a real slice. v4 chips
-# compile as two devices per chip by default, but jax runs them in megacore mode (one device).
-_TPU_CHIP_CONFIG = {
-    "v2": "default",
-    "v3": "default",
-    "v4": "megacore",
-    "v5e": "default",
-    "v5p": "megacore",
-    "v6e": "default",
-    "tpu7x": "default",
-}
-_HOST_BOUNDS = (2, 2, 1)  # chips per host in x, y, z for every generation above
+_HOST_BOUNDS = (2, 2, 1)  # chips per host in x, y, z for every TPU generation of hardware.ACCELERATORS
 _TOPOLOGY_NAME = re.compile(r"^(?P<generation>[a-z0-9]+):(?P<dims>\d+(?:x\d+){1,2})$")
 
 
@@ -61,10 +50,10 @@ def tpu_topology_devices(name: str) -> list[jax.Device]:
     One device per chip, except v2, v3 and TPU7x, whose two TensorCores are separate devices.
     """
     match = _TOPOLOGY_NAME.match(name.strip().lower())
-    if match is None or match["generation"] not in _TPU_CHIP_CONFIG:
+    if match is None or match["generation"] not in hardware.TPU_GENERATIONS:
         raise AotError(
             f"TPU topology {name!r} is not of the form GENERATION:AxB[xC] with GENERATION in "
-            f"{sorted(_TPU_CHIP_CONFIG)} (e.g. 'v5e:2x2', 'v5p:4x4x4')"
+            f"{sorted(hardware.TPU_GENERATIONS)} (e.g. 'v5e:2x2', 'v5p:4x4x4')"
         )
     _require_libtpu()
     # Compile-only use never touches a chip: let several processes (parallel tests, a dry run beside a
@@ -74,7 +63,7 @@ def tpu_topology_devices(name: str) -> list[jax.Device]:
 
     dims = [int(d) for d in match["dims"].split("x")]
     dims3 = (dims + [1])[:3]
-    kwargs: dict[str, Any] = {"chip_config_name": _TPU_CHIP_CONFIG[match["generation"]]}
+    kwargs: dict[str, Any] = {"chip_config_name": hardware.TPU_GENERATIONS[match["generation"]].tpu_chip_config}
     if any(d < b for d, b in zip(dims3, _HOST_BOUNDS)):
         # A slice smaller than one host (e.g. v5e:1x1) is one host with fewer chips.
         kwargs["chips_per_host_bounds"] = tuple(min(d, b) for d, b in zip(dims3, _HOST_BOUNDS))
@@ -121,7 +110,7 @@ def _device_memory_bytes(device: jax.Device) -> tuple[int | None, str]:
         stats = None
     if stats and stats.get("bytes_limit"):
         return int(stats["bytes_limit"]), "runtime limit"
-    hbm = metrics.hbm_bytes_per_device(device.device_kind)
+    hbm = hardware.hbm_bytes_per_device(device.device_kind)
     return hbm, ("vendor HBM figure" if hbm else "unknown")
 
 
@@ -213,7 +202,7 @@ def format_fit(
     if capacity is None:
         return (
             f"{format_bytes(required_bytes)} per device; memory of {device_kind!r} is unknown "
-            "(not in megadoc_jax.metrics.ACCELERATORS): fit not checked"
+            "(not in megadoc_jax.hardware.ACCELERATORS): fit not checked"
         )
     share = required_bytes / capacity
     if share > 1:
@@ -231,7 +220,7 @@ def format_fit(
 def format_compile_report(report: Mapping[str, Any]) -> str:
     """A few lines for the dry-run console: compile times, per-device memory, fit, FLOPs."""
     m = report["memory"]
-    chip, acc = report["device_kind"], metrics.accelerator(report["device_kind"])
+    chip, acc = report["device_kind"], hardware.accelerator(report["device_kind"])
     if acc is not None and acc.name != chip:
         chip = f"{chip} ({acc.name})"  # e.g. "TPU v5 lite (TPU v5e)"
     header = (

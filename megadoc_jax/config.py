@@ -1,8 +1,15 @@
-"""Typed run configuration: dataclasses, YAML files, `a.b=value` overrides, validation.
+"""Typed run configuration: dataclasses, composable YAML files, `a.b=value` overrides, validation.
 
-A config is built in one direction: YAML file -> plain dict -> dotted overrides -> model size preset
--> dataclasses (types checked field by field) -> validation. Every error names the key it is about,
-and all of it happens before JAX compiles anything.
+A config is built in one direction: YAML file and the base files it names -> one merged dict -> dotted
+overrides -> model size preset -> dataclasses (types checked field by field) -> validation. Every error
+names the key it is about (and the file, for what one file says), and all of it happens before JAX
+compiles anything.
+
+Composition: a file's top-level `base:` names one file or a list of files (paths relative to the file
+that names them) that it extends; bases may have bases. The merged dict is the bases in order, then
+the file itself, each deep-merged over what came before: mappings merge key by key, anything else
+(numbers, strings, lists such as data.streams) is replaced by the later value. Overrides come last and
+set the value at their path. The resolved Config has no trace of the bases: `dump` writes every value.
 
 This module imports no JAX so that the generation stage and tools can read configs cheaply.
 """
@@ -295,19 +302,69 @@ def from_dict(raw: dict[str, Any]) -> Config:
     return config
 
 
+BASE_KEY = "base"
+
+
+def _merge(below: dict[str, Any], above: dict[str, Any]) -> dict[str, Any]:
+    """Deep merge: mappings merge key by key, any other value of `above` replaces the one below."""
+    merged = dict(below)
+    for key, value in above.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path}: the top level must be a mapping")
+    return raw
+
+
+def _base_paths(raw: dict[str, Any], path: Path) -> list[Path]:
+    bases = raw.get(BASE_KEY) or []
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) and b for b in bases):
+        raise ConfigError(f"config file {path}: {BASE_KEY} must be a file name or a list of them, got {bases!r}")
+    return [path.parent / base for base in bases]
+
+
+def compose(path: str | Path) -> dict[str, Any]:
+    """The merged dict of config file `path` and its bases (module doc), without the base key.
+
+    Each file's keys and types are checked on their own, so an unknown key or a wrong type is named
+    with the file that holds it."""
+    return _compose(Path(path), ())
+
+
+def _compose(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
+    if path.resolve() in [p.resolve() for p in chain]:
+        raise ConfigError("config files extend each other in a cycle: " + " -> ".join(map(str, (*chain, path))))
+    raw = _read_file(path)
+    merged: dict[str, Any] = {}
+    for base in _base_paths(raw, path):
+        if not base.is_file():
+            raise ConfigError(f"config file {path}: its base {base} does not exist")
+        merged = _merge(merged, _compose(base, (*chain, path)))
+    own = {key: value for key, value in raw.items() if key != BASE_KEY}
+    try:
+        _build(Config, {**own, "model": own.get("model") or {}}, "")
+    except ConfigError as e:
+        raise ConfigError(f"config file {path}: {e}") from None
+    return _merge(merged, own)
+
+
 def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Read a YAML config (or start from defaults when path is None) and apply overrides."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {path}: the top level must be a mapping")
+    """Read a YAML config with its bases (or start from defaults when path is None) and apply overrides."""
+    raw = compose(path) if path is not None else {}
     return from_dict(apply_overrides(raw, list(overrides)))
 
 

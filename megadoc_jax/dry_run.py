@@ -12,7 +12,7 @@ against the chip's HBM and the step's FLOPs from the compiled program. Exits 1 w
 from __future__ import annotations
 
 import jax
-from megadoc_jax import aot, metrics, sharding
+from megadoc_jax import aot, hardware, metrics, sharding
 from megadoc_jax import config as config_lib
 from megadoc_jax import step as step_lib
 
@@ -27,7 +27,7 @@ def main(config: config_lib.Config, topology: str | None) -> int:
     setup = step_lib.train_setup(config, mesh, max(config.train.steps, 1))
     print(f"parameters: {setup.num_parameters}")
     state_bytes = aot.state_bytes_per_device(setup.abstract_state)
-    capacity = metrics.hbm_bytes_per_device(device_kind)
+    capacity = hardware.hbm_bytes_per_device(device_kind)
     print("train state (parameters + AdamW moments) per device: " + aot.format_fit(state_bytes, device_kind, capacity))
     flops = metrics.train_flops_per_token(config.model, config.data.seq_len)
     print(f"model FLOPs per token (forward + backward): {flops:.4g}")

@@ -1,4 +1,4 @@
-"""Training metrics: model FLOPs per token, peak FLOP/s and HBM per device kind, MFU, and writers.
+"""Training metrics: model FLOPs per token, MFU (peaks from megadoc_jax.hardware), and writers.
 
 The FLOP count is the standard "model FLOPs" of a decoder-only transformer (PaLM, appendix B):
 
@@ -38,6 +38,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from megadoc_jax import hardware
 from megadoc_jax.config import ModelConfig
 
 # --------------------------------------------------------------------------------------------------
@@ -63,94 +64,6 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
     if seq_len <= 0:
         raise ValueError(f"seq_len must be positive, got {seq_len}")
     return 6 * matmul_params(cfg) + attention_flops_per_token(cfg, seq_len)
-
-
-# --------------------------------------------------------------------------------------------------
-# Peak dense bf16 FLOP/s and memory per device kind
-# --------------------------------------------------------------------------------------------------
-
-GIB = 2**30
-
-
-@dataclasses.dataclass(frozen=True)
-class Accelerator:
-    """Vendor figures for one chip, and how many JAX devices one chip shows up as."""
-
-    name: str
-    device_kinds: tuple[str, ...]  # jax Device.device_kind strings that mean this chip
-    peak_bf16_flops_per_chip: float  # dense (no sparsity)
-    hbm_bytes_per_chip: int
-    devices_per_chip: int  # TensorCores exposed as separate devices (v2, v3, TPU7x) or 1
-    source: str
-
-    @property
-    def peak_flops_per_device(self) -> float:
-        return self.peak_bf16_flops_per_chip / self.devices_per_chip
-
-    @property
-    def hbm_bytes_per_device(self) -> int:
-        return self.hbm_bytes_per_chip // self.devices_per_chip
-
-
-# Vendor capacities in "GB" are read as GiB: HBM stacks come in binary sizes, and Google's TPU pages
-# state GiB. The usable share is a little smaller (the runtime reserves some).
-ACCELERATORS: tuple[Accelerator, ...] = (
-    Accelerator("TPU v2", ("TPU v2",), 45e12, 16 * GIB, 2, "cloud.google.com/tpu/docs/v2"),
-    Accelerator("TPU v3", ("TPU v3",), 123e12, 32 * GIB, 2, "cloud.google.com/tpu/docs/v3"),
-    # v4 and v5p run in megacore mode: the chip's two TensorCores are one device.
-    Accelerator("TPU v4", ("TPU v4",), 275e12, 32 * GIB, 1, "cloud.google.com/tpu/docs/v4"),
-    Accelerator("TPU v5e", ("TPU v5 lite", "TPU v5e"), 197e12, 16 * GIB, 1, "cloud.google.com/tpu/docs/v5e"),
-    Accelerator("TPU v5p", ("TPU v5p", "TPU v5"), 459e12, 95 * GIB, 1, "cloud.google.com/tpu/docs/v5p"),
-    Accelerator("TPU v6e", ("TPU v6 lite", "TPU v6e"), 918e12, 32 * GIB, 1, "cloud.google.com/tpu/docs/v6e"),
-    Accelerator("TPU7x", ("TPU7x",), 2307e12, 192 * GIB, 2, "cloud.google.com/tpu/docs/tpu7x"),
-    # NVIDIA datasheets give bf16 Tensor Core figures "with sparsity"; dense is half of that.
-    Accelerator(
-        "A100 40GB", ("NVIDIA A100-SXM4-40GB", "NVIDIA A100-PCIE-40GB"), 312e12, 40 * GIB, 1,
-        "NVIDIA A100 datasheet (nvidia.com/en-us/data-center/a100): 624 TFLOPS sparse bf16",
-    ),
-    Accelerator(
-        "A100 80GB", ("NVIDIA A100-SXM4-80GB", "NVIDIA A100 80GB PCIe"), 312e12, 80 * GIB, 1,
-        "NVIDIA A100 datasheet (nvidia.com/en-us/data-center/a100): 624 TFLOPS sparse bf16",
-    ),
-    Accelerator(
-        "H100 SXM", ("NVIDIA H100 80GB HBM3",), 989e12, 80 * GIB, 1,
-        "NVIDIA H100 datasheet (nvidia.com/en-us/data-center/h100): SXM 1979 TFLOPS sparse bf16",
-    ),
-    Accelerator(
-        "H100 PCIe", ("NVIDIA H100 PCIe",), 756e12, 80 * GIB, 1,
-        "NVIDIA H100 datasheet (nvidia.com/en-us/data-center/h100): PCIe 1513 TFLOPS sparse bf16",
-    ),
-    Accelerator(
-        "H100 NVL", ("NVIDIA H100 NVL",), 835e12, 94 * GIB, 1,
-        "NVIDIA H100 datasheet (nvidia.com/en-us/data-center/h100): NVL 1671 TFLOPS sparse bf16",
-    ),
-    # The H200 NVL (835 TFLOPS dense) reports the same device kind; the SXM figure is used.
-    Accelerator(
-        "H200 SXM", ("NVIDIA H200",), 989e12, 141 * GIB, 1,
-        "NVIDIA H200 datasheet (nvidia.com/en-us/data-center/h200): SXM 1979 TFLOPS sparse bf16",
-    ),
-    Accelerator(
-        "B200", ("NVIDIA B200",), 2250e12, 180 * GIB, 1,
-        "NVIDIA HGX B200 datasheet (nvidia.com/en-us/data-center/hgx): 4.5 PFLOPS sparse bf16 per GPU",
-    ),
-)
-
-_BY_DEVICE_KIND = {kind: acc for acc in ACCELERATORS for kind in acc.device_kinds}
-
-
-def accelerator(device_kind: str) -> Accelerator | None:
-    """The table entry for a jax `device.device_kind`, or None (CPU, unknown chips: MFU not reported)."""
-    return _BY_DEVICE_KIND.get(device_kind.strip())
-
-
-def peak_flops_per_device(device_kind: str) -> float | None:
-    acc = accelerator(device_kind)
-    return None if acc is None else acc.peak_flops_per_device
-
-
-def hbm_bytes_per_device(device_kind: str) -> int | None:
-    acc = accelerator(device_kind)
-    return None if acc is None else acc.hbm_bytes_per_device
 
 
 # --------------------------------------------------------------------------------------------------
@@ -200,7 +113,7 @@ class Throughput:
         self.tokens_per_step = batch_size * seq_len
         self.flops_per_token = train_flops_per_token(model, seq_len)
         self.num_devices = len(devices)
-        self.peak_flops_per_device = peak_flops_per_device(devices[0].device_kind)
+        self.peak_flops_per_device = hardware.peak_flops_per_device(devices[0].device_kind)
         self._clock = clock
         self._last: float | None = None
         self._steps, self._loss_tokens, self._seconds = 0, 0.0, 0.0

@@ -14,7 +14,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from megadoc_jax import aot, metrics
+from megadoc_jax import aot, hardware
 
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 needs_libtpu = pytest.mark.skipif(
@@ -149,7 +149,7 @@ def test_tpu_topology_devices_under_cpu_platform(name, num_devices, table_name):
     assert len(devices) == num_devices
     assert {d.platform for d in devices} == {"tpu"}
     # libtpu's device kind strings are the ones the peak/HBM table matches.
-    assert metrics.accelerator(devices[0].device_kind).name == table_name
+    assert hardware.accelerator(devices[0].device_kind).name == table_name
     assert jax.devices()[0].platform == "cpu"  # JAX_PLATFORMS=cpu still rules ordinary computation
 
 

@@ -1,6 +1,7 @@
 """`--dry-run`: abstract build of any size, parameter count, memory, and AOT compiles for TPU topologies."""
 
 import importlib.util
+from pathlib import Path
 
 import pytest
 
@@ -19,6 +20,29 @@ def test_dry_run_of_the_1_5b_model_allocates_nothing(capsys):
     expected = count_parameters(config_lib.load("configs/1.5b.yaml").model)
     assert f"parameters: {expected}\n" in out
     assert "train state (parameters + AdamW moments) per device" in out
+
+
+# Parameter counts of every shipped config, frozen: composing configs/ from base files changes none.
+PARAMETERS = {
+    "150m": 154_147_328,
+    "300m": 299_649_792,
+    "600m": 602_457_088,
+    "1.5b": 1_540_732_416,
+    "300m_32k": 299_649_792,
+    "300m_64k": 299_649_792,
+    "tiny": 164_160,
+    "demo": 1_311_872,
+}
+
+
+def test_every_shipped_config_is_covered():
+    assert sorted(p.stem for p in Path("configs").glob("*.yaml")) == sorted(PARAMETERS)
+
+
+@pytest.mark.parametrize("name", sorted(PARAMETERS))
+def test_dry_run_parameter_counts_of_the_shipped_configs(name, capsys):
+    assert train.main(["--config", f"configs/{name}.yaml", "--dry-run"]) == 0
+    assert f"parameters: {PARAMETERS[name]}\n" in capsys.readouterr().out
 
 
 def test_dry_run_reports_config_errors_before_building(capsys):

@@ -1,4 +1,5 @@
-"""Tests of megadoc_jax.metrics: FLOP formula (hand counts and XLA's count), MFU, device table, writers."""
+"""Tests of megadoc_jax.metrics and its device table (megadoc_jax.hardware): FLOP formula (hand counts and XLA's
+count), MFU, device table, writers."""
 
 import json
 import struct
@@ -11,7 +12,7 @@ import pytest
 from tensorboardX.crc32c import crc32c
 from tensorboardX.proto import event_pb2
 
-from megadoc_jax import metrics
+from megadoc_jax import hardware, metrics
 from megadoc_jax.model import count_parameters
 from megadoc_jax.config import ModelConfig
 
@@ -114,21 +115,42 @@ def test_train_flops_matches_xla_count_of_a_reference_decoder():
     ],
 )
 def test_device_kind_lookup(device_kind, name, peak_per_device, hbm_per_device):
-    acc = metrics.accelerator(device_kind)
+    acc = hardware.accelerator(device_kind)
     assert acc is not None and acc.name == name and acc.source
-    assert metrics.peak_flops_per_device(device_kind) == pytest.approx(peak_per_device)
-    assert metrics.hbm_bytes_per_device(device_kind) == hbm_per_device
+    assert hardware.peak_flops_per_device(device_kind) == pytest.approx(peak_per_device)
+    assert hardware.hbm_bytes_per_device(device_kind) == hbm_per_device
 
 
 def test_device_kind_lookup_unknown_and_cpu():
-    assert metrics.accelerator("cpu") is None
-    assert metrics.peak_flops_per_device(jax.devices()[0].device_kind) is None
-    assert metrics.hbm_bytes_per_device("NVIDIA GeForce RTX 4090") is None
+    assert hardware.accelerator("cpu") is None
+    assert hardware.peak_flops_per_device(jax.devices()[0].device_kind) is None
+    assert hardware.hbm_bytes_per_device("NVIDIA GeForce RTX 4090") is None
 
 
 def test_device_kinds_are_unambiguous():
-    kinds = [kind for acc in metrics.ACCELERATORS for kind in acc.device_kinds]
+    kinds = [kind for acc in hardware.ACCELERATORS for kind in acc.device_kinds]
     assert len(kinds) == len(set(kinds))
+
+
+def test_tpu_generations_of_the_table():
+    # The topology names aot.tpu_topology_devices accepts, each with the chip mode of its runtime:
+    # megacore chips (v4, v5p) are one device.
+    assert sorted(hardware.TPU_GENERATIONS) == ["tpu7x", "v2", "v3", "v4", "v5e", "v5p", "v6e"]
+    for generation, acc in hardware.TPU_GENERATIONS.items():
+        assert acc.name.startswith("TPU") and acc.source.endswith(f"/tpu/docs/{generation}")
+        assert acc.tpu_chip_config in ("default", "megacore")
+        if acc.tpu_chip_config == "megacore":
+            assert acc.devices_per_chip == 1
+    assert {g for g, acc in hardware.TPU_GENERATIONS.items() if acc.tpu_chip_config == "megacore"} == {"v4", "v5p"}
+    assert all(not acc.tpu_generation for acc in hardware.ACCELERATORS if not acc.name.startswith("TPU"))
+
+
+def test_hardware_imports_no_jax():
+    import subprocess
+    import sys
+
+    code = "import sys, megadoc_jax.hardware, megadoc_jax.config; assert 'jax' not in sys.modules, 'jax imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def _doc_table(first_header_cell: str) -> list[list[str]]:
@@ -145,12 +167,14 @@ def _doc_table(first_header_cell: str) -> list[list[str]]:
 
 def test_docs_peak_table_matches_code():
     rows = _doc_table("chip")
-    assert [row[0] for row in rows] == [acc.name for acc in metrics.ACCELERATORS]
-    for row, acc in zip(rows, metrics.ACCELERATORS):
+    assert [row[0] for row in rows] == [acc.name for acc in hardware.ACCELERATORS]
+    for row, acc in zip(rows, hardware.ACCELERATORS):
         assert tuple(kind.strip(" `") for kind in row[1].split(",")) == acc.device_kinds
         assert float(row[2]) * 1e12 == acc.peak_bf16_flops_per_chip
         assert int(row[3]) * GIB == acc.hbm_bytes_per_chip
         assert int(row[4]) == acc.devices_per_chip
+        topology = f"`{acc.tpu_generation}` ({acc.tpu_chip_config})" if acc.tpu_generation else "-"
+        assert row[5] == topology
 
 
 def test_docs_model_size_table_matches_code():
@@ -170,7 +194,7 @@ def test_mfu_arithmetic():
     # MFU = 3.2768e13 / 1.97e14 = 0.166335...
     out = metrics.throughput_scalars(
         tokens=64 * 4096, seconds=2.0, flops_per_token=1e9, num_devices=4,
-        peak_flops_per_device=metrics.peak_flops_per_device("TPU v5 lite"),
+        peak_flops_per_device=hardware.peak_flops_per_device("TPU v5 lite"),
     )
     assert out == {"tokens_per_s": 131_072, "tflops_per_device": pytest.approx(32.768),
                    "mfu": pytest.approx(3.2768e13 / 1.97e14)}
