@@ -51,8 +51,8 @@ def write_random_generator(run_dir: Path, tokenizer_dir: Path) -> Path:
 
     from generation.backends.jax_backend import prepare_run_dir
     from megadoc_jax import checkpoint, optim, sharding
-    from megadoc_jax import model as model_lib
     from megadoc_jax import config as config_lib
+    from megadoc_jax import model as model_lib
     from megadoc_jax import step as step_lib
     from megadoc_jax.data.store import TokenizerInfo
 

@@ -1,19 +1,31 @@
 """Backend declarations: a toy backend registered from outside the package (tests/toy_attention.py), and
 the config check and the train step's token layout, which read the declarations instead of names."""
 
+import importlib
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-import toy_attention  # noqa: F401  (registers "toy")
 from megadoc_jax import attention, sharding, train
 from megadoc_jax import config as config_lib
 from megadoc_jax import step as step_lib
+from megadoc_jax.attention import registry
 from megadoc_jax.config import ConfigError
 from megadoc_jax.model import Decoder
 from test_step import one_step, random_batch, tiny_config
+
+
+@pytest.fixture(scope="module", autouse=True)
+def toy_attention():
+    """Imports tests/toy_attention.py, which registers "toy"; unregistered afterwards, since other test
+    files check the exact set of built-in backends."""
+    yield importlib.import_module("toy_attention")
+    registry._BACKENDS.pop("toy")
+    del sys.modules["toy_attention"]
 
 
 def test_builtin_backends_declare_what_they_need():
@@ -26,7 +38,7 @@ def test_builtin_backends_declare_what_they_need():
     assert "bad" not in attention.backends()
 
 
-def test_toy_backend_from_one_file_runs_in_the_decoder_and_matches_xla():
+def test_toy_backend_from_one_file_runs_in_the_decoder_and_matches_xla(toy_attention):
     spec = attention.get_backend("toy")
     assert (spec.fn, spec.context_parallel, spec.zigzag_layout) == (toy_attention.toy_attention, True, True)
     config = tiny_config()
