@@ -52,6 +52,7 @@ def write_random_generator(run_dir: Path, tokenizer_dir: Path) -> Path:
     from generation.backends.jax_backend import prepare_run_dir
     from megadoc_jax import checkpoint, optim, sharding
     from megadoc_jax import config as config_lib
+    from megadoc_jax import model as model_lib
     from megadoc_jax import step as step_lib
     from megadoc_jax.data.store import TokenizerInfo
 
@@ -63,7 +64,7 @@ def write_random_generator(run_dir: Path, tokenizer_dir: Path) -> Path:
     run_dir.mkdir(parents=True)
     config_lib.dump(config, run_dir / "config.yaml")
     mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
-    model = sharding.create_sharded_model(config.model, mesh, seed=GENERATOR_SEED)
+    model = model_lib.create_sharded_model(config.model, mesh, seed=GENERATOR_SEED)
     params = nnx.to_pure_dict(nnx.state(model))
     tx, _ = optim.make_optimizer(config.optim, total_steps=1)
     with checkpoint.Checkpointer(run_dir / "checkpoints", config.train) as saver:  # waits for the save on exit

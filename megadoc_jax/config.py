@@ -455,7 +455,8 @@ def validate(config: Config) -> None:
 
 
 def validate_for_devices(config: Config, num_devices: int) -> dict[str, int]:
-    """Checks that need the device count; returns the concrete mesh axis sizes."""
+    """Checks that need the device count; returns the concrete mesh axis sizes. What the attention backend
+    needs of the mesh is its own declaration, checked by attention.check_mesh (from step.train_setup)."""
     sizes = config.mesh.sizes(num_devices)
     t, d, m = config.train, config.data, config.model
     batch_shards = sizes["data"] * sizes["fsdp"]
@@ -472,13 +473,6 @@ def validate_for_devices(config: Config, num_devices: int) -> dict[str, int]:
         "data.seq_len",
         f"{d.seq_len} is not divisible by the context axis mesh.context={sizes['context']}",
     )
-    if m.attention in ("ring", "all_gather") and sizes["context"] > 1:  # zig-zag: 2 chunks per device
-        _require(
-            d.seq_len % (2 * sizes["context"]) == 0,
-            "data.seq_len",
-            f"{d.seq_len} is not divisible by 2 * mesh.context = {2 * sizes['context']}, which "
-            f"model.attention={m.attention!r} needs for its load-balanced (zig-zag) layout",
-        )
     _require(
         m.kv_heads % sizes["tensor"] == 0 or sizes["tensor"] % m.kv_heads == 0,
         "mesh.tensor",

@@ -8,7 +8,8 @@ a `jax.lax.scan` over that axis (one compiled layer body, compile time flat in d
 over its slices (unrolled). Both read the same parameters and compute the same function, so checkpoints
 move freely between the two. model.remat wraps the layer body in `jax.checkpoint`.
 
-Every parameter carries logical axis names (see sharding.RULES) in its `out_sharding` metadata.
+Every parameter carries logical axis names (see sharding.RULES) in its `out_sharding` metadata;
+`create_sharded_model` and `abstract_model` build the decoder on a mesh from them.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from megadoc_jax import attention as attention_lib
+from megadoc_jax import sharding
 from megadoc_jax.config import ModelConfig
 from megadoc_jax.sharding import constrain
 
@@ -218,3 +220,28 @@ class Decoder(nnx.Module):
             "bld,dv->blv", x_BxLxD.astype(jnp.float32), self.unembed_DxV().astype(jnp.float32)
         )
         return constrain(logits_BxLxV, ("batch", "seq", "vocab"))
+
+
+# --------------------------------------------------------------------------------------------------
+# Construction on a mesh
+# --------------------------------------------------------------------------------------------------
+
+
+def abstract_model(cfg: ModelConfig, mesh: jax.sharding.Mesh, seed: int = 0) -> Decoder:
+    """The decoder with jax.ShapeDtypeStruct leaves that carry their shardings; allocates nothing.
+
+    Use it for memory estimates, ahead-of-time compiles and as the target of a checkpoint restore.
+    """
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(seed))))
+    return nnx.merge(graphdef, sharding.abstract_state(state, mesh))
+
+
+def create_sharded_model(cfg: ModelConfig, mesh: jax.sharding.Mesh, seed: int) -> Decoder:
+    """The decoder initialised under jit with out_shardings: each device creates only its shards.
+
+    The values equal those of `Decoder(cfg, rngs=nnx.Rngs(seed))` on one device (partitionable RNG).
+    """
+    factory = lambda: Decoder(cfg, rngs=nnx.Rngs(seed))
+    graphdef, abstract_state = nnx.split(nnx.eval_shape(factory))
+    init_state = jax.jit(lambda: nnx.state(factory()), out_shardings=sharding.state_shardings(abstract_state, mesh))
+    return nnx.merge(graphdef, init_state())

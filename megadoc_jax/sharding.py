@@ -20,7 +20,7 @@ import jax
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from megadoc_jax.config import MESH_AXES, ModelConfig
+from megadoc_jax.config import MESH_AXES
 
 LogicalAxes = Sequence[str | None]
 
@@ -124,31 +124,8 @@ def state_shardings(state: Any, mesh: Mesh) -> Any:
     return _map_variables(lambda v: v.replace(_variable_sharding(v, mesh)), state)
 
 
-def _model_factory(cfg: ModelConfig, seed: int):
-    from megadoc_jax.model import Decoder  # model imports this module for `constrain`
-
-    return lambda: Decoder(cfg, rngs=nnx.Rngs(seed))
-
-
-def abstract_model(cfg: ModelConfig, mesh: Mesh, seed: int = 0) -> nnx.Module:
-    """The decoder with jax.ShapeDtypeStruct leaves that carry their shardings; allocates nothing.
-
-    Use it for memory estimates, ahead-of-time compiles and as the target of a checkpoint restore.
-    """
-    graphdef, state = nnx.split(nnx.eval_shape(_model_factory(cfg, seed)))
-    state = _map_variables(
+def abstract_state(state: Any, mesh: Mesh) -> Any:
+    """An (abstract) NNX state with jax.ShapeDtypeStruct values that carry each variable's NamedSharding."""
+    return _map_variables(
         lambda v: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=_variable_sharding(v, mesh))), state
     )
-    return nnx.merge(graphdef, state)
-
-
-def create_sharded_model(cfg: ModelConfig, mesh: Mesh, seed: int) -> nnx.Module:
-    """The decoder initialised under jit with out_shardings: each device creates only its shards.
-
-    The values equal those of `Decoder(cfg, rngs=nnx.Rngs(seed))` on one device (partitionable RNG).
-    """
-    factory = _model_factory(cfg, seed)
-    graphdef, abstract_state = nnx.split(nnx.eval_shape(factory))
-    init_state = jax.jit(lambda: nnx.state(factory()), out_shardings=state_shardings(abstract_state, mesh))
-    return nnx.merge(graphdef, init_state())
-

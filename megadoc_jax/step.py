@@ -15,8 +15,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from megadoc_jax import attention_ring
+from megadoc_jax import attention
 from megadoc_jax import loss as loss_lib
+from megadoc_jax import model as model_lib
 from megadoc_jax import optim, sharding
 from megadoc_jax.config import Config
 
@@ -46,7 +47,10 @@ class TrainSetup:
 
 
 def train_setup(config: Config, mesh: jax.sharding.Mesh, total_steps: int) -> TrainSetup:
-    graphdef, params = nnx.split(sharding.abstract_model(config.model, mesh, config.train.seed))
+    """Raises config.ConfigError where model.attention does not fit the mesh (attention.check_mesh): every
+    path (train, dry run, AOT compiles) builds its setup here before compiling anything."""
+    attention.check_mesh(config.model.attention, config.data.seq_len, dict(mesh.shape))
+    graphdef, params = nnx.split(model_lib.abstract_model(config.model, mesh, config.train.seed))
     params = nnx.to_pure_dict(params)
     tx, schedule = optim.make_optimizer(config.optim, total_steps)
     shardings = state_shardings(params, tx)
@@ -60,7 +64,7 @@ def train_setup(config: Config, mesh: jax.sharding.Mesh, total_steps: int) -> Tr
 
 def initial_state(setup: TrainSetup, config: Config, mesh: jax.sharding.Mesh) -> State:
     """Freshly initialised parameters and optimizer state, each device creating only its shards."""
-    params = nnx.to_pure_dict(nnx.state(sharding.create_sharded_model(config.model, mesh, config.train.seed)))
+    params = nnx.to_pure_dict(nnx.state(model_lib.create_sharded_model(config.model, mesh, config.train.seed)))
     return jax.jit(lambda p: init_state(p, setup.tx), out_shardings=setup.state_shardings)(params)
 
 
@@ -80,16 +84,17 @@ def _model_inputs(batch: Batch, document_masking: bool) -> tuple[jax.Array, jax.
 
 
 def _context_layout(batch: Batch, config: Config) -> Batch:
-    """The batch in the zig-zag layout that ring / all_gather attention expect when context > 1.
+    """The batch in the token layout that the attention backend declares (attention.token_order): the
+    zig-zag layout of ring / all_gather when context > 1, else the batch as it is.
 
     One permutation of the sequence axis for every [B, L] array (tokens, positions, segment ids, targets,
     loss mask), so each token keeps its target and mask. The loss is a sum over tokens and is not
-    un-permuted; per-token outputs would be read back with attention_ring.zigzag_order.
+    un-permuted; per-token outputs go back to the original order with attention.inverse_token_order.
     """
-    context = attention_ring.context_size()
-    if context == 1 or not attention_ring.uses_layout(config.model.attention):
+    order = attention.token_order(config.model.attention, batch["inputs"].shape[-1])
+    if order is None:
         return batch
-    order_L = jnp.asarray(attention_ring.zigzag_order(batch["inputs"].shape[-1], context))
+    order_L = jnp.asarray(order)
     permute = lambda x_BxL: sharding.constrain(jnp.take(x_BxL, order_L, axis=-1), BATCH_AXES)
     return jax.tree.map(permute, batch)
 

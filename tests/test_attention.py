@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from megadoc_jax import attention as attention_lib
-from megadoc_jax.attention import attention
+from megadoc_jax.attention import attention, registry
 
 B, L, H, G, K = 2, 12, 4, 2, 8
 
@@ -104,7 +104,7 @@ def test_unknown_backend_lists_registered_ones():
 def test_registered_backend_receives_checked_arguments():
     calls = []
 
-    @attention_lib.register_backend("test_recording")
+    @attention_lib.register_backend("test_recording", context_parallel=True, zigzag_layout=False)
     def recording(q, k, v, *, segment_ids_BxL, causal):
         calls.append((q.shape, k.shape, segment_ids_BxL is None, causal))
         return attention_lib.xla_attention(q, k, v, segment_ids_BxL=segment_ids_BxL, causal=causal)
@@ -114,9 +114,9 @@ def test_registered_backend_receives_checked_arguments():
         np.testing.assert_array_equal(attend(q, k, v, impl="test_recording"), attend(q, k, v))
         assert calls == [((B, L, H, K), (B, L, G, K), True, True)]
         with pytest.raises(ValueError, match="already registered"):
-            attention_lib.register_backend("test_recording")(recording)
+            attention_lib.register_backend("test_recording", context_parallel=True, zigzag_layout=False)(recording)
     finally:
-        attention_lib._BACKENDS.pop("test_recording")
+        registry._BACKENDS.pop("test_recording")
 
 
 @pytest.mark.parametrize(

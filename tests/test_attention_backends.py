@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from megadoc_jax import attention as attention_lib
-from megadoc_jax import attention_kernels
 from megadoc_jax import sharding
+from megadoc_jax.attention import splash
 
 B, L, H, G, K = 2, 128, 4, 2, 16  # 128: the smallest splash block
 
@@ -65,9 +65,9 @@ def test_splash_needs_whole_blocks():
         attention_lib.attention(*(jnp.concatenate([x] * 5, axis=1)[:, :600] for x in (q, k, v)), impl="splash")
     # Longer sequences take the largest block of 512, 256, 128 that divides them (ring blocks of
     # 2c and c tokens: 768 and 384 for chunks of 384).
-    sizes = attention_kernels._block_sizes(768, 384)
+    sizes = splash.block_sizes(768, 384)
     assert (sizes.block_q, sizes.block_kv, sizes.block_q_dkv, sizes.block_kv_dq) == (256, 384, 256, 384)
-    assert attention_kernels._block_sizes(1536).block_q == 512
+    assert splash.block_sizes(1536).block_q == 512
 
 
 def test_cudnn_with_segment_ids_warns_and_falls_back_to_reference():

@@ -87,7 +87,6 @@ def test_validation_errors_name_the_key(overrides, key):
         (["train.batch_size=12"], 8, "train.batch_size"),  # batch not divisible by the data axes
         (["mesh.data=4", "mesh.fsdp=1", "mesh.context=2", "data.seq_len=63"], 8, "data.seq_len"),
         (["mesh.data=2", "mesh.tensor=4", "model.mlp=190"], 8, "mesh.tensor"),
-        (["mesh.data=2", "mesh.context=4", "model.attention=ring", "data.seq_len=36"], 8, "zig-zag"),
     ],
 )
 def test_device_dependent_errors_name_the_key(overrides, devices, key):

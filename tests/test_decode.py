@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 
 from megadoc_jax import decode, sharding
+from megadoc_jax import model as model_lib
 from megadoc_jax.config import ModelConfig
 from megadoc_jax.model import Decoder
 
@@ -153,7 +154,7 @@ def test_two_device_mesh_gives_the_single_device_samples(model):
         pytest.skip("needs 2 devices (tests/conftest.py sets 8 fake CPU devices)")
     mesh = sharding.make_mesh({"data": 1, "tensor": 2}, jax.devices()[:2])
     sampled = decode.Sampler(model, (17,)).generate(PROMPTS, [1, 2, 3], decode.SamplingConfig(), 8)
-    sharded = sharding.create_sharded_model(CFG, mesh, seed=0)  # the same values as Decoder(rngs=Rngs(0))
+    sharded = model_lib.create_sharded_model(CFG, mesh, seed=0)  # the same values as Decoder(rngs=Rngs(0))
     with jax.set_mesh(mesh):
         assert sharded.layers.attention.wq[...].sharding.spec == jax.sharding.PartitionSpec(None, None, "tensor", None)
         generated = decode.Sampler(sharded, (17,)).generate(PROMPTS, [1, 2, 3], decode.SamplingConfig(), 8)

@@ -19,6 +19,7 @@ from generation.backends import BackendError, Request, Sampling, create_backend
 from generation.backends import jax_backend
 from megadoc_jax import checkpoint, decode, optim, sharding
 from megadoc_jax import config as config_lib
+from megadoc_jax import model as model_lib
 from megadoc_jax import step as step_lib
 from megadoc_jax.data import demo
 
@@ -38,7 +39,7 @@ def make_run_dir(root: Path, seed: int) -> Path:
     run.mkdir()
     config_lib.dump(config, run / "config.yaml")
     mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
-    params = nnx.to_pure_dict(nnx.state(sharding.create_sharded_model(config.model, mesh, seed=seed)))
+    params = nnx.to_pure_dict(nnx.state(model_lib.create_sharded_model(config.model, mesh, seed=seed)))
     tx, _ = optim.make_optimizer(config.optim, total_steps=10)
     with checkpoint.Checkpointer(run / "checkpoints", config.train) as saver:
         saver.save(SAVED_STEP, step_lib.init_state(params, tx))
@@ -66,7 +67,7 @@ def backend(run_dir):
 
 def test_restores_the_checkpointed_params_and_describes_the_run(backend, run_dir):
     config = config_lib.load(run_dir / "config.yaml")
-    saved = nnx.state(sharding.create_sharded_model(config.model, sharding.make_mesh({}, jax.devices()[:1]), 0))
+    saved = nnx.state(model_lib.create_sharded_model(config.model, sharding.make_mesh({}, jax.devices()[:1]), 0))
     restored = nnx.to_pure_dict(backend.sampler.params[0])
     for a, b in zip(jax.tree.leaves(nnx.to_pure_dict(saved)), jax.tree.leaves(restored)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -162,7 +163,7 @@ def test_ensemble_of_two_runs_samples_their_mean_logits(backend, run_dir, second
     assert ensemble.sampler.ensemble_size == 2 and "ensemble of 2" in ensemble.version()
     # Member 1 holds the second run's checkpoint (seed 1), not a copy of member 0.
     config = config_lib.load(second_run_dir / "config.yaml")
-    saved = sharding.create_sharded_model(config.model, sharding.make_mesh({}, jax.devices()[:1]), seed=1)
+    saved = model_lib.create_sharded_model(config.model, sharding.make_mesh({}, jax.devices()[:1]), seed=1)
     for a, b in zip(jax.tree.leaves(nnx.to_pure_dict(nnx.state(saved))), jax.tree.leaves(ensemble.sampler.params[1])):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     request, sampling = Request((5, 6, 7, 8), (41, 42)), Sampling(max_new_tokens=10, top_k=100)

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from megadoc_jax import attention as attention_lib
-from megadoc_jax import attention_blocks, attention_ring, sharding
+from megadoc_jax import sharding
+from megadoc_jax.attention import ring_blocks
 
 B, L, H, G, K = 2, 32, 4, 2, 8  # GQA: two query heads per kv head
 
@@ -60,7 +61,7 @@ def _run(impl, context, segments, causal=True, dtype=jnp.float32, length=L):
     reference = _loss_and_grads("xla", q, k, v, w, segment_ids, causal)
     tensor = 2 if context < 8 else 1  # heads split too where the 8 devices allow it
     mesh = sharding.make_mesh({"data": 8 // context // tensor, "tensor": tensor, "context": context})
-    order = attention_ring.zigzag_order(length, context)
+    order = attention_lib.zigzag_order(length, context)
     with jax.set_mesh(mesh):
         result = jax.jit(lambda *a: _loss_and_grads(impl, *a, segment_ids, causal, order))(q, k, v, w)
     return reference, result
@@ -105,14 +106,14 @@ def test_without_mesh_ring_is_plain_attention():
 
 
 def test_zigzag_order_balances_causal_work():
-    order = attention_ring.zigzag_order(16, 4).reshape(4, 4)  # 4 devices x 4 tokens, chunks of 2
+    order = attention_lib.zigzag_order(16, 4).reshape(4, 4)  # 4 devices x 4 tokens, chunks of 2
     np.testing.assert_array_equal(order[0], [0, 1, 14, 15])
     np.testing.assert_array_equal(order[3], [6, 7, 8, 9])
     # Every device attends to the same number of (query, key) pairs under causal masking.
     assert len({int((row + 1).sum()) for row in order}) == 1
     assert sorted(order.ravel().tolist()) == list(range(16))
     with pytest.raises(ValueError, match=r"data.seq_len.*2 x context = 8"):
-        attention_ring.zigzag_order(12, 4)
+        attention_lib.zigzag_order(12, 4)
 
 
 def test_ring_residuals_are_local():
@@ -133,7 +134,7 @@ def test_ring_residuals_are_local():
 @pytest.mark.parametrize("segments", [False, True])
 def test_ring_query_tiles_match_reference(monkeypatch, segments):
     # Tiles of 4 queries: blocks of 8 and 16 local queries go through the row/tile loops.
-    monkeypatch.setattr(attention_blocks, "QUERY_TILE", 4)
+    monkeypatch.setattr(ring_blocks, "QUERY_TILE", 4)
     _assert_close(*_run("ring", 2, segments), rtol=1e-5)
 
 
@@ -141,19 +142,19 @@ def test_ring_query_tiles_match_reference(monkeypatch, segments):
 # smallest block, so L = 256 x C.
 @pytest.mark.parametrize("context, segments, causal", [(2, True, True), (4, True, True), (4, False, True), (2, True, False)])
 def test_ring_with_splash_blocks_matches_reference(monkeypatch, context, segments, causal):
-    monkeypatch.setattr(attention_ring, "BLOCK_KERNEL", "splash")
+    monkeypatch.setattr(ring_blocks, "BLOCK_KERNEL", "splash")
     _assert_close(*_run("ring", context, segments, causal=causal, length=256 * context), rtol=1e-5)
 
 
 def test_ring_with_splash_blocks_bf16_within_documented_bound(monkeypatch):
     # The kernel rounds each block's output and gradients to bf16 before the fp32 merge: one rounding more
     # per block than XLA blocks, still within docs/attention.md's 2e-2.
-    monkeypatch.setattr(attention_ring, "BLOCK_KERNEL", "splash")
+    monkeypatch.setattr(ring_blocks, "BLOCK_KERNEL", "splash")
     _assert_close(*_run("ring", 4, segments=True, dtype=jnp.bfloat16, length=1024), rtol=2e-2)
 
 
 def test_ring_splash_blocks_refuse_small_chunks(monkeypatch):
-    monkeypatch.setattr(attention_ring, "BLOCK_KERNEL", "splash")
+    monkeypatch.setattr(ring_blocks, "BLOCK_KERNEL", "splash")
     with pytest.raises(ValueError, match=r"chunks of 4 tokens.*multiples of 128"):
         _run("ring", 4, segments=True)
 

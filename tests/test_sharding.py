@@ -10,6 +10,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from megadoc_jax import model as model_lib
 from megadoc_jax import sharding
 from megadoc_jax.config import MESH_AXES, MODEL_SIZES, ModelConfig
 from megadoc_jax.model import Decoder
@@ -72,7 +73,7 @@ def _flat(state) -> dict:
 
 
 def test_sharded_init_has_the_rule_shardings_and_the_unsharded_values(mesh):
-    model = sharding.create_sharded_model(TINY, mesh, seed=3)
+    model = model_lib.create_sharded_model(TINY, mesh, seed=3)
     params = _flat(nnx.state(model))
     assert {path: value.sharding.spec for path, value in params.items()} == EXPECTED_SPECS
     assert all(value.sharding.mesh == mesh for value in params.values())
@@ -95,7 +96,7 @@ def test_sharded_init_has_the_rule_shardings_and_the_unsharded_values(mesh):
 
 def test_abstract_model_of_a_1_5b_model_allocates_nothing(mesh):
     cfg = ModelConfig(size="1.5b", **MODEL_SIZES["1.5b"])
-    abstract = sharding.abstract_model(cfg, mesh)
+    abstract = model_lib.abstract_model(cfg, mesh)
     leaves = _flat(nnx.state(abstract))
     assert all(isinstance(v, jax.ShapeDtypeStruct) for v in leaves.values())
     assert leaves[("embed",)].shape == (128_256, 1536)
@@ -112,14 +113,14 @@ def test_mesh_over_abstract_tpu_devices_for_ahead_of_time_compiles():
     devices = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2").devices
     mesh = sharding.make_mesh({"fsdp": 2, "tensor": 2}, devices=devices)
     assert mesh.devices.size == 4 and {d.platform for d in mesh.devices.flat} == {"tpu"}
-    wq = _flat(nnx.state(sharding.abstract_model(TINY, mesh)))[("layers", "attention", "wq")]
+    wq = _flat(nnx.state(model_lib.abstract_model(TINY, mesh)))[("layers", "attention", "wq")]
     assert wq.sharding.spec == P(None, "fsdp", "tensor", None) and wq.sharding.mesh == mesh
 
 
 def test_indivisible_parameter_dims_fall_back_to_replication():
     mesh = sharding.make_mesh({"fsdp": 2, "tensor": 4})
     cfg = ModelConfig(vocab_size=510, kv_heads=2)  # 510 % 4 != 0; 2 kv heads on tensor=4
-    abstract = _flat(nnx.state(sharding.abstract_model(cfg, mesh)))
+    abstract = _flat(nnx.state(model_lib.abstract_model(cfg, mesh)))
     assert abstract[("embed",)].sharding.spec == P(None, "fsdp")
     assert abstract[("layers", "attention", "wk")].sharding.spec == P(None, "fsdp", None, None)
     assert abstract[("layers", "attention", "wq")].sharding.spec == P(None, "fsdp", "tensor", None)

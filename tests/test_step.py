@@ -8,6 +8,7 @@ import numpy as np
 from flax import nnx
 
 from megadoc_jax import config as config_lib
+from megadoc_jax import model as model_lib
 from megadoc_jax import optim, sharding
 from megadoc_jax import step as step_lib
 
@@ -35,7 +36,7 @@ def random_batch(config: config_lib.Config, seed: int = 0) -> dict[str, np.ndarr
 def initial_model(model_config: config_lib.ModelConfig):
     """(graphdef, params) of a freshly initialised decoder; built once per model config (init compiles)."""
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1, "context": 1}, jax.devices()[:1])
-    graphdef, params = nnx.split(sharding.create_sharded_model(model_config, mesh, 0))
+    graphdef, params = nnx.split(model_lib.create_sharded_model(model_config, mesh, 0))
     return graphdef, nnx.to_pure_dict(params)
 
 

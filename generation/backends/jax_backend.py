@@ -4,7 +4,7 @@ training mesh machinery. No torch: the default install can generate.
 Models (a local directory, as every backend):
 - a megadoc_jax run directory (config.yaml + checkpoints/STEP): the latest step's params, or a
   checkpoints directory, or one step's directory; only the params are read (partial orbax restore), onto
-  the shardings that sharding.abstract_model gives on this backend's mesh;
+  the shardings that model.abstract_model gives on this backend's mesh;
 - a Hugging Face Llama directory (config.json with model_type llama + *.safetensors), imported into the
   Decoder's layout (no rope scaling, no biases).
 
@@ -37,6 +37,7 @@ from flax import nnx
 from generation.backends import Backend, BackendError, Completion, Devices, Request, Sampling, register_backend
 from megadoc_jax import config as config_lib
 from megadoc_jax import decode, sharding
+from megadoc_jax import model as model_lib
 from megadoc_jax.config import MeshConfig, ModelConfig
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
@@ -189,7 +190,7 @@ def restore_run_model(path: Path, cfg: ModelConfig, mesh: jax.sharding.Mesh) -> 
     import orbax.checkpoint as ocp
 
     step_dir = checkpoint_step_dir(path)
-    graphdef, abstract_state = nnx.split(sharding.abstract_model(cfg, mesh))
+    graphdef, abstract_state = nnx.split(model_lib.abstract_model(cfg, mesh))
     item = {"params": nnx.to_pure_dict(abstract_state)}
     args = ocp.args.PyTreeRestore(
         item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True
@@ -320,7 +321,7 @@ def import_llama(model_dir: Path, cfg: ModelConfig, mesh: jax.sharding.Mesh) -> 
             },
         },
     }
-    graphdef, abstract_state = nnx.split(sharding.abstract_model(cfg, mesh))
+    graphdef, abstract_state = nnx.split(model_lib.abstract_model(cfg, mesh))
     flat_target, treedef = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(abstract_state))
     flat_weights = treedef.flatten_up_to(pure)
     wrong = [f"{jax.tree_util.keystr(path)} {w.shape} != {spec.shape}"

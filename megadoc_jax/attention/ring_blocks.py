@@ -1,5 +1,8 @@
 """Block computations of context-parallel attention: one block of local queries against one block of
-visiting keys, in the online-softmax forward and the recomputing backward (attention_ring.py).
+visiting keys, in the online-softmax forward and the recomputing backward (context_parallel.py).
+
+Two block kernels compute them: XlaBlocks (XLA ops, one batch row and QUERY_TILE queries at a time) and
+SplashBlocks (the Pallas splash kernel, splash.py); BLOCK_KERNEL picks one, by default splash on TPU.
 
 Shapes: q [B, Q, G, R, K] (query heads grouped by kv head, R = H / G), k and v [B, S, G, K]; original
 token indices q_idx [Q], k_idx [S] (the zig-zag layout makes them non-contiguous); segment ids [B, Q],
@@ -8,8 +11,20 @@ token indices q_idx [Q], k_idx [S] (the zig-zag layout makes them non-contiguous
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import warnings
+
 import jax
 import jax.numpy as jnp
+
+from megadoc_jax.attention.splash import (
+    MIN_SPLASH_BLOCK,
+    splash_block_backward,
+    splash_block_forward,
+    splash_blocks_available,
+    splash_fits_block,
+)
 
 NEG = float(jnp.finfo(jnp.float32).min)  # finite: max/exp of a fully masked row never makes NaN
 
@@ -138,3 +153,79 @@ def tiled_backward(q, do, lse, delta, q_idx, q_seg, keys, causal: bool):
         return _untile(dq_tiles)[0], dk_r[0], dv_r[0]
 
     return jax.lax.map(row, (q, do, lse, delta, q_seg, k, v, k_seg))
+
+
+# --------------------------------------------------------------------------------------------------
+# The block kernels: XLA tiles or splash, chosen by BLOCK_KERNEL
+# --------------------------------------------------------------------------------------------------
+
+
+class XlaBlocks:
+    """Block kernel from XLA ops (the tiles above): masks from original token indices, query tiles."""
+
+    @staticmethod
+    def forward(acc, q, q_idx, q_seg, keys, causal: bool, diagonal: bool):
+        return tiled_forward(acc, q, q_idx, q_seg, keys, causal)
+
+    @staticmethod
+    def backward(q, do, out, lse, delta, q_idx, q_seg, keys, causal: bool, diagonal: bool):
+        return tiled_backward(q, do, lse, delta, q_idx, q_seg, keys, causal)
+
+
+@dataclasses.dataclass(frozen=True)
+class SplashBlocks:
+    """Block kernel from the Pallas splash kernel (splash.py). In the zig-zag layout the
+    diagonal block is causal in local order and the visible part of any other block is fully visible,
+    so static masks suffice. interpret: None = compiled on TPU, interpret mode elsewhere."""
+
+    interpret: bool | None = None
+
+    def forward(self, acc, q, q_idx, q_seg, keys, causal: bool, diagonal: bool):
+        k, v, _, k_seg = keys
+        out_b, lse_b = splash_block_forward(q, k, v, q_seg, k_seg, causal and diagonal, self.interpret)
+        # Merge a normalised block as (o, m, l) = (out_b, lse_b, 1). A row with no visible key in the
+        # block has lse_b near the kernel's mask value (-2.4e38): its weight against any real block is 0.
+        o, m, l = acc
+        m_new = jnp.maximum(m, lse_b)
+        alpha, beta = jnp.exp(m - m_new), jnp.exp(lse_b - m_new)
+        return o * alpha[..., None] + out_b * beta[..., None], m_new, l * alpha + beta
+
+    def backward(self, q, do, out, lse, delta, q_idx, q_seg, keys, causal: bool, diagonal: bool):
+        k, v, _, k_seg = keys
+        return splash_block_backward(q, k, v, q_seg, k_seg, out, lse, do, causal and diagonal, self.interpret)
+
+
+# Block kernel of ring attention, read when a program is traced. auto: splash on TPU where the zig-zag
+# chunks are multiples of 128 tokens, XLA tiles elsewhere (chosen when the program is lowered for its
+# platform); "xla" or "splash" force one (splash off TPU runs in Pallas interpret mode: slow, for tests).
+BLOCK_KERNEL = "auto"
+
+
+@functools.lru_cache(maxsize=1)
+def _warn_no_splash_blocks() -> None:
+    warnings.warn(
+        f"ring attention: this jax ({jax.__version__}) lacks splash_attention_kernel._splash_attention_bwd; "
+        f"ring blocks use XLA tiles on TPU too",
+        stacklevel=3,
+    )
+
+
+def with_block_kernel(run, chunk: int):
+    """run(blocks) with the block kernel of BLOCK_KERNEL for zig-zag chunks of `chunk` tokens."""
+    if BLOCK_KERNEL not in ("auto", "xla", "splash"):
+        raise ValueError(f"ring_blocks.BLOCK_KERNEL must be auto, xla or splash, got {BLOCK_KERNEL!r}")
+    fits, available = splash_fits_block(chunk), splash_blocks_available()
+    if BLOCK_KERNEL == "splash":
+        if not fits or not available:
+            raise ValueError(
+                f"ring attention with splash blocks: chunks of {chunk} tokens (seq_len / (2 x context)) "
+                f"must be multiples of {MIN_SPLASH_BLOCK}, and jax must have splash's backward entry point "
+                f"(available: {available})"
+            )
+        return run(SplashBlocks())
+    if BLOCK_KERNEL == "xla" or not fits:
+        return run(XlaBlocks())
+    if not available:
+        _warn_no_splash_blocks()
+        return run(XlaBlocks())
+    return jax.lax.platform_dependent(tpu=lambda: run(SplashBlocks(interpret=False)), default=lambda: run(XlaBlocks()))

@@ -1,32 +1,18 @@
-"""Fused attention kernels behind attention(): `splash` (Pallas, TPU) and `cudnn` (NVIDIA GPUs).
+"""The Pallas splash attention kernel, called as one multi-query kernel per kv head, vmapped over kv
+heads and batch rows (K/V are never repeated): for the `splash` backend (fused.py) and for the blocks of
+ring attention (ring_blocks.py).
 
-splash: JAX's Pallas splash attention kernel, with a causal (or full) mask and segment ids for document
-masking. Query heads are grouped by kv head and each group runs the multi-query kernel, vmapped over kv
-heads and batch rows, so K/V are never repeated. A Pallas kernel cannot be partitioned by XLA, so under a
-mesh it runs inside `jax.shard_map` (batch over data/fsdp, heads over tensor); the sequence must not be
-split (context 1: use `ring` for context parallelism). The kernel is compiled for TPU programs (also
-ahead of time from a CPU machine) and run in Pallas interpret mode on other platforms, chosen at
-lowering time with `lax.platform_dependent`, so tests on CPU exercise the very same kernel code.
-
-cudnn: `jax.nn.dot_product_attention(implementation='cudnn')`, fused flash attention with causal
-masking and GQA. It has no segment ids (only per-row sequence lengths), so with document masking it
-warns once and falls back to the xla reference. On a machine without a CUDA GPU it fails with a clear
-error instead of silently running something else.
+The kernel is compiled for TPU programs (also ahead of time from a CPU machine) and run in Pallas
+interpret mode on other platforms, chosen at lowering time with `lax.platform_dependent`, so tests on CPU
+exercise the very same kernel code.
 """
 
 from __future__ import annotations
-
-import functools
-import warnings
 
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash_kernel
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
-from jax.sharding import PartitionSpec
-
-from megadoc_jax import attention as attention_lib
-from megadoc_jax import sharding
 
 SPLASH_BLOCK = 512  # tokens per kernel block (forward and backward), at most
 MIN_SPLASH_BLOCK = 128  # longer sequences are cut into blocks of 512, 256 or 128 tokens
@@ -40,7 +26,7 @@ def _block(n: int) -> int | None:
     return next((b for b in (512, 256, 128) if n % b == 0), None)
 
 
-def _block_sizes(q_len: int, kv_len: int | None = None) -> splash_kernel.BlockSizes:
+def block_sizes(q_len: int, kv_len: int | None = None) -> splash_kernel.BlockSizes:
     kv_len = q_len if kv_len is None else kv_len
     block_q, block_kv = _block(q_len), _block(kv_len)
     if block_q is None or block_kv is None:
@@ -65,7 +51,7 @@ def _splash_kernel(q_len: int, group: int, causal: bool, interpret: bool, kv_len
         splash_mask.MultiHeadMask([head_mask] * group),
         head_shards=1,
         q_seq_shards=1,
-        block_sizes=_block_sizes(*shape),
+        block_sizes=block_sizes(*shape),
         save_residuals=save_residuals,
         interpret=interpret,
     )
@@ -115,7 +101,8 @@ def _splash_mqa(q_BxQxGxRxK, k_BxSxGxK, v_BxSxGxK, q_seg_BxQ, k_seg_BxS, causal:
     return _on_platform(run, interpret)
 
 
-def _splash_local(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, causal: bool) -> jax.Array:
+def local_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, causal: bool) -> jax.Array:
+    """Splash attention [B, L, H, K] on one device's arrays (no mesh or inside shard_map)."""
     b, length, heads, size = q_BxLxHxK.shape
     kv_heads = k_BxLxGxK.shape[2]
     q_BxLxGxRxK = q_BxLxHxK.reshape(b, length, kv_heads, heads // kv_heads, size)
@@ -125,33 +112,8 @@ def _splash_local(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, causal: bool
     return out_BxGxRxLxK.transpose(0, 3, 1, 2, 4).reshape(b, length, heads, size).astype(q_BxLxHxK.dtype)
 
 
-@attention_lib.register_backend("splash")
-def splash_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, *, segment_ids_BxL, causal):
-    """Pallas splash attention (TPU; interpret mode elsewhere)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    local = functools.partial(_splash_local, causal=causal)
-    if mesh.empty:
-        return local(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL)
-    sizes = dict(mesh.shape)
-    if sizes.get("context", 1) > 1:
-        raise ValueError(
-            "attention backend 'splash' does not split the sequence; with mesh.context > 1 use "
-            "model.attention=ring"
-        )
-    q_spec = sharding.logical_to_spec(("batch", "seq", "heads", "head_dim"), q_BxLxHxK.shape, sizes)
-    k_spec = sharding.logical_to_spec(("batch", "seq", "kv_heads", "head_dim"), k_BxLxGxK.shape, sizes)
-    if q_spec[2] != k_spec[2]:  # kv heads not divisible by tensor: keep heads whole
-        q_spec, k_spec = PartitionSpec(q_spec[0]), PartitionSpec(k_spec[0])
-    args, specs = (q_BxLxHxK, k_BxLxGxK, v_BxLxGxK), (q_spec, k_spec, k_spec)
-    if segment_ids_BxL is not None:
-        args, specs = args + (segment_ids_BxL,), specs + (PartitionSpec(q_spec[0]),)
-    per_device = lambda q, k, v, seg=None: local(q, k, v, seg)
-    # check_vma=False: the Pallas kernel declares its outputs without varying-axis types.
-    return jax.shard_map(per_device, in_specs=specs, out_specs=q_spec, check_vma=False)(*args)
-
-
 # --------------------------------------------------------------------------------------------------
-# splash as the block kernel of ring attention (attention_ring.py)
+# splash as the block kernel of ring attention (ring_blocks.py)
 # --------------------------------------------------------------------------------------------------
 #
 # A ring block is local queries [B, Q, G, R, K] against visiting keys [B, S, G, K] under a static mask:
@@ -232,31 +194,5 @@ def splash_block_backward(q_BxQxGxRxK, k_BxSxGxK, v_BxSxGxK, q_seg_BxQ, k_seg_Bx
     dq_BxGxRxQxK, dk_BxGxSxK, dv_BxGxSxK = _on_platform(run, interpret)
     # The kernel differentiated with respect to the scaled q.
     dq = dq_BxGxRxQxK.transpose(0, 3, 1, 2, 4).astype(jnp.float32) * size**-0.5
-    return dq, dk_BxGxSxK.transpose(0, 2, 1, 3).astype(jnp.float32), dv_BxGxSxK.transpose(0, 2, 1, 3).astype(jnp.float32)
-
-
-@functools.lru_cache(maxsize=1)
-def _warn_cudnn_fallback() -> None:
-    warnings.warn(
-        "attention backend 'cudnn' has no segment ids (document masking): using the 'xla' reference "
-        "for masked batches (set data.document_masking=false to keep cuDNN)",
-        stacklevel=3,
-    )
-
-
-@attention_lib.register_backend("cudnn")
-def cudnn_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, *, segment_ids_BxL, causal):
-    """cuDNN fused attention; document masking falls back to xla with a warning."""
-    if segment_ids_BxL is not None:
-        _warn_cudnn_fallback()
-        return attention_lib.xla_attention(
-            q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL=segment_ids_BxL, causal=causal
-        )
-    if jax.default_backend() != "gpu":
-        raise ValueError(
-            f"attention backend 'cudnn' (model.attention) needs an NVIDIA GPU; this process runs on "
-            f"{jax.default_backend()!r}: use model.attention=xla (or splash on TPU)"
-        )
-    return jax.nn.dot_product_attention(
-        q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, is_causal=causal, implementation="cudnn"
-    ).astype(q_BxLxHxK.dtype)
+    kv_major = lambda x_BxGxSxK: x_BxGxSxK.transpose(0, 2, 1, 3).astype(jnp.float32)
+    return dq, kv_major(dk_BxGxSxK), kv_major(dv_BxGxSxK)

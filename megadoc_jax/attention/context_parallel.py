@@ -3,13 +3,11 @@
 Both run inside `jax.shard_map` over the mesh set with `jax.set_mesh(mesh)`: batch rows split over
 ('data', 'fsdp'), heads over 'tensor', the sequence over 'context' (C devices, sharding.RULES).
 
-Load-balanced layout (zig-zag). Under causal masking, device d of a contiguous split would do d+1 blocks
-of work and idle otherwise. Instead the sequence of L tokens is cut into 2C chunks of c = L / (2C) tokens
-and device d holds chunks d and 2C-1-d (`zigzag_order`). The caller permutes every [B, L] input with
-that order before the model (step.py does it for tokens, positions, segment ids, targets and loss mask);
-attention recomputes each token's original index from the device index, so causal masking follows the
-original order. The loss is a sum over tokens and needs no un-permutation; anything that reads
-per-token outputs must index them with `zigzag_order` (out_original[:, order] = out_permuted).
+Layout: when context > 1 both take their inputs in the load-balanced zig-zag layout (layout.py; they
+register with zigzag_layout=True, so step.py permutes every [B, L] batch array before the model).
+Attention recomputes each token's original index from the device index, so causal masking follows the
+original order. The loss is a sum over tokens and needs no un-permutation; per-token outputs come back
+to the original order with registry.inverse_token_order.
 
 Ring (forward): each device keeps its queries; K/V (and their segment ids) travel one hop per step with
 `lax.ppermute`, the next hop issued before the current block is computed so that the transfer overlaps
@@ -24,9 +22,9 @@ with the dK/dV accumulators travelling with their K/V and one last hop home. Per
 therefore the local sequence's activations plus one block's working set, never the [L/C, L] strip that
 all_gather keeps.
 
-Block kernel: each block is computed by XlaBlocks (XLA ops, one tile of 512 queries at a time:
-attention_blocks.py) or SplashBlocks (the Pallas splash kernel: attention_kernels.py), by BLOCK_KERNEL;
-by default splash on TPU, XLA elsewhere.
+Block kernel: each block is computed by XlaBlocks (XLA ops, one tile of 512 queries at a time) or
+SplashBlocks (the Pallas splash kernel), by ring_blocks.BLOCK_KERNEL; by default splash on TPU, XLA
+elsewhere.
 
 all_gather: the simple baseline. K/V and segment ids are gathered over 'context' (a [B, L, G, K] copy
 per device) and the local queries attend to the whole sequence; plain autodiff.
@@ -34,55 +32,22 @@ per device) and the local queries attend to the whole sequence; plain autodiff.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import warnings
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import PartitionSpec
 
-from megadoc_jax import attention as attention_lib
 from megadoc_jax import sharding
-from megadoc_jax.attention_blocks import NEG, block_mask, scores, tiled_backward, tiled_forward, varying_like
-from megadoc_jax.attention_kernels import (
-    MIN_SPLASH_BLOCK,
-    splash_block_backward,
-    splash_block_forward,
-    splash_blocks_available,
-    splash_fits_block,
-)
-
-CONTEXT_AXIS = "context"
+from megadoc_jax.attention import ring_blocks
+from megadoc_jax.attention.layout import CONTEXT_AXIS, context_size
+from megadoc_jax.attention.registry import register_backend
+from megadoc_jax.attention.ring_blocks import NEG, block_mask, scores, varying_like
 
 
 # --------------------------------------------------------------------------------------------------
-# Layout
+# Token indices on each device
 # --------------------------------------------------------------------------------------------------
-
-
-def context_size() -> int:
-    """Size of the 'context' axis of the mesh set with jax.set_mesh (1 without a mesh)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    return 1 if mesh.empty else dict(mesh.shape).get(CONTEXT_AXIS, 1)
-
-
-def zigzag_order(length: int, context: int) -> np.ndarray:
-    """int32 [length]: original token index at each position of the load-balanced layout."""
-    if length % (2 * context):
-        raise ValueError(
-            f"zig-zag layout: sequence length {length} (data.seq_len) must be divisible by "
-            f"2 x context = {2 * context}"
-        )
-    chunk = length // (2 * context)
-    chunks = [(d, 2 * context - 1 - d) for d in range(context)]
-    return np.concatenate([np.arange(i * chunk, (i + 1) * chunk) for pair in chunks for i in pair]).astype(np.int32)
-
-
-def uses_layout(impl: str) -> bool:
-    """Whether backend `impl` expects its inputs in the zig-zag layout (when context > 1)."""
-    return impl in ("ring", "all_gather")
 
 
 def _device_index(context: int) -> jax.Array:
@@ -151,77 +116,6 @@ def _visible_part(source, device, causal: bool, full_fn, first_kv_fn, second_q_f
     return jax.lax.cond(
         source == device, full_fn, lambda: jax.lax.cond(source < device, first_kv_fn, second_q_fn)
     )
-
-
-class XlaBlocks:
-    """Block kernel from XLA ops (attention_blocks.py): masks from original token indices, query tiles."""
-
-    @staticmethod
-    def forward(acc, q, q_idx, q_seg, keys, causal: bool, diagonal: bool):
-        return tiled_forward(acc, q, q_idx, q_seg, keys, causal)
-
-    @staticmethod
-    def backward(q, do, out, lse, delta, q_idx, q_seg, keys, causal: bool, diagonal: bool):
-        return tiled_backward(q, do, lse, delta, q_idx, q_seg, keys, causal)
-
-
-@dataclasses.dataclass(frozen=True)
-class SplashBlocks:
-    """Block kernel from the Pallas splash kernel (attention_kernels.py). In the zig-zag layout the
-    diagonal block is causal in local order and the visible part of any other block is fully visible,
-    so static masks suffice. interpret: None = compiled on TPU, interpret mode elsewhere."""
-
-    interpret: bool | None = None
-
-    def forward(self, acc, q, q_idx, q_seg, keys, causal: bool, diagonal: bool):
-        k, v, _, k_seg = keys
-        out_b, lse_b = splash_block_forward(q, k, v, q_seg, k_seg, causal and diagonal, self.interpret)
-        # Merge a normalised block as (o, m, l) = (out_b, lse_b, 1). A row with no visible key in the
-        # block has lse_b near the kernel's mask value (-2.4e38): its weight against any real block is 0.
-        o, m, l = acc
-        m_new = jnp.maximum(m, lse_b)
-        alpha, beta = jnp.exp(m - m_new), jnp.exp(lse_b - m_new)
-        return o * alpha[..., None] + out_b * beta[..., None], m_new, l * alpha + beta
-
-    def backward(self, q, do, out, lse, delta, q_idx, q_seg, keys, causal: bool, diagonal: bool):
-        k, v, _, k_seg = keys
-        return splash_block_backward(q, k, v, q_seg, k_seg, out, lse, do, causal and diagonal, self.interpret)
-
-
-# Block kernel of ring attention, read when a program is traced. auto: splash on TPU where the zig-zag
-# chunks are multiples of 128 tokens, XLA tiles elsewhere (chosen when the program is lowered for its
-# platform); "xla" or "splash" force one (splash off TPU runs in Pallas interpret mode: slow, for tests).
-BLOCK_KERNEL = "auto"
-
-
-@functools.lru_cache(maxsize=1)
-def _warn_no_splash_blocks() -> None:
-    warnings.warn(
-        f"ring attention: this jax ({jax.__version__}) lacks splash_attention_kernel._splash_attention_bwd; "
-        f"ring blocks use XLA tiles on TPU too",
-        stacklevel=3,
-    )
-
-
-def _with_block_kernel(run, chunk: int):
-    """run(blocks) with the block kernel of BLOCK_KERNEL for zig-zag chunks of `chunk` tokens."""
-    if BLOCK_KERNEL not in ("auto", "xla", "splash"):
-        raise ValueError(f"attention_ring.BLOCK_KERNEL must be auto, xla or splash, got {BLOCK_KERNEL!r}")
-    fits, available = splash_fits_block(chunk), splash_blocks_available()
-    if BLOCK_KERNEL == "splash":
-        if not fits or not available:
-            raise ValueError(
-                f"ring attention with splash blocks: chunks of {chunk} tokens (seq_len / (2 x context)) "
-                f"must be multiples of {MIN_SPLASH_BLOCK}, and jax must have splash's backward entry point "
-                f"(available: {available})"
-            )
-        return run(SplashBlocks())
-    if BLOCK_KERNEL == "xla" or not fits:
-        return run(XlaBlocks())
-    if not available:
-        _warn_no_splash_blocks()
-        return run(XlaBlocks())
-    return jax.lax.platform_dependent(tpu=lambda: run(SplashBlocks(interpret=False)), default=lambda: run(XlaBlocks()))
 
 
 def _ring_forward(q, k, v, seg, causal: bool, context: int, blocks):
@@ -409,7 +303,7 @@ def _per_device(fn, arg_kinds: str, out_kinds: str, *args, check_vma: bool = Tru
 def _ring_forward_sharded(q, k, v, seg, causal: bool):
     context = context_size()
     chunk = q.shape[1] // (2 * context)
-    local = lambda q, k, v, seg: _with_block_kernel(
+    local = lambda q, k, v, seg: ring_blocks.with_block_kernel(
         lambda blocks: _ring_forward(q, k, v, seg, causal, context, blocks), chunk
     )
     # check_vma=False: splash's Pallas calls declare their outputs without varying-axis types.
@@ -429,7 +323,7 @@ def _ring_fwd(q, k, v, seg, causal):
 def _ring_bwd(causal, residuals, do):
     context = context_size()
     chunk = residuals[0].shape[1] // (2 * context)
-    local = lambda q, k, v, seg, out, lse, do: _with_block_kernel(
+    local = lambda q, k, v, seg, out, lse, do: ring_blocks.with_block_kernel(
         lambda blocks: _ring_backward(q, k, v, seg, out, lse, do, causal, context, blocks), chunk
     )
     dq, dk, dv = _per_device(local, "qkksqlq", "qkk", *residuals, do, check_vma=False)
@@ -439,20 +333,17 @@ def _ring_bwd(causal, residuals, do):
 _ring.defvjp(_ring_fwd, _ring_bwd)
 
 
-@attention_lib.register_backend("ring")
+@register_backend("ring", context_parallel=True, zigzag_layout=True)
 def ring_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, *, segment_ids_BxL, causal):
     """Ring attention over 'context' (inputs in the zig-zag layout when context > 1)."""
     _check_length(q_BxLxHxK.shape[1], context_size())
     return _ring(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, causal)
 
 
-@attention_lib.register_backend("all_gather")
+@register_backend("all_gather", context_parallel=True, zigzag_layout=True)
 def all_gather_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, *, segment_ids_BxL, causal):
     """K/V gathered over 'context' (inputs in the zig-zag layout when context > 1); plain autodiff."""
     context = context_size()
     _check_length(q_BxLxHxK.shape[1], context)
     local = lambda q, k, v, seg: (_all_gather_local(q, k, v, seg, causal, context),)
     return _per_device(local, "qkks", "q", q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL)[0]
-
-
-__all__ = ["CONTEXT_AXIS", "context_size", "zigzag_order", "uses_layout", "ring_attention", "all_gather_attention"]
