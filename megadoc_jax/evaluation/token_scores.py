@@ -30,8 +30,8 @@ from megadoc_jax import loss as loss_lib
 from megadoc_jax import step as step_lib
 from megadoc_jax.config import Config
 
-Batch = dict[str, jax.Array]
-Scores = dict[str, jax.Array]
+Batch = step_lib.Batch
+Scores = dict[str, jax.Array]  # per-token [B, L] arrays by name
 
 
 def _in_original_order(score_fn: Callable[[Batch], Scores], batch: Batch, config: Config) -> Scores:
