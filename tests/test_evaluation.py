@@ -127,7 +127,8 @@ def test_sharded_token_scores_come_back_in_the_original_order(heldout_store, bat
     config = make_eval_config(heldout_store, attention, **mesh)
     graphdef, shardings, mesh_, params = on_mesh(config, 8)
     layout = step_lib.batch_sharding(mesh_, config)
-    got = jit_token_scores(graphdef, shardings, mesh_, config, greedy=True)(params, step_lib.global_batch(batch, layout))
+    score = jit_token_scores(graphdef, shardings, mesh_, config, greedy=True)
+    got = score(params, step_lib.global_batch(batch, layout))
     assert got["log_prob"].sharding.is_equivalent_to(layout, 2)
     # Scores differ from position to position, so a permuted result could not pass.
     assert np.unique(np.asarray(want["log_prob"])).size > SEQ_LEN
