@@ -1,23 +1,33 @@
-"""Next-token cross-entropy over a large vocabulary without materialising all the logits.
+"""Next-token scores over a large vocabulary without materialising all the logits.
 
 The hidden states [B, L, D] are cut into chunks of `chunk_tokens` sequence positions; a `lax.scan` walks
-the chunks and computes each chunk's logits [B, chunk, V] = x_chunk @ W in fp32, its log-sum-exp and the
-target logit, keeping only running sums. The chunk body is wrapped in `jax.checkpoint`, so the backward
-pass recomputes a chunk's logits instead of storing them: at most one chunk of logits (and its gradient)
-is alive at a time, never the full [B, L, V].
+the chunks and computes each chunk's logits [B, chunk, V] = x_chunk @ W in fp32 and, per token, their
+log-sum-exp and the target's logit (`_chunk_token_scores`, the one place that touches logits). The
+chunk body is wrapped in `jax.checkpoint`, so the backward pass recomputes a chunk's logits instead of
+storing them: at most one chunk of logits (and its gradient) is alive at a time, never the full [B, L, V].
 
 Chunks are strided (chunk j holds positions j, j + n, j + 2n, ... for n chunks): when the sequence axis
 is split over the 'context' mesh axis in contiguous blocks, every chunk then takes its positions from
 each block, and the scan never moves data between devices.
 
-The result is sums, not means, so that gradient accumulation can add microbatches and divide once:
+Two reductions of the same chunk scores:
+
+`next_token_loss` keeps only running sums, so that gradient accumulation can add microbatches and
+divide once:
     loss_sum   = sum_t mask_t * (logsumexp(logits_t) - logits_t[target_t])
     z_loss_sum = z_loss * sum_t mask_t * logsumexp(logits_t)^2
     weight_sum = sum_t mask_t
 The training objective is (loss_sum + z_loss_sum) / weight_sum.
+
+`next_token_scores` keeps every token: log_prob_t = logits_t[target_t] - logsumexp(logits_t) (fp32
+[B, L]) and, if asked, is_greedy_t = (argmax(logits_t) == target_t), the first maximum winning ties as
+in torch.argmax. These are the per-token numbers that evaluation builds on (losses by position or by
+segment, multiple-choice log-likelihoods); their masked sum is loss_sum up to fp32 summation order.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -27,14 +37,27 @@ from megadoc_jax.sharding import constrain
 DEFAULT_CHUNK_TOKENS = 256  # sequence positions per chunk: live logits are B_local x 256 x V fp32
 
 
+def _chunk_token_scores(
+    unembed_DxV: jax.Array, x_BxCxD: jax.Array, targets_BxC: jax.Array, *, greedy: bool = False
+) -> dict[str, jax.Array]:
+    """Per-token scores of one chunk: 'lse' and 'target_logit' (fp32 [B, C]), 'is_greedy' (bool) if asked."""
+    logits_BxCxV = jnp.einsum("bcd,dv->bcv", x_BxCxD.astype(jnp.float32), unembed_DxV.astype(jnp.float32))
+    logits_BxCxV = constrain(logits_BxCxV, ("batch", "seq", "vocab"))
+    scores = {
+        "lse": jax.nn.logsumexp(logits_BxCxV, axis=-1),
+        "target_logit": jnp.take_along_axis(logits_BxCxV, targets_BxC[..., None], axis=-1)[..., 0],
+    }
+    if greedy:
+        scores["is_greedy"] = jnp.argmax(logits_BxCxV, axis=-1) == targets_BxC
+    return scores
+
+
 def _chunk_sums(
     unembed_DxV: jax.Array, x_BxCxD: jax.Array, targets_BxC: jax.Array, mask_BxC: jax.Array
 ) -> jax.Array:
     """[ce_sum, lse_squared_sum, weight_sum] (fp32 [3]) of one chunk."""
-    logits_BxCxV = jnp.einsum("bcd,dv->bcv", x_BxCxD.astype(jnp.float32), unembed_DxV.astype(jnp.float32))
-    logits_BxCxV = constrain(logits_BxCxV, ("batch", "seq", "vocab"))
-    lse_BxC = jax.nn.logsumexp(logits_BxCxV, axis=-1)
-    target_logit_BxC = jnp.take_along_axis(logits_BxCxV, targets_BxC[..., None], axis=-1)[..., 0]
+    scores = _chunk_token_scores(unembed_DxV, x_BxCxD, targets_BxC)
+    lse_BxC, target_logit_BxC = scores["lse"], scores["target_logit"]
     return jnp.stack(
         [
             jnp.sum(mask_BxC * (lse_BxC - target_logit_BxC)),
@@ -51,6 +74,43 @@ def _to_chunks(a_BxL: jax.Array, chunks: int) -> jax.Array:
     return jnp.moveaxis(a_BxCxNx, 2, 0)
 
 
+def _from_chunks(a_NxBxC: jax.Array, length: int) -> jax.Array:
+    """The inverse of _to_chunks for per-token values, the padding dropped: [chunks, B, C] -> [B, length]."""
+    chunks, b, c = a_NxBxC.shape
+    a_BxL = jnp.moveaxis(a_NxBxC, 0, 2).reshape(b, c * chunks)[:, :length]
+    return constrain(a_BxL, ("batch", "seq"))
+
+
+def _chunked(
+    caller: str,
+    x_BxLxD: jax.Array,
+    unembed_DxV: jax.Array,
+    targets_BxL: jax.Array,
+    mask_BxL: jax.Array | None,
+    chunk_tokens: int,
+) -> tuple[jax.Array, ...]:
+    """Checks the shapes, pads L to whole chunks and cuts x, targets (and mask) into strided chunks."""
+    if x_BxLxD.ndim != 3:
+        raise ValueError(f"{caller}: x must be [B, L, D], got {x_BxLxD.shape}")
+    b, length, d = x_BxLxD.shape
+    if unembed_DxV.ndim != 2 or unembed_DxV.shape[0] != d:
+        raise ValueError(f"{caller}: unembed {unembed_DxV.shape} must be [D={d}, V]")
+    if targets_BxL.shape != (b, length):
+        raise ValueError(f"{caller}: targets {targets_BxL.shape} must be [B, L] = {(b, length)}")
+    if mask_BxL is not None and mask_BxL.shape != (b, length):
+        raise ValueError(f"{caller}: loss_mask {mask_BxL.shape} must be [B, L] = {(b, length)}")
+    if chunk_tokens < 1:
+        raise ValueError(f"{caller}: chunk_tokens must be positive, got {chunk_tokens}")
+
+    arrays = [x_BxLxD, targets_BxL] + ([] if mask_BxL is None else [mask_BxL])
+    chunk = min(chunk_tokens, length)
+    chunks = -(-length // chunk)
+    padding = chunks * chunk - length
+    if padding:  # padded positions carry mask 0 and add nothing; their scores are dropped
+        arrays = [jnp.pad(a, [(0, 0), (0, padding)] + [(0, 0)] * (a.ndim - 2)) for a in arrays]
+    return tuple(_to_chunks(a, chunks) for a in arrays)
+
+
 def next_token_loss(
     x_BxLxD: jax.Array,
     unembed_DxV: jax.Array,
@@ -64,34 +124,39 @@ def next_token_loss(
 
     targets must lie in [0, V). loss_mask (default: all ones) may hold any non-negative weights.
     """
-    if x_BxLxD.ndim != 3:
-        raise ValueError(f"next_token_loss: x must be [B, L, D], got {x_BxLxD.shape}")
-    b, length, d = x_BxLxD.shape
-    if unembed_DxV.ndim != 2 or unembed_DxV.shape[0] != d:
-        raise ValueError(f"next_token_loss: unembed {unembed_DxV.shape} must be [D={d}, V]")
-    if targets_BxL.shape != (b, length):
-        raise ValueError(f"next_token_loss: targets {targets_BxL.shape} must be [B, L] = {(b, length)}")
-    if loss_mask_BxL is not None and loss_mask_BxL.shape != (b, length):
-        raise ValueError(f"next_token_loss: loss_mask {loss_mask_BxL.shape} must be [B, L] = {(b, length)}")
-    if chunk_tokens < 1:
-        raise ValueError(f"next_token_loss: chunk_tokens must be positive, got {chunk_tokens}")
-
     if loss_mask_BxL is None:
-        mask_BxL = jnp.ones((b, length), jnp.float32)
+        mask_BxL = jnp.ones(targets_BxL.shape, jnp.float32)
     else:
         mask_BxL = loss_mask_BxL.astype(jnp.float32)
-    chunk = min(chunk_tokens, length)
-    chunks = -(-length // chunk)
-    padding = chunks * chunk - length
-    if padding:  # padded positions carry mask 0 and add nothing
-        pad = lambda a: jnp.pad(a, [(0, 0), (0, padding)] + [(0, 0)] * (a.ndim - 2))
-        x_BxLxD, targets_BxL, mask_BxL = pad(x_BxLxD), pad(targets_BxL), pad(mask_BxL)
-
+    inputs = _chunked("next_token_loss", x_BxLxD, unembed_DxV, targets_BxL, mask_BxL, chunk_tokens)
     chunk_sums = jax.checkpoint(_chunk_sums)
 
     def add_chunk(total_3: jax.Array, chunk_inputs: tuple[jax.Array, ...]) -> tuple[jax.Array, None]:
         return total_3 + chunk_sums(unembed_DxV, *chunk_inputs), None
 
-    inputs = (_to_chunks(x_BxLxD, chunks), _to_chunks(targets_BxL, chunks), _to_chunks(mask_BxL, chunks))
     total_3, _ = jax.lax.scan(add_chunk, jnp.zeros((3,), jnp.float32), inputs)
     return {"loss_sum": total_3[0], "z_loss_sum": z_loss * total_3[1], "weight_sum": total_3[2]}
+
+
+def next_token_scores(
+    x_BxLxD: jax.Array,
+    unembed_DxV: jax.Array,
+    targets_BxL: jax.Array,
+    *,
+    greedy: bool = False,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+) -> dict[str, jax.Array]:
+    """Every token's 'log_prob' of its target (fp32 [B, L]) and, with greedy, 'is_greedy' (bool [B, L]).
+
+    In the order of x's positions; no mask: the caller weights or selects tokens. See the module docstring.
+    """
+    inputs = _chunked("next_token_scores", x_BxLxD, unembed_DxV, targets_BxL, None, chunk_tokens)
+    chunk_scores = jax.checkpoint(functools.partial(_chunk_token_scores, greedy=greedy))
+
+    def score_chunk(carry: None, chunk_inputs: tuple[jax.Array, ...]) -> tuple[None, dict[str, jax.Array]]:
+        scores = chunk_scores(unembed_DxV, *chunk_inputs)
+        scores["log_prob"] = scores.pop("target_logit") - scores.pop("lse")
+        return carry, scores
+
+    _, scores_NxBxC = jax.lax.scan(score_chunk, None, inputs)
+    return {key: _from_chunks(value, targets_BxL.shape[1]) for key, value in scores_NxBxC.items()}

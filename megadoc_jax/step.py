@@ -1,4 +1,4 @@
-"""The jitted train and eval steps: pure functions of (state, batch).
+"""The jitted train step: a pure function of (state, batch).
 
 The train state is a plain dict of arrays, {'step', 'params', 'opt_state'}, with params as the decoder's
 pure parameter dict, so that it checkpoints and reshards like any pytree. The model's structure (the NNX
@@ -181,16 +181,6 @@ def make_train_step(
         return new_state, metrics
 
     return train_step
-
-
-def make_eval_step(graphdef: nnx.GraphDef, config: Config) -> Callable[[Any, Batch], dict[str, jax.Array]]:
-    """Returns eval_step(params, batch) -> {'loss_sum', 'weight_sum'}; sum over batches, then divide."""
-
-    def eval_step(params: Any, batch: Batch) -> dict[str, jax.Array]:
-        sums = _loss_sums(graphdef, params, batch, config)
-        return {"loss_sum": sums["loss_sum"], "weight_sum": sums["weight_sum"]}
-
-    return eval_step
 
 
 def state_shardings(params: Any, tx: optax.GradientTransformation) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import jax
 
-from megadoc_jax import checkpoint, distributed, metrics, sharding
+from megadoc_jax import checkpoint, distributed, evaluation, metrics, sharding
 from megadoc_jax import config as config_lib
 from megadoc_jax import step as step_lib
 from megadoc_jax.data import demo, pipeline
@@ -125,13 +125,6 @@ def _run(config: config_lib.Config, devices: list[jax.Device], cleanup: contextl
     )
     total_steps = data.plan.total_steps
     log.info("%s", data.plan)
-    eval_sets = {  # small and fixed: read once, checked before any compilation
-        name: pipeline.eval_batches(
-            store, config, config.train.eval_batches, process_index=jax.process_index(),
-            process_count=jax.process_count(), tokenizer=tokenizer,
-        )
-        for name, store in config.data.eval_stores.items()
-    }
 
     # ============================================================================================
     # Mesh and sharded state: parameters are created already sharded by the rule table.
@@ -140,6 +133,8 @@ def _run(config: config_lib.Config, devices: list[jax.Device], cleanup: contextl
     log.info("mesh: %s over %d devices (%s)", mesh_sizes, len(devices), devices[0].device_kind)
     setup = step_lib.train_setup(config, mesh, total_steps)
     log.info("parameters: %d", setup.num_parameters)
+    # Reads and checks the eval stores now, before any compilation or restore.
+    heldout = evaluation.HeldOutLoss(config, setup.graphdef, setup.state_shardings["params"], mesh, tokenizer=tokenizer)
 
     # ============================================================================================
     # Resume: the newest complete checkpoint in the run directory, restored onto this mesh.
@@ -160,21 +155,6 @@ def _run(config: config_lib.Config, devices: list[jax.Device], cleanup: contextl
     cleanup.enter_context(jax.set_mesh(mesh))
     batch_sharding = step_lib.batch_sharding(mesh, config)
     train_step = step_lib.jit_train_step(setup, config, batch_sharding)
-    eval_step = jax.jit(
-        step_lib.make_eval_step(setup.graphdef, config), in_shardings=(setup.state_shardings["params"], batch_sharding)
-    )
-    eval_sets = {
-        name: [step_lib.global_batch(b, batch_sharding) for b in batches] for name, batches in eval_sets.items()
-    }
-
-    def evaluate() -> dict[str, float]:
-        losses = {}
-        for name, batches in eval_sets.items():
-            sums = jax.device_get([eval_step(state["params"], batch) for batch in batches])
-            loss_sum, weight_sum = (sum(float(s[k]) for s in sums) for k in ("loss_sum", "weight_sum"))
-            losses[f"eval/{name}/loss"] = loss_sum / max(weight_sum, 1.0)
-            log.info("eval/%s/loss: %.4f", name, losses[f"eval/{name}/loss"])
-        return losses
 
     # ============================================================================================
     # The loop. Metrics of step s are read while step s+1 runs, so the host never stalls the device.
@@ -222,7 +202,7 @@ def _run(config: config_lib.Config, devices: list[jax.Device], cleanup: contextl
         if save_now:
             checkpointer.save(done, state)
         if eval_now:
-            writer.write(done, evaluate())
+            writer.write(done, heldout(state["params"]))
         if preempted:
             log.warning("preemption requested: saved step %d, exiting", done)
             break
@@ -237,7 +217,7 @@ def _run(config: config_lib.Config, devices: list[jax.Device], cleanup: contextl
         if config.train.checkpoints:
             checkpointer.save(final_step, state)
         if config.data.eval_stores:
-            losses = evaluate()
+            losses = heldout(state["params"])
             writer.write(final_step, losses)
             history.append({"step": final_step, **losses})
     return RunResult(exit_code=0 if finite else 3, step=final_step, history=history)

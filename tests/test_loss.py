@@ -1,4 +1,4 @@
-"""next_token_loss: equal to full-logits cross-entropy in values and gradients, without full logits."""
+"""next_token_loss and next_token_scores: equal to full-logits cross-entropy and log-softmax, without full logits."""
 
 import jax
 import jax.extend
@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from megadoc_jax.loss import next_token_loss
+from megadoc_jax.loss import next_token_loss, next_token_scores
 
 B, L, D, V = 2, 12, 16, 40
 
@@ -86,12 +86,16 @@ def _largest_intermediate(jaxpr) -> int:
     return largest
 
 
-def test_full_logits_are_never_materialised_forward_or_backward():
+@pytest.mark.parametrize("reduction", ["loss", "scores"])
+def test_full_logits_are_never_materialised_forward_or_backward(reduction):
     b, length, d, v, chunk = 2, 64, 8, 1000, 8
     x = jnp.ones((b, length, d))
     w = jnp.ones((d, v))
     targets = jnp.zeros((b, length), jnp.int32)
-    loss = lambda x, w: next_token_loss(x, w, targets, chunk_tokens=chunk)["loss_sum"]
+    if reduction == "loss":
+        loss = lambda x, w: next_token_loss(x, w, targets, chunk_tokens=chunk)["loss_sum"]
+    else:
+        loss = lambda x, w: -next_token_scores(x, w, targets, greedy=True, chunk_tokens=chunk)["log_prob"].sum()
     jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(x, w).jaxpr
     # Nothing bigger than one chunk of logits (b * chunk * v), far below the full b * length * v.
     assert _largest_intermediate(jaxpr) == b * chunk * v
@@ -109,3 +113,32 @@ def test_bad_shapes_are_refused():
         next_token_loss(x, w, targets, mask[:1])
     with pytest.raises(ValueError, match="chunk_tokens"):
         next_token_loss(x, w, targets, chunk_tokens=0)
+    with pytest.raises(ValueError, match="next_token_scores: targets"):
+        next_token_scores(x, w, targets[:, 1:])
+    with pytest.raises(ValueError, match="next_token_scores: x must be"):
+        next_token_scores(x[0], w, targets)
+
+
+# chunk 4 divides L, 5 pads L (the padded positions are dropped), 64 is one chunk.
+@pytest.mark.parametrize("chunk_tokens", [4, 5, 64])
+def test_token_scores_match_full_log_softmax_and_sum_to_the_loss(chunk_tokens):
+    x, w, targets, mask = _data(2)
+    got = jax.jit(lambda x: next_token_scores(x, w, targets, greedy=True, chunk_tokens=chunk_tokens))(x)
+    logits = jnp.einsum("bld,dv->blv", x, w)
+    want = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), targets[..., None], axis=-1)[..., 0]
+    assert got["log_prob"].dtype == jnp.float32 and got["log_prob"].shape == (B, L)
+    np.testing.assert_allclose(got["log_prob"], want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(got["is_greedy"], jnp.argmax(logits, axis=-1) == targets)
+    assert 0 < int(got["is_greedy"].sum()) < B * L  # the check above sees both values
+    sums = next_token_loss(x, w, targets, mask, chunk_tokens=chunk_tokens)
+    np.testing.assert_allclose(-jnp.sum(mask * got["log_prob"]), sums["loss_sum"], rtol=1e-6)
+    assert set(next_token_scores(x, w, targets, chunk_tokens=chunk_tokens)) == {"log_prob"}
+
+
+def test_is_greedy_breaks_ties_towards_the_first_maximum():
+    # Vocabulary entries 3 and 7 have the same (largest) logit everywhere: like torch.argmax, 3 wins.
+    x = jnp.ones((1, 4, D))
+    w = jnp.zeros((D, V)).at[:, 3].set(1.0).at[:, 7].set(1.0)
+    targets = jnp.asarray([[3, 7, 0, 3]], jnp.int32)
+    got = next_token_scores(x, w, targets, greedy=True, chunk_tokens=2)
+    np.testing.assert_array_equal(got["is_greedy"], [[True, False, False, True]])

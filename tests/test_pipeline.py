@@ -1,4 +1,4 @@
-"""TrainData and eval_batches: determinism, resume, hosts, mixture, accounting, validation."""
+"""TrainData and evaluation.eval_batches: determinism, resume, hosts, mixture, accounting, validation."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from megadoc_jax.config import ConfigError
 from megadoc_jax.data import pipeline
 from megadoc_jax.data.store import StoreError, StoreReader, TokenizerInfo
 from megadoc_jax.data.windows import ConcatWindows
+from megadoc_jax.evaluation import eval_batches
 
 SEQ_LEN = 16
 BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
@@ -157,16 +158,16 @@ def test_plan_accounting(stores):
 
 def test_eval_batches_are_the_first_windows_in_order(stores):
     config = config_for(stores, batch=4)
-    batches = pipeline.eval_batches(stores["heldout"], config, 3)
+    batches = eval_batches(stores["heldout"], config, 3)
     source = ConcatWindows(StoreReader.open(stores["heldout"]), SEQ_LEN, document_masking=False)
     assert_batches_equal({k: np.concatenate([b[k] for b in batches]) for k in batches[0]}, source.read_rows(range(12)))
-    halves = [pipeline.eval_batches(stores["heldout"], config, 3, process_index=p, process_count=2) for p in (0, 1)]
+    halves = [eval_batches(stores["heldout"], config, 3, process_index=p, process_count=2) for p in (0, 1)]
     for whole, first, second in zip(batches, *halves):
         assert_batches_equal(whole, {k: np.concatenate([first[k], second[k]]) for k in whole})
 
 
 def test_eval_batches_in_document_mode_start_at_the_store_beginning(stores):
-    batches = pipeline.eval_batches(stores["heldout"], config_for(stores, windows="document", batch=4), 2)
+    batches = eval_batches(stores["heldout"], config_for(stores, windows="document", batch=4), 2)
     first_document = StoreReader.open(stores["heldout"]).document(0).tokens
     n = min(len(first_document) - 1, SEQ_LEN)
     np.testing.assert_array_equal(batches[0]["inputs"][0, :n], first_document[:n])
@@ -175,7 +176,7 @@ def test_eval_batches_in_document_mode_start_at_the_store_beginning(stores):
 def test_eval_store_too_small(stores):
     expected = r"train.eval_batches: 1000 batches .* need 8000 windows, but the store .*heldout"
     with pytest.raises(ConfigError, match=expected):
-        pipeline.eval_batches(stores["heldout"], config_for(stores), 1000)
+        eval_batches(stores["heldout"], config_for(stores), 1000)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -203,7 +204,7 @@ def test_batch_not_divisible_by_process_count(stores):
     with pytest.raises(ConfigError, match="train.batch_size: 8 is not divisible by the process count 3"):
         pipeline.TrainData(config_for(stores), process_index=0, process_count=3)
     with pytest.raises(ConfigError, match="train.batch_size"):
-        pipeline.eval_batches(stores["heldout"], config_for(stores), 1, process_index=1, process_count=3)
+        eval_batches(stores["heldout"], config_for(stores), 1, process_index=1, process_count=3)
 
 
 def test_tokenizer_mismatch(stores):

@@ -92,6 +92,7 @@ def test_loss_falls_and_one_device_matches_eight(demo_data, tmp_path, eight_devi
     assert losses_one[-1] < losses_one[0] - 0.5, losses_one
     np.testing.assert_allclose(losses_one, losses_eight, rtol=2e-4)
     assert "eval/heldout/loss" in one.history[-1]
+    np.testing.assert_allclose(one.history[-1]["eval/heldout/loss"], eight.history[-1]["eval/heldout/loss"], rtol=2e-4)
 
 
 def test_restore_onto_a_different_device_count(demo_data, tmp_path, eight_device_run):

@@ -1,4 +1,4 @@
-"""The training input pipeline: batch(step) over a mixture of token stores, and held-out eval batches.
+"""The training input pipeline: batch(step) over a mixture of token stores, and the store checks.
 
 The global batch of step s is a pure function of (data.seed, s): row i is example g = s * B + i of
 the run, which mixture.py maps to a stream and to one of its windows (concat windows, windows.py, or
@@ -9,7 +9,8 @@ with one batched store read. `iterate` keeps batches s+1, s+2, ... coming from a
 
 Stores are checked against the run config when they are opened: tokenizer (hash), vocabulary size,
 enough tokens for a window, one tokenizer across all streams; each error names the config key and
-the store path. docs/pipeline.md has the formulas and the reasons.
+the store path. Held-out batches (megadoc_jax/evaluation/batches.py) open their stores with the same
+checks. docs/pipeline.md has the formulas and the reasons.
 """
 
 from __future__ import annotations
@@ -194,40 +195,6 @@ class TrainData:
     def iterate(self, start_step: int, prefetch: int = 2) -> Iterator[tuple[int, Batch]]:
         """(step, batch) for start_step .. plan.total_steps - 1, `prefetch` batches made ahead in a thread."""
         return prefetched(self.batch, range(start_step, self.plan.total_steps), prefetch)
-
-
-# --------------------------------------------------------------------------------------------------
-# Held-out evaluation
-# --------------------------------------------------------------------------------------------------
-
-
-def eval_batches(
-    store_path: str,
-    config: Config,
-    num_batches: int,
-    *,
-    process_index: int = 0,
-    process_count: int = 1,
-    tokenizer: TokenizerInfo | None = None,
-) -> list[Batch]:
-    """The first num_batches * B windows of an eval store, in store order, as this process's rows.
-
-    'document' windows are packed in store order (no shuffle), so they too are the store's beginning.
-    """
-    batch_size = config.train.batch_size
-    lo, hi = local_rows(batch_size, process_index, process_count)
-    names = [name for name, path in config.data.eval_stores.items() if path == store_path]
-    key = f"data.eval_stores.{names[0]}" if names else "eval store"
-    if num_batches <= 0:
-        raise ConfigError(f"train.eval_batches: must be positive, got {num_batches}")
-    store = open_store(store_path, key, config, run_tokenizer(config, tokenizer))
-    source = make_source(store, key, config, packing_seed=None)
-    if len(source) < num_batches * batch_size:
-        raise ConfigError(
-            f"train.eval_batches: {num_batches} batches of train.batch_size={batch_size} need "
-            f"{num_batches * batch_size} windows, but the store {store_path} ({key}) has {len(source)}"
-        )
-    return [source.read_rows(np.arange(b * batch_size + lo, b * batch_size + hi)) for b in range(num_batches)]
 
 
 # --------------------------------------------------------------------------------------------------
