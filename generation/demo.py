@@ -29,6 +29,7 @@ One prompt width and one batch size, so the sampler compiles once.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -37,8 +38,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from megadoc_jax.data import demo as layout
-from megadoc_jax.data.demo import COMPLETE_MARKER, SYNTHETIC_DIR, SYNTHETIC_MARKER
+from megadoc_jax.data import demo as demo_lib
 
 GENERATOR_SEED = 0
 GENERATION_SEED = 0
@@ -85,25 +85,25 @@ def _build_into_place(target: Path, build: Callable[[Path], None], marker: str) 
 
 
 def ensure_demo_stores(root: str | Path, workers: int = 0) -> dict[str, Path]:
-    """layout.demo_paths(root): tokenizer, JSONL splits and both stores, built first if root does not exist."""
+    """The real data under root (demo_paths: tokenizer, JSONL splits, both stores), built if root does not exist."""
     root = Path(root)
-    _build_into_place(root, lambda out_dir: build_demo_data(out_dir, workers=workers), COMPLETE_MARKER)
-    return layout.demo_paths(root)
+    _build_into_place(root, functools.partial(build_demo_data, workers=workers), demo_lib.COMPLETE_MARKER)
+    return demo_lib.demo_paths(root)
 
 
 def ensure_demo_data(root: str | Path | None = None, workers: int = 0) -> dict[str, Path]:
-    """Everything the demo config names under root (default layout.demo_root()): ensure_demo_stores plus
-    the synthetic stream under root/SYNTHETIC_DIR, each built if it is not built yet."""
-    root = layout.demo_root() if root is None else Path(root)
+    """Everything the demo config names under root (default demo_root(): $MEGADOC_DEMO_DIR): the real data
+    of ensure_demo_stores plus the synthetic stream under root/synthetic, each built if it is not yet."""
+    root = demo_lib.demo_root() if root is None else Path(root)
     paths = ensure_demo_stores(root, workers=workers)
 
     def build(out_dir: Path) -> None:
         summary = build_synthetic(paths["train_jsonl"], paths["tokenizer"], out_dir)
-        (out_dir / SYNTHETIC_MARKER).write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
+        (out_dir / demo_lib.SYNTHETIC_MARKER).write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
 
-    synthetic_dir = root / SYNTHETIC_DIR
-    _build_into_place(synthetic_dir, build, SYNTHETIC_MARKER)
-    return {**paths, **layout.synthetic_paths(synthetic_dir)}
+    synthetic_dir = root / demo_lib.SYNTHETIC_DIR
+    _build_into_place(synthetic_dir, build, demo_lib.SYNTHETIC_MARKER)
+    return {**paths, **demo_lib.synthetic_paths(synthetic_dir)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -115,17 +115,17 @@ def build_demo_data(out_dir: str | Path, workers: int = 0) -> dict[str, Path]:
     """Write tokenizer, JSONL splits and both stores into out_dir (which must not exist yet)."""
     from generation.export import export
 
-    paths = layout.demo_paths(out_dir)
+    paths = demo_lib.demo_paths(out_dir)
     Path(out_dir).mkdir(parents=True)
-    train, heldout = layout.split_heldout(layout.demo_documents())
-    layout.write_jsonl(train, paths["train_jsonl"])
-    layout.write_jsonl(heldout, paths["heldout_jsonl"])
-    layout.train_tokenizer((d["text"] for d in train), paths["tokenizer"])
-    summary: dict[str, object] = {"format": layout.DEMO_FORMAT, "heldout_percent": layout.HELDOUT_PERCENT}
+    train, heldout = demo_lib.split_heldout(demo_lib.demo_documents())
+    demo_lib.write_jsonl(train, paths["train_jsonl"])
+    demo_lib.write_jsonl(heldout, paths["heldout_jsonl"])
+    demo_lib.train_tokenizer((d["text"] for d in train), paths["tokenizer"])
+    summary: dict[str, object] = {"format": demo_lib.DEMO_FORMAT, "heldout_percent": demo_lib.HELDOUT_PERCENT}
     for split in ("train", "heldout"):
         report = export([paths[f"{split}_jsonl"]], paths["tokenizer"], paths[split], workers=workers, progress=False)
         summary[split] = {key: report[key] for key in ("documents", "tokens", "content_hash")}
-    (Path(out_dir) / COMPLETE_MARKER).write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
+    (Path(out_dir) / demo_lib.COMPLETE_MARKER).write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
     return paths
 
 
@@ -169,7 +169,7 @@ def build_synthetic(train_jsonl: Path, tokenizer_dir: Path, out_dir: str | Path)
     from generation import generate, merge
     from generation.megadoc_export import StreamOptions, build_megadocs, stream_name
 
-    paths = layout.synthetic_paths(out_dir)
+    paths = demo_lib.synthetic_paths(out_dir)
     if paths["stitched"].name != stream_name(METHOD, SAMPLES):  # the layout megadoc_jax resolves `demo:stitched` to
         raise DemoDataError(f"{paths['stitched']}: not the stream {stream_name(METHOD, SAMPLES)} built here")
     generator = write_random_generator(paths["generator"], Path(tokenizer_dir))

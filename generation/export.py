@@ -39,9 +39,8 @@ from generation.documents import (
     read_records,
 )
 from generation.worker_pool import WorkerPool
-from megadoc_jax import files
 from megadoc_jax.data.store import Document, StoreWriter, TokenizerInfo, finished_manifest
-from megadoc_jax.files import write_json_atomic
+from megadoc_jax.files import read_json, write_json_atomic
 
 PROGRESS_FILE = "export_progress.json"
 REPORT_FILE = "export_report.json"
@@ -236,7 +235,7 @@ def _finished_report(out: Path, settings: dict[str, Any]) -> dict[str, Any] | No
         return None
     if not (out / REPORT_FILE).exists():
         raise ExportError(f"{out}: is a finished store not written by export (no {REPORT_FILE}); choose another out")
-    report = files.read_json(out / REPORT_FILE, error=ExportError)
+    report = read_json(out / REPORT_FILE, error=ExportError)
     if report.get("settings") != settings:
         raise ExportError(f"{out}: is already finished, from other inputs or settings; choose another out")
     report["content_hash"] = manifest["content_hash"]
@@ -246,7 +245,7 @@ def _finished_report(out: Path, settings: dict[str, Any]) -> dict[str, Any] | No
 
 def _resume(out: Path, settings: dict[str, Any], committed: int) -> _ExportState:
     progress_path = out / PROGRESS_FILE
-    progress = files.read_json(progress_path, error=ExportError) if progress_path.exists() else None
+    progress = read_json(progress_path, error=ExportError) if progress_path.exists() else None
     if progress is None and committed > 0:
         raise ExportError(f"{out}: unfinished store with {committed} documents but no {PROGRESS_FILE}; not ours")
     if progress is not None:

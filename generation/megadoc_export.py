@@ -35,9 +35,8 @@ from generation.documents import EXAMPLES_PER_REASON
 from generation.export import DEFAULT_FLUSH_TOKENS, NO_AUTO_FLUSH, default_workers, load_tokenizer
 from generation.megadoc_spool import SPOOL_DIR, GenerationGroup, TextSpool, ensure_spool
 from generation.megadoc_workers import BatchResult, Unit, WorkerPool, build_batch, init_worker, tokenize_separators
-from megadoc_jax import files
 from megadoc_jax.data.store import Document, SegmentKind, StoreWriter, TokenizerInfo, finished_manifest
-from megadoc_jax.files import lock_exclusive, write_json_atomic
+from megadoc_jax.files import lock_exclusive, read_json, write_json_atomic
 
 LOCK_FILE = ".megadocs.lock"
 PROGRESS_FILE = "megadocs_progress.json"
@@ -199,7 +198,7 @@ def _finished_report(out: Path, settings: dict[str, Any]) -> dict[str, Any] | No
         return None
     if not (out / REPORT_FILE).exists():
         raise MegadocExportError(f"{out}: is a finished store not written by megadocs (no {REPORT_FILE})")
-    report = files.read_json(out / REPORT_FILE, error=MegadocExportError)
+    report = read_json(out / REPORT_FILE, error=MegadocExportError)
     if report.get("settings") != settings:
         raise MegadocExportError(f"{out}: is already finished, with other inputs or settings; delete it or choose another --out")
     report["content_hash"] = manifest["content_hash"]
@@ -208,7 +207,7 @@ def _finished_report(out: Path, settings: dict[str, Any]) -> dict[str, Any] | No
 
 def _resume(out: Path, settings: dict[str, Any], committed: int) -> _Progress:
     path = out / PROGRESS_FILE
-    recorded = files.read_json(path, error=MegadocExportError) if path.exists() else None
+    recorded = read_json(path, error=MegadocExportError) if path.exists() else None
     if recorded is None and committed:
         raise MegadocExportError(f"{out}: unfinished store with {committed} documents but no {PROGRESS_FILE}; not ours")
     if recorded is not None and recorded["settings"] != settings:
@@ -274,8 +273,9 @@ def _check_generations_exist(spool: TextSpool, streams: Sequence[tuple[str, int]
         splits = spec.splits(G)
         if spool.group(spec.task, splits).size == 0:
             made_for = f" made for G={G} (the inputs have rationales for G in {spool.rationale_Gs()})" if splits else ""
-            needs = f"stream {stream_name(method, G)} needs {spec.task} generations{made_for}"
-            raise MegadocExportError(f"{needs}; none given")
+            raise MegadocExportError(
+                f"stream {stream_name(method, G)} needs {spec.task} generations{made_for}; none given"
+            )
 
 
 def _unescape(text: str) -> str:
