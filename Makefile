@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh machine (Python 3.11+ and make):
-#   make demo   creates .venv, installs megadoc-jax, runs the embedded demo end to end on CPU
+#   make demo   creates .venv, installs megadoc-jax, builds the demo data (once), runs the demo on CPU
 #   make test   creates .venv, installs megadoc-jax with the test extras, runs ruff (lint, format check)
 #               and the whole test suite
 PYTHON ?= python3
@@ -9,7 +9,10 @@ PYTEST_ARGS ?=
 
 .PHONY: demo test clean
 
+# The demo data (stores and synthetic stream) is built by the generation stage, once, into
+# $MEGADOC_DEMO_DIR (default ~/.cache/megadoc_jax/demo); training only reads it.
 demo: $(VENV)/.installed
+	$(BIN)/python -m generation demo-data
 	$(BIN)/python -m megadoc_jax.train
 
 test: $(VENV)/.installed-dev

@@ -1,10 +1,13 @@
 """`python -m generation <command>`: the generation stage's command line.
 
+    generate   one worker of a generation job: rephrases or rationales (docs/generation.md)
+    merge      check the workers' outputs and merge them into one directory (docs/generation.md)
+    megadocs   build megadoc streams from documents and their generations (docs/megadocs.md)
     export     tokenize JSONL / Parquet documents into a token store (docs/export.md)
-    demo-data  build the embedded demo corpus, its tokenizer and its train / held-out stores
+    demo-data  build the demo data: corpus, tokenizer, train / held-out stores, synthetic stream
 
-Each command is one `add_<command>(subparsers)` function that registers its arguments and its `run`
-function; later commands (generate, megadocs, merge) are added the same way.
+Each command is one `add_<command>(subparsers)` function (`add_subcommand` in its own module for
+generate, merge and megadocs) that registers its arguments and its `run` function.
 """
 
 from __future__ import annotations
@@ -80,23 +83,29 @@ def print_summary(report: dict[str, Any]) -> None:
 def add_demo_data(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "demo-data",
-        help="build the embedded demo corpus, tokenizer and stores",
-        description="Write DIR/tokenizer, DIR/train.jsonl, DIR/heldout.jsonl and the stores DIR/train and "
-        "DIR/heldout from Python's own documentation. Does nothing if DIR is already built.",
+        help="build the demo data that configs/demo.yaml names",
+        description="Build everything configs/demo.yaml names (generation/demo.py): DIR/tokenizer, "
+        "DIR/train.jsonl, DIR/heldout.jsonl and the stores DIR/train and DIR/heldout from Python's own "
+        "documentation, and the synthetic stream DIR/synthetic (a tiny random generator's rephrases, "
+        "stitched). Does nothing for what is already built.",
     )
-    parser.add_argument("--out", required=True, metavar="DIR")
+    where = "default: $MEGADOC_DEMO_DIR, else ~/.cache/megadoc_jax/demo (where `demo:` paths look)"
+    parser.add_argument("--out", metavar="DIR", default=None, help=where)
     parser.add_argument("--workers", type=int, default=0, help="tokenizer processes (0: in this process)")
     parser.set_defaults(run=run_demo_data)
 
 
 def run_demo_data(args: argparse.Namespace) -> int:
-    from megadoc_jax.data import demo
+    from generation import demo
+    from megadoc_jax.data.demo import COMPLETE_MARKER, SYNTHETIC_DIR, SYNTHETIC_MARKER
 
-    paths = demo.ensure_demo_stores(args.out, workers=args.workers)
-    summary = json.loads((paths["train"].parent / demo.COMPLETE_MARKER).read_text())
-    for split in ("train", "heldout"):
-        counts = summary[split]
-        print(f"{paths[split]}: {counts['documents']:,} documents, {counts['tokens']:,} tokens, "
+    paths = demo.ensure_demo_data(args.out, workers=args.workers)
+    root = paths["train"].parent
+    summary = json.loads((root / COMPLETE_MARKER).read_text())
+    synthetic = json.loads((root / SYNTHETIC_DIR / SYNTHETIC_MARKER).read_text())
+    stores = {"train": summary["train"], "heldout": summary["heldout"], "stitched": synthetic["stitched"]}
+    for name, counts in stores.items():
+        print(f"{paths[name]}: {counts['documents']:,} documents, {counts['tokens']:,} tokens, "
               f"{counts['content_hash']}")  # fmt: skip
     print(f"tokenizer: {paths['tokenizer']}")
     return 0
@@ -106,7 +115,6 @@ def _commands() -> tuple[Callable[[Any], Any], ...]:
     from generation import generate, megadoc_export, merge
 
     return (generate.add_subcommand, merge.add_subcommand, megadoc_export.add_subcommand, add_export, add_demo_data)
-
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     from generation.megadocs import MissingGenerationsError
     from generation.merge import OutputError
     from generation.prompts import PromptError
-    from megadoc_jax.data.demo import DemoDataError
+    from generation.demo import DemoDataError
     from megadoc_jax.data.store import StoreError
 
     errors = (InputError, ExportError, StoreError, DemoDataError, GenerationError, OutputError, BackendError,

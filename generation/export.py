@@ -39,8 +39,8 @@ from generation.documents import (
     read_records,
 )
 from generation.worker_pool import WorkerPool
-from megadoc_jax.data.store import Document, StoreWriter, TokenizerInfo
-from megadoc_jax.data.store_format import MANIFEST_FILE, read_json, write_json_atomic
+from megadoc_jax.data.store import Document, StoreWriter, TokenizerInfo, finished_manifest
+from megadoc_jax.files import read_json, write_json_atomic
 
 PROGRESS_FILE = "export_progress.json"
 REPORT_FILE = "export_report.json"
@@ -230,22 +230,22 @@ def export(
 
 def _finished_report(out: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
     """The report of an already finished export of the same settings (a rerun does nothing), else None."""
-    manifest_path = out / MANIFEST_FILE
-    if not manifest_path.exists() or not read_json(manifest_path, "manifest.json").get("finished"):
+    manifest = finished_manifest(out)
+    if manifest is None:
         return None
     if not (out / REPORT_FILE).exists():
         raise ExportError(f"{out}: is a finished store not written by export (no {REPORT_FILE}); choose another out")
-    report = read_json(out / REPORT_FILE, REPORT_FILE)
+    report = read_json(out / REPORT_FILE, error=ExportError)
     if report.get("settings") != settings:
         raise ExportError(f"{out}: is already finished, from other inputs or settings; choose another out")
-    report["content_hash"] = read_json(manifest_path, "manifest.json")["content_hash"]
+    report["content_hash"] = manifest["content_hash"]
     (out / PROGRESS_FILE).unlink(missing_ok=True)
     return report
 
 
 def _resume(out: Path, settings: dict[str, Any], committed: int) -> _ExportState:
     progress_path = out / PROGRESS_FILE
-    progress = read_json(progress_path, PROGRESS_FILE) if progress_path.exists() else None
+    progress = read_json(progress_path, error=ExportError) if progress_path.exists() else None
     if progress is None and committed > 0:
         raise ExportError(f"{out}: unfinished store with {committed} documents but no {PROGRESS_FILE}; not ours")
     if progress is not None:

@@ -43,6 +43,7 @@ from generation.backends import (
     Backend,
     BackendError,
     Sampling,
+    check_output_shape,
     create_backend,
     ensemble_identity,
     file_sha256,
@@ -245,6 +246,7 @@ def run_chunk(events: list, builder: P.RequestBuilder, backend: Backend, s: Gene
     stats["bad_input"] = bad.to_dict()
     requests = [r for _, built in prepared for r in built.requests]
     outputs = backend.generate(requests, s.sampling_for(s.max_new_tokens)) if requests else []
+    check_output_shape(requests, outputs, backend.name)  # before any output is split between documents
     records, cursor = [], 0
     for doc, built in prepared:
         completions = [c for per_request in outputs[cursor : cursor + len(built.requests)] for c in per_request]

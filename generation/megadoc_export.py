@@ -18,11 +18,8 @@ A finished stream of the same settings is not rebuilt; other settings are refuse
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import json
-import os
 import shutil
 import sys
 import time
@@ -38,8 +35,8 @@ from generation.documents import EXAMPLES_PER_REASON
 from generation.export import DEFAULT_FLUSH_TOKENS, NO_AUTO_FLUSH, default_workers, load_tokenizer
 from generation.megadoc_spool import SPOOL_DIR, GenerationGroup, TextSpool, ensure_spool
 from generation.megadoc_workers import BatchResult, Unit, WorkerPool, build_batch, init_worker, tokenize_separators
-from megadoc_jax.data.store import Document, SegmentKind, StoreWriter, TokenizerInfo
-from megadoc_jax.data.store_format import MANIFEST_FILE, read_json, write_json_atomic
+from megadoc_jax.data.store import Document, SegmentKind, StoreWriter, TokenizerInfo, finished_manifest
+from megadoc_jax.files import lock_exclusive, read_json, write_json_atomic
 
 LOCK_FILE = ".megadocs.lock"
 PROGRESS_FILE = "megadocs_progress.json"
@@ -76,7 +73,7 @@ class StreamOptions:
 
     def settings(self, method: str, G: int) -> dict[str, Any]:
         """What decides the content of the stream (a resume must match it)."""
-        simple = method == megadocs.SIMPLE
+        simple = megadocs.method_spec(method).one_per_generation  # only the shuffled plan reads these
         return {"method": method, "G": G, "separators": self.separators.used_by(method), "missing": self.missing,
                 "seed": self.seed if simple else None, "simple_originals": self.simple_originals if simple else None}  # fmt: skip
 
@@ -129,7 +126,7 @@ def _tasks(
     spool: TextSpool, group: GenerationGroup, plan: megadocs.StreamPlan, start: int, options: StreamOptions
 ) -> Iterator[tuple[list[dict], tuple[str, int, list[Unit]]]]:
     """(metadata of each document, worker task) for documents start.. of the plan, about batch_texts texts each."""
-    texts_per_document = 1 if plan.method == megadocs.SIMPLE else plan.G + 1
+    texts_per_document = megadocs.method_spec(plan.method).texts_per_document(plan.G)
     batch_documents = max(1, options.batch_texts // texts_per_document)
     for first in range(start, len(plan), batch_documents):
         last = min(first + batch_documents, len(plan))
@@ -148,7 +145,8 @@ def build_stream(
     finished = _finished_report(out, settings)
     if finished is not None:
         return finished
-    group = spool.group(megadocs.TASK_OF_METHOD[method], G if method == megadocs.STRETCHED else 0)
+    spec = megadocs.method_spec(method)
+    group = spool.group(spec.task, spec.splits(G))
     plan = megadocs.plan_stream(method, G, group.available(), missing=options.missing, seed=options.seed,
                                 simple_originals=options.simple_originals, source_ids=spool.source_ids)  # fmt: skip
     started = time.monotonic()
@@ -195,21 +193,21 @@ def _commit(writer: StoreWriter, state: _Progress) -> None:
 
 
 def _finished_report(out: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
-    manifest_path = out / MANIFEST_FILE
-    if not manifest_path.exists() or not read_json(manifest_path, MANIFEST_FILE).get("finished"):
+    manifest = finished_manifest(out)
+    if manifest is None:
         return None
     if not (out / REPORT_FILE).exists():
         raise MegadocExportError(f"{out}: is a finished store not written by megadocs (no {REPORT_FILE})")
-    report = read_json(out / REPORT_FILE, REPORT_FILE)
+    report = read_json(out / REPORT_FILE, error=MegadocExportError)
     if report.get("settings") != settings:
         raise MegadocExportError(f"{out}: is already finished, with other inputs or settings; delete it or choose another --out")
-    report["content_hash"] = read_json(manifest_path, MANIFEST_FILE)["content_hash"]
+    report["content_hash"] = manifest["content_hash"]
     return report
 
 
 def _resume(out: Path, settings: dict[str, Any], committed: int) -> _Progress:
     path = out / PROGRESS_FILE
-    recorded = read_json(path, PROGRESS_FILE) if path.exists() else None
+    recorded = read_json(path, error=MegadocExportError) if path.exists() else None
     if recorded is None and committed:
         raise MegadocExportError(f"{out}: unfinished store with {committed} documents but no {PROGRESS_FILE}; not ours")
     if recorded is not None and recorded["settings"] != settings:
@@ -255,7 +253,8 @@ def build_megadocs(
     out = Path(out)
     workers = default_workers() if workers is None else workers
     info, tokenizer_json = load_tokenizer(tokenizer_dir)
-    with _out_lock(out):
+    out.mkdir(parents=True, exist_ok=True)
+    with lock_exclusive(out / LOCK_FILE, holder="another megadocs run", error=MegadocExportError):
         spool = ensure_spool(out, sources, generations, text_field=text_field, id_field=id_field, on_error=on_error)
         _check_generations_exist(spool, streams)
         used = {name: text for method, _ in streams for name, text in options.separators.used_by(method).items()}
@@ -270,25 +269,13 @@ def build_megadocs(
 def _check_generations_exist(spool: TextSpool, streams: Sequence[tuple[str, int]]) -> None:
     """A stream whose generations are wholly absent is a mistake in the inputs, not missing samples."""
     for method, G in streams:
-        task = megadocs.TASK_OF_METHOD[method]
-        splits = G if method == megadocs.STRETCHED else 0
-        if spool.group(task, splits).size == 0:
+        spec = megadocs.method_spec(method)
+        splits = spec.splits(G)
+        if spool.group(spec.task, splits).size == 0:
             made_for = f" made for G={G} (the inputs have rationales for G in {spool.rationale_Gs()})" if splits else ""
-            raise MegadocExportError(f"stream {stream_name(method, G)} needs {task} generations{made_for}; none given")
-
-
-@contextlib.contextmanager
-def _out_lock(out: Path) -> Iterator[None]:
-    out.mkdir(parents=True, exist_ok=True)
-    fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise MegadocExportError(f"{out}: another megadocs run holds {LOCK_FILE}") from None
-        yield
-    finally:
-        os.close(fd)
+            raise MegadocExportError(
+                f"stream {stream_name(method, G)} needs {spec.task} generations{made_for}; none given"
+            )
 
 
 def _unescape(text: str) -> str:

@@ -48,7 +48,7 @@ from generation.documents import (
     parse_record,
     read_records,
 )
-from megadoc_jax.data.store_format import read_json, write_json_atomic
+from megadoc_jax.files import read_json, write_json_atomic
 
 SPOOL_DIR = ".megadocs-text"
 SPOOL_FORMAT = 1
@@ -119,7 +119,7 @@ def generation_files(patterns: Sequence[str | Path]) -> list[Path]:
             files += expand_inputs([pattern])
             continue
         manifest = path / "manifest.json"
-        if not manifest.is_file() or read_json(manifest, "manifest.json").get("finished") is not True:
+        if not manifest.is_file() or read_json(manifest, error=InputError).get("finished") is not True:
             raise InputError(f"{path}: a directory that is not a finished merge (no manifest.json with finished true)")
         files.append(path / MERGED_FILE)
     return files

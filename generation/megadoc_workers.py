@@ -63,11 +63,12 @@ class BatchResult(NamedTuple):
 def build_batch(task: tuple[str, int, list[Unit]]) -> BatchResult:
     """Tokenize and assemble a batch of documents of one stream."""
     method, G, units = task
+    split_points = megadocs.method_spec(method).split_points
     tokenizer = _worker["tokenizer"]
     originals = [original.decode() for original, _ in units if original is not None]
     generations = [text.decode() for _, pieces in units for _, text, _ in pieces]
-    # Stretched needs the originals' token offsets to check where the generator split them.
-    encode_originals = tokenizer.encode_batch if method == megadocs.STRETCHED else tokenizer.encode_batch_fast
+    # Rationales at split points need the originals' token offsets to check where the generator split them.
+    encode_originals = tokenizer.encode_batch if split_points else tokenizer.encode_batch_fast
     original_encodings = iter(encode_originals(originals, add_special_tokens=False))
     original_texts = iter(originals)
     generation_encodings = iter(tokenizer.encode_batch_fast(generations, add_special_tokens=False))
@@ -83,7 +84,7 @@ def build_batch(task: tuple[str, int, list[Unit]]) -> BatchResult:
         all_segments.append(megadocs.segments_of(runs))
         all_runs.append(runs)
         misplaced.append(0)
-        if method == megadocs.STRETCHED:
+        if split_points:
             mine = megadocs.split_characters(
                 lambda token: encoding.token_to_chars(token)[0], len(encoding.ids), len(next(original_texts)), G
             )

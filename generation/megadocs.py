@@ -18,8 +18,10 @@ Segments are maximal runs of (kind, index): ORIGINAL 0 for the original or its c
 RATIONALE k with k = the generation's 1-based sample number (for a rationale: its split point), and
 SEPARATOR 0 for separators and EOS.
 
-Planning (which generations go into which document, in which order) is here too: `plan_stream` applies
-the missing-generation policy and the simple stream's global shuffle to the numbers of the generations
+METHOD_TABLE holds one entry per method (its generation task, layout function, separators and planning
+rule); everything else reads the table, so adding a method is one entry there. Planning (which
+generations go into which document, in which order) is here too: `plan_stream` applies the
+missing-generation policy and the simple stream's global shuffle to the numbers of the generations
 that exist. This module is pure (token ids in, token ids and segments out): no files, no tokenizer;
 megadoc_workers.py tokenizes, megadoc_export.py writes the stores.
 """
@@ -34,25 +36,15 @@ import numpy as np
 from megadoc_jax.data.store import Segment, SegmentKind
 
 MISSING_POLICIES = ("build", "skip", "error")
+MAX_G = 32
+REPHRASE, RATIONALE = "rephrase", "rationale"  # the generation tasks that feed the methods
 
+# The paper's method names; each is one entry of METHOD_TABLE below.
 SIMPLE = "simple"
 BACK = "stitched-back"
 FRONT = "stitched-front"
 NODOC = "stitched-nodoc"
 STRETCHED = "stretched"
-METHODS = (SIMPLE, BACK, FRONT, NODOC, STRETCHED)
-STITCHED = (BACK, FRONT, NODOC)
-MAX_G = 32
-
-# Which generation task feeds each method: rephrases, or rationales made for G+1 chunks.
-TASK_OF_METHOD = {SIMPLE: "rephrase", BACK: "rephrase", FRONT: "rephrase", NODOC: "rephrase", STRETCHED: "rationale"}
-
-
-def check_method(method: str, G: int) -> None:
-    if method not in METHODS:
-        raise ValueError(f"method {method!r} is not one of {METHODS}")
-    if not 1 <= G <= MAX_G:
-        raise ValueError(f"G must be in [1, {MAX_G}], got {G}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,11 +60,7 @@ class Separators:
 
     def used_by(self, method: str) -> dict[str, str]:
         """The separators that appear in documents of `method` (simple documents have none)."""
-        if method in STITCHED:
-            return {"between": self.between}
-        if method == STRETCHED:
-            return {"rationale_open": self.rationale_open, "rationale_close": self.rationale_close}
-        return {}
+        return {name: getattr(self, name) for name in method_spec(method).separators}
 
 
 NO_SEPARATORS = Separators(between="", rationale_open="", rationale_close="")
@@ -134,6 +122,121 @@ def _joined(pieces: Sequence[Piece], separator: np.ndarray) -> list[Piece]:
     return out
 
 
+def _original(original: np.ndarray | None) -> list[Piece]:
+    return [] if original is None else [Piece(SegmentKind.ORIGINAL, 0, original)]
+
+
+def _rephrases(generations: Sequence[tuple[int, np.ndarray]]) -> list[Piece]:
+    return [Piece(SegmentKind.REPHRASE, k, ids) for k, ids in generations]
+
+
+def _simple_layout(
+    original: np.ndarray | None, generations: Sequence[tuple[int, np.ndarray]], G: int, separator_ids: dict
+) -> list[Piece]:
+    source, rephrases = _original(original), _rephrases(generations)
+    if len(source) + len(rephrases) != 1:
+        raise ValueError(f"a simple document holds one piece, got {len(source)} original + {len(rephrases)}")
+    return source + rephrases
+
+
+def _original_then_rephrases(
+    original: np.ndarray | None, generations: Sequence[tuple[int, np.ndarray]], G: int, separator_ids: dict
+) -> list[Piece]:
+    return _joined(_original(original) + _rephrases(generations), separator_ids["between"])
+
+
+def _rephrases_then_original(
+    original: np.ndarray | None, generations: Sequence[tuple[int, np.ndarray]], G: int, separator_ids: dict
+) -> list[Piece]:
+    return _joined(_rephrases(generations) + _original(original), separator_ids["between"])
+
+
+def _stretched(
+    original: np.ndarray, rationales: Sequence[tuple[int, np.ndarray]], G: int, separator_ids: dict[str, np.ndarray]
+) -> list[Piece]:
+    """Chunk 0, then for each split point k: (rationale k between its separators), chunk k."""
+    bounds = chunk_bounds(original.size, G + 1)
+    by_split = dict(rationales)
+    if len(by_split) != len(rationales) or not all(1 <= k <= G for k in by_split):
+        raise ValueError(f"stretched: rationale split points must be distinct and in [1, {G}], got {sorted(by_split)}")
+    pieces = [Piece(SegmentKind.ORIGINAL, 0, original[bounds[0] : bounds[1]])]
+    for k in range(1, G + 1):
+        if k in by_split:
+            pieces += [
+                Piece(SegmentKind.SEPARATOR, 0, separator_ids["rationale_open"]),
+                Piece(SegmentKind.RATIONALE, k, by_split[k]),
+                Piece(SegmentKind.SEPARATOR, 0, separator_ids["rationale_close"]),
+            ]
+        pieces.append(Piece(SegmentKind.ORIGINAL, 0, original[bounds[k] : bounds[k + 1]]))
+    return pieces
+
+
+# --------------------------------------------------------------------------------------------------
+# The methods: everything that differs between them, one entry each
+# --------------------------------------------------------------------------------------------------
+
+# (original tokens or None, [(k, tokens)] with k ascending, G, separator ids) -> pieces before EOS
+Layout = Callable[[np.ndarray | None, Sequence[tuple[int, np.ndarray]], int, dict[str, np.ndarray]], list[Piece]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """One megadoc method. Adding a method is one entry of METHOD_TABLE; nothing else names methods.
+
+    task: the generations that feed it: REPHRASE, or RATIONALE (made for G+1 chunks of the source: a
+      stream at G reads the rationales made for that G, and the workers check their split points).
+    layout: the document's pieces in order (Layout above); separators: the Separators fields it uses.
+    with_original: the source document is part of the stream (when not, a source without generations
+      leaves nothing to build and is skipped, counted as skipped_empty).
+    one_per_generation: the planning rule. False: one document per source, in source order. True (simple):
+      one document per generation, plus a copy of each original unless simple_originals is off, the
+      whole stream shuffled with the seed.
+    """
+
+    name: str
+    task: str
+    layout: Layout
+    separators: tuple[str, ...] = ()
+    with_original: bool = True
+    one_per_generation: bool = False
+
+    @property
+    def split_points(self) -> bool:
+        """Its generations are rationales placed at split points of the source (chunk_bounds)."""
+        return self.task == RATIONALE
+
+    def splits(self, G: int) -> int:
+        """The `splits` of the generations it reads at G: rationales are made for one G, rephrases serve any."""
+        return G if self.split_points else 0
+
+    def texts_per_document(self, G: int) -> int:
+        """The most texts (original and generations) one of its documents holds."""
+        return 1 if self.one_per_generation else G + 1
+
+
+METHOD_TABLE: dict[str, Method] = {method.name: method for method in (
+    Method(SIMPLE, REPHRASE, _simple_layout, one_per_generation=True),
+    Method(BACK, REPHRASE, _original_then_rephrases, ("between",)),
+    Method(FRONT, REPHRASE, _rephrases_then_original, ("between",)),
+    Method(NODOC, REPHRASE, _rephrases_then_original, ("between",), with_original=False),  # no original to place
+    Method(STRETCHED, RATIONALE, _stretched, ("rationale_open", "rationale_close")),
+)}  # fmt: skip
+METHODS = tuple(METHOD_TABLE)
+
+
+def method_spec(method: str) -> Method:
+    """The METHOD_TABLE entry of `method`; ValueError naming the known ones."""
+    if method not in METHOD_TABLE:
+        raise ValueError(f"method {method!r} is not one of {METHODS}")
+    return METHOD_TABLE[method]
+
+
+def check_method(method: str, G: int) -> None:
+    method_spec(method)
+    if not 1 <= G <= MAX_G:
+        raise ValueError(f"G must be in [1, {MAX_G}], got {G}")
+
+
 def layout_pieces(
     method: str,
     original: np.ndarray | None,
@@ -149,39 +252,10 @@ def layout_pieces(
     separator_ids: token ids of each separator name of Separators ('' -> empty array).
     """
     check_method(method, G)
-    rephrases = [Piece(SegmentKind.REPHRASE, k, ids) for k, ids in generations]
-    source = [] if original is None else [Piece(SegmentKind.ORIGINAL, 0, original)]
-    if method == SIMPLE:
-        if len(source) + len(rephrases) != 1:
-            raise ValueError(f"a simple document holds one piece, got {len(source)} original + {len(rephrases)}")
-        return source + rephrases
-    if method in STITCHED:
-        if (method == NODOC) != (original is None):
-            raise ValueError(f"{method}: original must be {'absent' if method == NODOC else 'given'}")
-        ordered = source + rephrases if method == BACK else rephrases + source
-        return _joined(ordered, separator_ids["between"])
-    if original is None:
-        raise ValueError("stretched: the original is needed")
-    return _stretched(original, generations, G, separator_ids)
-
-
-def _stretched(
-    original: np.ndarray, rationales: Sequence[tuple[int, np.ndarray]], G: int, separator_ids: dict[str, np.ndarray]
-) -> list[Piece]:
-    bounds = chunk_bounds(original.size, G + 1)
-    by_split = dict(rationales)
-    if len(by_split) != len(rationales) or not all(1 <= k <= G for k in by_split):
-        raise ValueError(f"stretched: rationale split points must be distinct and in [1, {G}], got {sorted(by_split)}")
-    pieces = [Piece(SegmentKind.ORIGINAL, 0, original[bounds[0] : bounds[1]])]
-    for k in range(1, G + 1):
-        if k in by_split:
-            pieces += [
-                Piece(SegmentKind.SEPARATOR, 0, separator_ids["rationale_open"]),
-                Piece(SegmentKind.RATIONALE, k, by_split[k]),
-                Piece(SegmentKind.SEPARATOR, 0, separator_ids["rationale_close"]),
-            ]
-        pieces.append(Piece(SegmentKind.ORIGINAL, 0, original[bounds[k] : bounds[k + 1]]))
-    return pieces
+    spec = METHOD_TABLE[method]
+    if not spec.one_per_generation and spec.with_original != (original is not None):
+        raise ValueError(f"{method}: original must be {'given' if spec.with_original else 'absent'}")
+    return spec.layout(original, generations, G, separator_ids)
 
 
 def assemble(pieces: Sequence[Piece], eos_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -317,6 +391,7 @@ def plan_stream(
     the original when simple_originals) are shuffled globally with `seed`.
     """
     check_method(method, G)
+    spec = METHOD_TABLE[method]
     if missing not in MISSING_POLICIES:
         raise ValueError(f"missing policy {missing!r} is not one of {MISSING_POLICIES}")
     counts = dict.fromkeys(
@@ -343,22 +418,23 @@ def plan_stream(
             if missing == "skip":
                 counts["skipped_incomplete"] += 1
                 continue
-        if method == NODOC and numbers.size == 0:  # nothing to build
+        if not spec.with_original and numbers.size == 0:  # nothing to build
             counts["skipped_empty"] += 1
             continue
         counts["generations_used"] += int(numbers.size)
         kept_sources.append(d)
         kept_numbers.append(np.sort(numbers))
-    if method != SIMPLE:
-        sources = np.array(kept_sources, dtype=np.int64)
-        offsets = _offsets(np.array([n.size for n in kept_numbers], dtype=np.int64))
-        values = np.concatenate(kept_numbers) if kept_numbers else np.zeros(0, np.int64)
-        return StreamPlan(method, G, sources, np.full(sources.size, method != NODOC), offsets, values, counts)
-    return _simple_plan(G, kept_sources, kept_numbers, seed, simple_originals, counts)
+    if spec.one_per_generation:
+        return _shuffled_plan(method, G, kept_sources, kept_numbers, seed, simple_originals, counts)
+    sources = np.array(kept_sources, dtype=np.int64)
+    offsets = _offsets(np.array([n.size for n in kept_numbers], dtype=np.int64))
+    values = np.concatenate(kept_numbers) if kept_numbers else np.zeros(0, np.int64)
+    return StreamPlan(method, G, sources, np.full(sources.size, spec.with_original), offsets, values, counts)
 
 
-def _simple_plan(
-    G: int, kept_sources: list[int], kept_numbers: list[np.ndarray], seed: int, originals: bool, counts: dict
+def _shuffled_plan(
+    method: str, G: int, kept_sources: list[int], kept_numbers: list[np.ndarray], seed: int, originals: bool,
+    counts: dict,
 ) -> StreamPlan:
     """One document per generation (number k) and per original (number 0), in a seeded global permutation."""
     per_source = [np.concatenate(([0], n)) if originals else n for n in kept_numbers]
@@ -369,4 +445,4 @@ def _simple_plan(
     sources_U, numbers_U = sources_U[order], numbers_U[order]
     is_original = numbers_U == 0
     offsets = _offsets((~is_original).astype(np.int64))
-    return StreamPlan(SIMPLE, G, sources_U, is_original, offsets, numbers_U[~is_original], counts)
+    return StreamPlan(method, G, sources_U, is_original, offsets, numbers_U[~is_original], counts)

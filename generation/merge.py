@@ -25,7 +25,6 @@ under a temporary name and renamed into place):
 from __future__ import annotations
 
 import argparse
-import fcntl
 import hashlib
 import heapq
 import json
@@ -37,7 +36,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from generation.backends import generator_label
-from megadoc_jax.data.store_format import fsync_directory, write_bytes_atomic
+from megadoc_jax import files
+from megadoc_jax.files import fsync_directory, lock_exclusive, write_bytes_atomic
 
 FORMAT_VERSION = 1
 PROVENANCE, LEDGER, PARTS, SUMMARY, LOCK = "provenance.json", "ledger.jsonl", "parts", "summary.json", ".lock"
@@ -98,12 +98,8 @@ def read_ledger(path: Path, *, repair: bool) -> list[dict]:
 
 
 def read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise OutputError(f"{path} does not exist") from None
-    except json.JSONDecodeError as e:
-        raise OutputError(f"{path}: not valid JSON ({e})") from None
+    """A JSON object of an output directory; OutputError naming the file if it is missing or not JSON."""
+    return files.read_json(path, error=OutputError)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -117,12 +113,8 @@ class WorkerOutput:
     def __init__(self, directory: str | Path, identity: dict[str, Any]):
         self.dir = Path(directory)
         (self.dir / PARTS).mkdir(parents=True, exist_ok=True)
-        self._lock_fd = os.open(self.dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._lock_fd)
-            raise OutputError(f"{self.dir}: another process is writing this worker's output") from None
+        holder = "another process writing this worker's output"
+        self._lock = lock_exclusive(self.dir / LOCK, holder=holder, error=OutputError)
         try:
             self.provenance = self._open_provenance(identity)
             self.entries = read_ledger(self.dir / LEDGER, repair=True)
@@ -165,7 +157,7 @@ class WorkerOutput:
         return summary
 
     def close(self) -> None:
-        os.close(self._lock_fd)
+        self._lock.release()
 
     def _open_provenance(self, identity: dict[str, Any]) -> dict[str, Any]:
         path = self.dir / PROVENANCE

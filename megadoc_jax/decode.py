@@ -35,11 +35,10 @@ from flax import nnx
 
 from megadoc_jax.attention import masked_attention
 from megadoc_jax.config import ModelConfig
+from megadoc_jax.data.store_types import FINISH_LENGTH, FINISH_STOP
 from megadoc_jax.model import Decoder, apply_rope, rope_angles
 from megadoc_jax.sharding import constrain
 
-FINISH_STOP = "stop"  # an EOS token was sampled (kept in the output)
-FINISH_LENGTH = "length"  # max_new_tokens reached
 CACHE_AXES = ("layers", "batch", None, "kv_heads", "head_dim")
 
 

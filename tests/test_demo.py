@@ -1,14 +1,20 @@
-"""The embedded demo data: corpus, held-out split, tokenizer, stores; deterministic and idempotent."""
+"""The embedded demo data: corpus, held-out split, tokenizer, stores; deterministic and idempotent.
+
+megadoc_jax.data.demo holds the corpus, the tokenizer and the `demo:` paths; generation.demo builds them.
+"""
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
 import pytest
 
 from generation import __main__ as cli
+from generation import demo as build
+from megadoc_jax import config as config_lib
 from megadoc_jax.config import MODEL_SIZES
 from megadoc_jax.data import demo
 from megadoc_jax.data.store import SegmentKind, StoreReader, TokenizerInfo
@@ -18,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> dict[str, Path]:
-    return demo.ensure_demo_stores(tmp_path_factory.mktemp("demo") / "data")
+    return build.ensure_demo_stores(tmp_path_factory.mktemp("demo") / "data")
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -61,12 +67,12 @@ def test_build_writes_every_path_and_is_idempotent(built):
         assert path.exists(), key
     marker = built["train"].parent / demo.COMPLETE_MARKER
     before = marker.stat().st_mtime_ns
-    assert demo.ensure_demo_stores(built["train"].parent) == built
+    assert build.ensure_demo_stores(built["train"].parent) == built
     assert marker.stat().st_mtime_ns == before  # not rebuilt
 
 
 def test_building_twice_gives_the_same_content(built, tmp_path):
-    again = demo.ensure_demo_stores(tmp_path / "again")
+    again = build.ensure_demo_stores(tmp_path / "again")
     for split in ("train", "heldout"):
         assert StoreReader.open(again[split]).manifest["content_hash"] == StoreReader.open(built[split]).manifest[
             "content_hash"
@@ -108,24 +114,28 @@ def test_stores_hold_the_jsonl_documents_with_eos(built):
 
 def test_incomplete_root_is_refused_and_failed_build_leaves_nothing(tmp_path, monkeypatch):
     (tmp_path / "partial").mkdir()
-    with pytest.raises(demo.DemoDataError, match="not a complete demo build"):
-        demo.ensure_demo_stores(tmp_path / "partial")
+    with pytest.raises(build.DemoDataError, match="not a complete demo build"):
+        build.ensure_demo_stores(tmp_path / "partial")
 
     def failing_build(out_dir, workers=0):
         Path(out_dir).mkdir(parents=True)
         (Path(out_dir) / "train.jsonl").write_text("half written")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(demo, "build_demo_data", failing_build)
+    monkeypatch.setattr(build, "build_demo_data", failing_build)
     with pytest.raises(KeyboardInterrupt):
-        demo.ensure_demo_stores(tmp_path / "fresh")
+        build.ensure_demo_stores(tmp_path / "fresh")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["partial"]
 
 
-def test_cli_demo_data_reports_the_stores(built, capsys):
+def test_cli_demo_data_reports_the_stores(built, synthetic, capsys, monkeypatch):
     assert cli.main(["demo-data", "--out", str(built["train"].parent)]) == 0
     out = capsys.readouterr().out
     assert f"{built['train']}: " in out and "sha256:" in out and f"tokenizer: {built['tokenizer']}" in out
+    assert f"{synthetic['stitched']}: " in out
+    monkeypatch.setenv(demo.DEMO_DIR_VARIABLE, str(built["train"].parent))  # without --out: where `demo:` looks
+    assert cli.main(["demo-data"]) == 0
+    assert capsys.readouterr().out == out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -135,11 +145,10 @@ def test_cli_demo_data_reports_the_stores(built, capsys):
 
 @pytest.fixture(scope="module")
 def synthetic(built) -> dict[str, Path]:
-    return demo.ensure_demo_megadocs(built["train"].parent)
+    return build.ensure_demo_data(built["train"].parent)
 
 
 def test_synthetic_stream_is_stitched_megadocs_with_the_real_tokenizer(built, synthetic):
-    from generation import demo as generation_demo
     from generation.merge import read_generations
 
     assert {k: synthetic[k] for k in built} == built  # the real stores are the same ones
@@ -149,7 +158,7 @@ def test_synthetic_stream_is_stitched_megadocs_with_the_real_tokenizer(built, sy
     sources = read_jsonl(built["train_jsonl"])
     assert reader.num_documents == len(sources)  # every train document was rephrased G=2 times
     generations = {(g["doc_id"], g["sample"]): g for g in read_generations(synthetic["merged"])}
-    G = generation_demo.SAMPLES
+    G = build.SAMPLES
     assert len(generations) == G * len(sources)
     train = StoreReader.open(built["train"], info)
     for i in (0, reader.num_documents // 2, reader.num_documents - 1):
@@ -174,47 +183,70 @@ def test_synthetic_stream_is_stitched_megadocs_with_the_real_tokenizer(built, sy
 def test_synthetic_stream_is_deterministic_and_not_rebuilt(built, synthetic, tmp_path):
     marker = synthetic["stitched"].parents[1] / demo.SYNTHETIC_MARKER
     before = marker.stat().st_mtime_ns
-    assert demo.ensure_demo_megadocs(built["train"].parent) == synthetic
+    assert build.ensure_demo_data(built["train"].parent) == synthetic
     assert marker.stat().st_mtime_ns == before  # not rebuilt
     shutil.copytree(built["train"].parent, tmp_path / "again", ignore=shutil.ignore_patterns(demo.SYNTHETIC_DIR))
-    again = demo.ensure_demo_megadocs(tmp_path / "again")  # the synthetic stream built once more
+    again = build.ensure_demo_data(tmp_path / "again")  # the synthetic stream built once more
     assert StoreReader.open(again["stitched"]).manifest["content_hash"] == StoreReader.open(
         synthetic["stitched"]
     ).manifest["content_hash"]
 
 
 def test_failed_synthetic_build_leaves_the_real_stores_and_no_synthetic_dir(built, tmp_path, monkeypatch):
-    from generation import demo as generation_demo
-
     root = tmp_path / "root"
-    demo.ensure_demo_stores(root)
+    build.ensure_demo_stores(root)
 
     def failing(train_jsonl, tokenizer_dir, out_dir):
         Path(out_dir).mkdir(parents=True)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(generation_demo, "build_synthetic", failing)
+    monkeypatch.setattr(build, "build_synthetic", failing)
     with pytest.raises(KeyboardInterrupt):
-        demo.ensure_demo_megadocs(root)
+        build.ensure_demo_data(root)
     assert not (root / demo.SYNTHETIC_DIR).exists() and not list(root.glob(".synthetic.building-*"))
     (root / demo.SYNTHETIC_DIR).mkdir()
-    with pytest.raises(demo.DemoDataError, match="not a complete demo build"):
-        demo.ensure_demo_megadocs(root)
+    with pytest.raises(build.DemoDataError, match="not a complete demo build"):
+        build.ensure_demo_data(root)
 
 
-def test_resolve_builds_the_synthetic_stream_only_when_named(built, synthetic, monkeypatch):
-    from megadoc_jax import config as config_lib
-
-    monkeypatch.setenv("MEGADOC_DEMO_DIR", str(built["train"].parent))
+def test_resolve_finds_the_built_demo_data(built, synthetic, monkeypatch):
+    monkeypatch.setenv(demo.DEMO_DIR_VARIABLE, str(built["train"].parent))
     real_only = config_lib.load(None, ["data.tokenizer=demo:tokenizer"])
-    calls = []
-    monkeypatch.setattr(demo, "ensure_demo_megadocs", lambda root: calls.append(root) or synthetic)
-    assert demo.resolve_demo_paths(real_only).data.tokenizer == str(built["tokenizer"]) and not calls
+    assert demo.resolve_demo_paths(real_only).data.tokenizer == str(built["tokenizer"])
     demo_config = config_lib.load(REPO / "configs" / "demo.yaml")
     resolved = demo.resolve_demo_paths(demo_config)
-    assert calls and {s.name: s.store for s in resolved.data.streams} == {
+    assert {s.name: s.store for s in resolved.data.streams} == {
         "real": str(built["train"]), "synthetic": str(synthetic["stitched"])
     }
     assert [s.weight for s in resolved.data.streams] == [0.5, 0.5]
+    assert dict(resolved.data.eval_stores) == {"heldout": str(built["heldout"])}
     with pytest.raises(config_lib.ConfigError, match="unknown demo path 'demo:nope'.*stitched"):
         demo.resolve_demo_paths(config_lib.load(None, ["data.tokenizer=demo:nope"]))
+
+
+def test_resolve_never_builds_and_names_the_command_that_does(built, tmp_path, monkeypatch):
+    real_only = config_lib.load(None, ["data.tokenizer=demo:tokenizer"])
+    demo_config = config_lib.load(REPO / "configs" / "demo.yaml")
+    command = re.escape(f"`{demo.BUILD_COMMAND}`")
+    assert demo.BUILD_COMMAND == "python -m generation demo-data"
+
+    # The real data only: its names resolve; the synthetic stream is refused, not built.
+    root = tmp_path / "real"
+    shutil.copytree(built["train"].parent, root, ignore=shutil.ignore_patterns(demo.SYNTHETIC_DIR))
+    monkeypatch.setenv(demo.DEMO_DIR_VARIABLE, str(root))
+    assert demo.resolve_demo_paths(real_only).data.tokenizer == str(root / "tokenizer")
+    with pytest.raises(config_lib.ConfigError, match=rf"data.streams\[1\].store: demo:stitched .* is not built; build "
+                       rf"it with {command} .*`make demo` runs it"):  # fmt: skip
+        demo.resolve_demo_paths(demo_config)
+    assert not (root / demo.SYNTHETIC_DIR).exists()
+
+    # Nothing built, or a directory that is not a complete build.
+    monkeypatch.setenv(demo.DEMO_DIR_VARIABLE, str(tmp_path / "none"))
+    with pytest.raises(config_lib.ConfigError, match=rf"data.tokenizer: demo:tokenizer: .*none is not built; build it "
+                       rf"with {command}"):  # fmt: skip
+        demo.resolve_demo_paths(real_only)
+    assert not (tmp_path / "none").exists()
+    (tmp_path / "none").mkdir()
+    with pytest.raises(config_lib.ConfigError, match=rf"not a complete demo build \(no demo.json\); remove it and run "
+                       rf"{command}"):  # fmt: skip
+        demo.resolve_demo_paths(real_only)

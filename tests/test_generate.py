@@ -16,9 +16,19 @@ import pytest
 from test_prompts import CORPUS, make_generator_dir
 
 from generation import prompts as P
-from generation.backends import Backend, Completion, Devices
+from generation.backends import Backend, BackendError, Completion, Devices
 from generation.generate import GenerationSettings, flag_samples, parse_flag_policy, run
-from generation.merge import LEDGER, PARTS, SUMMARY, OutputError, merge, read_generations, summarize, worker_dir
+from generation.merge import (
+    LEDGER,
+    PARTS,
+    SUMMARY,
+    OutputError,
+    WorkerOutput,
+    merge,
+    read_generations,
+    summarize,
+    worker_dir,
+)
 
 G = 3
 MAX_NEW = 12
@@ -195,6 +205,46 @@ def test_restart_with_other_settings_is_refused(tmp_path, model_dir, tokenizer):
     write_docs(docs, count=12)
     with pytest.raises(OutputError, match=r"differing: inputs"):
         job(tmp_path, model_dir, tokenizer, docs, tmp_path / "out")
+
+
+class BrokenBackend(ScriptedBackend):
+    """Breaks the interface: `damage` changes the outputs of each generate call."""
+
+    name = "broken"
+
+    def __init__(self, eos_id: int, damage):
+        super().__init__(eos_id)
+        self.damage = damage
+
+    def generate(self, requests, sampling):
+        return self.damage(super().generate(requests, sampling))
+
+
+def drop_last_sample_of_request_1(outputs):
+    return [samples[:-1] if i == 1 else samples for i, samples in enumerate(outputs)]
+
+
+@pytest.mark.parametrize("damage, message", [
+    (drop_last_sample_of_request_1, rf"backend broken: request 1 asked for {G} samples, got {G - 1}"),
+    (lambda outputs: outputs[:-1], r"backend broken: 2 outputs for 3 requests"),
+])  # fmt: skip
+def test_a_backend_returning_the_wrong_number_of_completions_fails_clearly(tmp_path, model_dir, tokenizer,
+                                                                          damage, message):  # fmt: skip
+    docs = write_docs(tmp_path / "docs.jsonl")
+    with pytest.raises(BackendError, match=message):
+        job(tmp_path, model_dir, tokenizer, docs, tmp_path / "out", backend=BrokenBackend(tokenizer.eos_token_id, damage))
+    assert not (worker_dir(tmp_path / "out", 0, 1) / LEDGER).exists()  # nothing of the broken chunk was committed
+
+
+def test_one_writer_per_worker_directory(tmp_path):
+    first = WorkerOutput(tmp_path / "worker", {"job": 1})
+    try:
+        with pytest.raises(OutputError, match=rf"{tmp_path}/worker: another process writing this worker's output "
+                           r"holds .lock"):  # fmt: skip
+            WorkerOutput(tmp_path / "worker", {"job": 1})
+    finally:
+        first.close()
+    WorkerOutput(tmp_path / "worker", {"job": 1}).close()  # released: the next writer may open it
 
 
 def test_flag_samples_rules():

@@ -17,6 +17,7 @@ from flax import nnx
 
 from generation.backends import BackendError, Request, Sampling, create_backend
 from generation.backends import jax_backend
+from generation.demo import ensure_demo_stores
 from megadoc_jax import checkpoint, decode, optim, sharding
 from megadoc_jax import config as config_lib
 from megadoc_jax import model as model_lib
@@ -30,7 +31,7 @@ SAVED_STEP = 3
 
 def make_run_dir(root: Path, seed: int) -> Path:
     """A run directory as train.py leaves it: config.yaml + checkpoints/STEP of {'step','params','opt_state'}."""
-    tokenizer = demo.ensure_demo_stores(root.parent / "demo")["tokenizer"]
+    tokenizer = ensure_demo_stores(root.parent / "demo")["tokenizer"]
     config = config_lib.load(None, [
         "model.size=tiny", "model.vocab_size=2048", "model.compute_dtype=float32", "model.init_std=0.3",
         f"data.tokenizer={tokenizer}", "data.seq_len=256", f"train.run_dir={root}", f"train.seed={seed}",

@@ -299,6 +299,37 @@ def test_streams_round_trip_through_stores(tmp_path, inputs, tokenizer_dir):
     assert not (tmp_path / "out" / SPOOL_DIR).exists()
 
 
+def test_one_megadocs_run_per_out_directory(tmp_path, inputs, tokenizer_dir):
+    from megadoc_jax.files import lock_exclusive
+
+    sources, gens = inputs
+    (tmp_path / "out").mkdir()
+    with lock_exclusive(tmp_path / "out" / megadoc_export.LOCK_FILE):  # held as by another run
+        with pytest.raises(MegadocExportError, match=rf"{tmp_path}/out: another megadocs run holds .megadocs.lock"):
+            build_megadocs([sources], [gens], tokenizer_dir, tmp_path / "out", [(BACK, 2)],
+                           StreamOptions(progress=False), workers=0)  # fmt: skip
+    assert not (tmp_path / "out" / f"{BACK}-G2").exists()
+
+
+def test_a_new_method_is_one_table_entry(tmp_path, inputs, tokenizer_dir, monkeypatch):
+    """A toy method (rephrases last to first, then the original) needs one METHOD_TABLE entry, nothing else."""
+
+    def reversed_then_original(original, generations, G, separator_ids):
+        return megadocs._rephrases_then_original(original, list(generations)[::-1], G, separator_ids)
+
+    toy = megadocs.Method("stitched-reversed", megadocs.REPHRASE, reversed_then_original, ("between",))
+    monkeypatch.setitem(megadocs.METHOD_TABLE, toy.name, toy)
+    sources, gens = inputs
+    options = StreamOptions(separators=SEPARATORS, progress=False)
+    (report,) = build_megadocs([sources], [gens], tokenizer_dir, tmp_path / "out", [(toy.name, 2)], options, workers=0)
+    documents = read_store(Path(report["store"]), tokenizer_dir)
+    assert report["stream"] == "stitched-reversed-G2" and len(documents) == len(SOURCES)
+    assert as_words(documents[0]) == ("a3 || a1 a2 || o1 o2 o3 o4 o5 <eos>",
+                                      [(R, 2, 1), (S, 0, 1), (R, 1, 2), (S, 0, 1), (O, 0, 5), (S, 0, 1)])  # fmt: skip
+    assert documents[0].metadata["separators"] == {"between": " || "}
+    assert documents[0].metadata["method"] == toy.name
+
+
 def test_worker_processes_and_no_separators_give_the_expected_stores(tmp_path, inputs, tokenizer_dir):
     sources, gens = inputs
     streams = [(BACK, 2), (STRETCHED, 2)]

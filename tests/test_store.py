@@ -23,6 +23,7 @@ from megadoc_jax.data.store import (
     StoreReader,
     StoreWriter,
     TokenizerInfo,
+    finished_manifest,
 )
 
 TOKENIZER = TokenizerInfo(name="test-bpe", hash="sha256:" + "ab" * 32, vocab_size=1000, eos_id=999)
@@ -304,7 +305,7 @@ def test_data_written_past_the_commit_record_is_discarded(
     writer.append(documents[10:25])
     with pytest.raises(KeyboardInterrupt):
         writer.flush()
-    writer._release_lock()
+    writer._lock.release()  # what a killed process leaves: the kernel drops its lock
 
     resumed = StoreWriter(tmp_path / "s", TOKENIZER)
     assert resumed.num_committed == 10 and resumed.num_documents == 10
@@ -464,3 +465,16 @@ def test_layout_validation() -> None:
         StoreLayout(tokens_codec="lz4")
     with pytest.raises(ValueError, match="aux_chunk must be positive"):
         StoreLayout(aux_chunk=0)
+
+
+def test_finished_manifest_is_none_until_the_store_is_finished(tmp_path):
+    assert finished_manifest(tmp_path / "s") is None  # absent
+    writer = StoreWriter(tmp_path / "s", TOKENIZER)
+    writer.append(make_documents(4, seed=3))
+    writer.flush()
+    assert finished_manifest(tmp_path / "s") is None  # being written
+    manifest = writer.finish()
+    assert finished_manifest(tmp_path / "s") == manifest and manifest["finished"] is True
+    (tmp_path / "s" / "manifest.json").write_text("{")
+    with pytest.raises(StoreError, match="manifest.json is not valid JSON"):
+        finished_manifest(tmp_path / "s")

@@ -22,7 +22,7 @@ import pytest
 
 from megadoc_jax import config as config_lib
 from megadoc_jax import train
-from megadoc_jax.data import demo
+from generation import demo
 from processes import wait_until
 
 REPO = Path(__file__).resolve().parent.parent

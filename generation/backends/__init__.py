@@ -11,9 +11,11 @@ Seeds: sample k of a request has seed `seeds[0] + k`; this is how vLLM derives t
 requests of `SamplingParams(n, seed)`, and every backend must give sample k the same draw whatever the
 batch it runs in, so that a resumed job reproduces an uninterrupted one.
 
-Backends are imported lazily: `vllm` and `torch` are optional and must not be needed to import this
-package. A later backend (the JAX sampler) registers itself with `register_backend`, or is named on the
-command line as "package.module:ClassName".
+Three backends are registered by name: "vllm", "transformers" and "jax" (megadoc_jax's own sampler, which
+also samples from ensembles). They are imported lazily: `vllm` and `torch` are optional and must not be
+needed to import this package. Another backend is added with `register_backend`, or named on the command
+line as "package.module:ClassName". generate.py checks every backend's output against this interface
+(check_output_shape: one completion list per request, one completion per seed) before using it.
 """
 
 from __future__ import annotations
@@ -27,8 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Sequence
 
 # Finish reasons as vLLM names them: "stop" (EOS or a stop token), "length" (max_new_tokens reached).
-FINISH_STOP = "stop"
-FINISH_LENGTH = "length"
+from megadoc_jax.data.store import FINISH_LENGTH, FINISH_STOP  # noqa: F401  (re-exported for the backends)
 
 
 class BackendError(RuntimeError):

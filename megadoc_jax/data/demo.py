@@ -1,4 +1,4 @@
-"""The embedded demo data: English text that ships with Python, a tokenizer trained on it, two stores.
+"""The embedded demo data: English text that ships with Python, a tokenizer trained on it, and `demo:` paths.
 
 The corpus is the interpreter's own documentation, so the demo needs no download:
 - pydoc topics (`pydoc_data.topics.topics`, the language reference behind `help('if')`), one document
@@ -10,17 +10,14 @@ the document id, form the held-out split. The content depends only on the Python
 
 The tokenizer is a byte-level BPE trained on the train split with the `tokenizers` library (vocabulary
 of config.MODEL_SIZES['demo'] size, EOS '<|endoftext|>'), saved as a Hugging Face directory that
-`transformers.AutoTokenizer.from_pretrained` loads. The stores are written by `generation.export`, the
-same path as real data.
+`transformers.AutoTokenizer.from_pretrained` loads.
 
-    ensure_demo_stores(root) -> {'tokenizer', 'train_jsonl', 'heldout_jsonl', 'train', 'heldout'}
-    ensure_demo_megadocs(root) -> the same plus {'generator', 'generations', 'merged', 'stitched'}
-
-build root/ (and root/synthetic/) on first use (into a temporary directory renamed into place, so an
-interrupted build leaves nothing half-made) and afterwards just return the paths. The synthetic stream
-(generation/demo.py) is rephrases of every train document by a tiny randomly initialised generator with
-the jax backend, stitched back G=2 into a store with the train stores' tokenizer: a random model cannot
-rephrase, so it shows the machinery, not the effect. It is built only when a config names it.
+The demo directory ($MEGADOC_DEMO_DIR, default ~/.cache/megadoc_jax/demo) is built by the generation
+stage, `python -m generation demo-data` (generation/demo.py; `make demo` runs it): the JSONL splits,
+the tokenizer and the train / held-out stores, written by the same export as real data, and the
+synthetic stream under root/synthetic/. This module only knows that directory's layout (demo_paths,
+synthetic_paths) and resolves the `demo:NAME` paths of a config to it (resolve_demo_paths); it never
+builds it, so megadoc_jax does not depend on the generation stage.
 """
 
 from __future__ import annotations
@@ -30,13 +27,10 @@ import functools
 import hashlib
 import importlib.util
 import json
-import logging
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Iterable
 
 from megadoc_jax import config as config_lib
 from megadoc_jax.config import MODEL_SIZES
@@ -45,10 +39,15 @@ DEMO_VOCAB_SIZE: int = MODEL_SIZES["demo"]["vocab_size"]
 EOS_TOKEN = "<|endoftext|>"
 HELDOUT_PERCENT = 10
 MAX_DOCUMENT_CHARS = 8000
+DEMO_PREFIX = "demo:"  # a config path `demo:NAME` names the demo data (resolve_demo_paths)
+DEMO_DIR_VARIABLE = "MEGADOC_DEMO_DIR"
+DEFAULT_DEMO_DIR = Path.home() / ".cache" / "megadoc_jax" / "demo"
+BUILD_COMMAND = "python -m generation demo-data"
 COMPLETE_MARKER = "demo.json"  # written last inside the temporary directory, before the rename
-SYNTHETIC_DIR = "synthetic"  # root/synthetic: the demo's synthetic stream, built only when a config asks
+SYNTHETIC_DIR = "synthetic"  # root/synthetic: the demo's synthetic stream
 SYNTHETIC_MARKER = "synthetic.json"
-SYNTHETIC_NAMES = ("generator", "generations", "merged", "stitched")  # `demo:` names that need it
+SYNTHETIC_NAMES = ("generator", "generations", "merged", "stitched")  # `demo:` names under SYNTHETIC_DIR
+SYNTHETIC_STREAM = "stitched-back-G2"  # the store generation/demo.py builds: its METHOD, G = its SAMPLES
 DEMO_FORMAT = 1
 
 # Pure-Python modules with substantial English docstrings; fixed so the corpus is deterministic.
@@ -63,13 +62,6 @@ DOCSTRING_MODULES = (
 
 _SECTION_HEADING = re.compile(r"\n(?=[^\n]+\n=+\n)")  # a line followed by a line of '='
 _PARAGRAPH_BREAK = re.compile(r"\n\s*\n")
-
-
-log = logging.getLogger(__name__)
-
-
-class DemoDataError(RuntimeError):
-    """The demo directory exists but is not a complete demo build."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -174,18 +166,24 @@ def train_tokenizer(texts: Iterable[str], out_dir: Path, vocab_size: int = DEMO_
     return out_dir
 
 
-# --------------------------------------------------------------------------------------------------
-# Building the demo directory
-# --------------------------------------------------------------------------------------------------
-
-
 def train_demo_tokenizer(out_dir: Path) -> Path:
     """The demo tokenizer alone (trained on the demo's train split), e.g. for benchmarks."""
     train, _ = split_heldout(demo_documents())
     return train_tokenizer((d["text"] for d in train), out_dir)
 
 
+# --------------------------------------------------------------------------------------------------
+# The demo directory and `demo:` paths
+# --------------------------------------------------------------------------------------------------
+
+
+def demo_root() -> Path:
+    """Where the demo data lives: $MEGADOC_DEMO_DIR, default ~/.cache/megadoc_jax/demo."""
+    return Path(os.environ.get(DEMO_DIR_VARIABLE, DEFAULT_DEMO_DIR))
+
+
 def demo_paths(root: str | Path) -> dict[str, Path]:
+    """The real data under root (complete when root/COMPLETE_MARKER exists)."""
     root = Path(root)
     return {
         "tokenizer": root / "tokenizer",
@@ -196,94 +194,51 @@ def demo_paths(root: str | Path) -> dict[str, Path]:
     }
 
 
-def build_demo_data(out_dir: str | Path, workers: int = 0) -> dict[str, Path]:
-    """Write tokenizer, JSONL splits and both stores into out_dir (which must not exist yet)."""
-    from generation.export import export
-
-    paths = demo_paths(out_dir)
-    Path(out_dir).mkdir(parents=True)
-    train, heldout = split_heldout(demo_documents())
-    write_jsonl(train, paths["train_jsonl"])
-    write_jsonl(heldout, paths["heldout_jsonl"])
-    train_tokenizer((d["text"] for d in train), paths["tokenizer"])
-    summary: dict[str, object] = {"format": DEMO_FORMAT, "heldout_percent": HELDOUT_PERCENT}
-    for split in ("train", "heldout"):
-        report = export([paths[f"{split}_jsonl"]], paths["tokenizer"], paths[split], workers=workers, progress=False)
-        summary[split] = {key: report[key] for key in ("documents", "tokens", "content_hash")}
-    (Path(out_dir) / COMPLETE_MARKER).write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
-    return paths
+def synthetic_paths(synthetic_dir: str | Path) -> dict[str, Path]:
+    """The synthetic stream under root/SYNTHETIC_DIR (complete when its SYNTHETIC_MARKER exists): the
+    generator run directory, the generation workers' output, its merge and the stitched store."""
+    synthetic_dir = Path(synthetic_dir)
+    return {
+        "generator": synthetic_dir / "generator",
+        "generations": synthetic_dir / "generations",
+        "merged": synthetic_dir / "merged",
+        "stitched": synthetic_dir / "megadocs" / SYNTHETIC_STREAM,
+    }
 
 
-def _build_into_place(target: Path, build: Callable[[Path], None], marker: str) -> None:
-    """Run build(tmp) into a temporary directory next to target, then rename it to target, unless target
-    exists already. A failed build leaves nothing at target; a concurrent builder's rename may win."""
-    if not target.exists():
-        log.info("building %s (first use)", target)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.building-", dir=target.parent))
-        try:
-            build(tmp / target.name)
-            try:
-                os.rename(tmp / target.name, target)
-            except OSError:
-                if not (target / marker).exists():  # not a concurrent builder that won the race
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    if not (target / marker).exists():
-        raise DemoDataError(
-            f"{target} exists but has no {marker}: it is not a complete demo build; remove it to rebuild"
+def _check_built(directory: Path, marker: str, what: str) -> None:
+    if (directory / marker).exists():
+        return
+    command = f"`{BUILD_COMMAND}` (into ${DEMO_DIR_VARIABLE}, default {DEFAULT_DEMO_DIR}; `make demo` runs it)"
+    if directory.exists():
+        raise config_lib.ConfigError(
+            f"{what}: {directory} exists but is not a complete demo build (no {marker}); remove it and run {command}"
         )
-
-
-def ensure_demo_stores(root: str | Path, workers: int = 0) -> dict[str, Path]:
-    """The demo paths under root, building them first if root does not exist yet (idempotent)."""
-    root = Path(root)
-    _build_into_place(root, lambda out_dir: build_demo_data(out_dir, workers=workers), COMPLETE_MARKER)
-    return demo_paths(root)
-
-
-def ensure_demo_megadocs(root: str | Path, workers: int = 0) -> dict[str, Path]:
-    """demo_paths plus the synthetic stream under root/SYNTHETIC_DIR (generation/demo.py: a tiny random
-    generator, rephrases with the jax backend, stitched megadocs), each built on first use."""
-    from generation import demo as generation_demo  # imports JAX: only when the synthetic stream is asked for
-
-    paths = ensure_demo_stores(root, workers=workers)
-
-    def build(out_dir: Path) -> None:
-        summary = generation_demo.build_synthetic(paths["train_jsonl"], paths["tokenizer"], out_dir)
-        (out_dir / SYNTHETIC_MARKER).write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
-
-    synthetic_dir = Path(root) / SYNTHETIC_DIR
-    _build_into_place(synthetic_dir, build, SYNTHETIC_MARKER)
-    return {**paths, **generation_demo.synthetic_paths(synthetic_dir)}
-
-
-DEMO_PREFIX = "demo:"
+    raise config_lib.ConfigError(f"{what}: {directory} is not built; build it with {command}")
 
 
 def resolve_demo_paths(config: config_lib.Config) -> config_lib.Config:
-    """Replaces `demo:NAME` paths by the embedded demo data, built on first use under $MEGADOC_DEMO_DIR
-    (default ~/.cache/megadoc_jax/demo): tokenizer, train, heldout; and `stitched` (the synthetic stream,
-    built only when some path names one of SYNTHETIC_NAMES)."""
+    """Replaces `demo:NAME` paths by the demo data under demo_root(): tokenizer, train, heldout, and the
+    synthetic stream's SYNTHETIC_NAMES (`stitched`). ConfigError for an unknown name, or when the data a
+    name needs is not built, saying which command builds it (`python -m generation demo-data`)."""
     raw = config_lib.to_dict(config)
     data = raw["data"]
     named = [data["tokenizer"], *(s["store"] for s in data["streams"]), *data["eval_stores"].values()]
-    demo_names = {str(path)[len(DEMO_PREFIX):] for path in named if str(path).startswith(DEMO_PREFIX)}
-    if not demo_names:
+    if not any(str(path).startswith(DEMO_PREFIX) for path in named):
         return config
-    root = Path(os.environ.get("MEGADOC_DEMO_DIR", Path.home() / ".cache" / "megadoc_jax" / "demo"))
-    ensure = ensure_demo_megadocs if demo_names & set(SYNTHETIC_NAMES) else ensure_demo_stores
-    paths = {name: str(path) for name, path in ensure(root).items()}
+    root = demo_root()
+    paths = {**demo_paths(root), **synthetic_paths(root / SYNTHETIC_DIR)}
 
     def resolve(path: str, key: str) -> str:
         if not path.startswith(DEMO_PREFIX):
             return path
         name = path[len(DEMO_PREFIX):]
         if name not in paths:
-            known = sorted({*paths, *SYNTHETIC_NAMES})
-            raise config_lib.ConfigError(f"{key}: unknown demo path {path!r}; known: {known}")
-        return paths[name]
+            raise config_lib.ConfigError(f"{key}: unknown demo path {path!r}; known: {sorted(paths)}")
+        _check_built(root, COMPLETE_MARKER, f"{key}: {path}")
+        if name in SYNTHETIC_NAMES:
+            _check_built(root / SYNTHETIC_DIR, SYNTHETIC_MARKER, f"{key}: {path} (the demo's synthetic stream)")
+        return str(paths[name])
 
     data["tokenizer"] = resolve(data["tokenizer"], "data.tokenizer")
     for i, stream in enumerate(data["streams"]):

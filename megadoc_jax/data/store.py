@@ -11,7 +11,6 @@ Imports no JAX, so the generation stage can use it.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import time
 from pathlib import Path
@@ -19,10 +18,13 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from megadoc_jax import files
 from megadoc_jax.data import store_format as fmt
 from megadoc_jax.data.store_format import FORMAT_VERSION, StoreError, StoreLayout
 from megadoc_jax.data.store_reader import StoreReader
 from megadoc_jax.data.store_types import (
+    FINISH_LENGTH,
+    FINISH_STOP,
     METADATA_FIELDS,
     Document,
     EncodedDocument,
@@ -45,9 +47,22 @@ __all__ = [
     "StoreWriter",
     "StoreReader",
     "METADATA_FIELDS",
+    "FINISH_STOP",
+    "FINISH_LENGTH",
+    "finished_manifest",
 ]
 
 DEFAULT_FLUSH_TOKENS = 1 << 22
+
+
+def finished_manifest(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The manifest of the finished store at `path` (its counts, content_hash, tokenizer, layout), or None
+    when `path` holds no finished store (absent, empty, or still being written). Opens no arrays."""
+    manifest_path = Path(path) / fmt.MANIFEST_FILE
+    if not manifest_path.is_file():
+        return None
+    manifest = files.read_json(manifest_path, fmt.MANIFEST_FILE, StoreError)
+    return manifest if manifest.get("finished") is True else None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -77,7 +92,8 @@ class StoreWriter:
         self.flush_tokens = flush_tokens
         self._finished = False
         self.path.mkdir(parents=True, exist_ok=True)
-        self._lock = _acquire_lock(self.path)
+        # Two writers on one store would corrupt it.
+        self._lock = files.lock_exclusive(self.path / fmt.LOCK_FILE, holder="another StoreWriter", error=StoreError)
         try:
             self.manifest = self._open_manifest(layout)
             self.layout = StoreLayout.from_dict(self.manifest["layout"])
@@ -86,7 +102,7 @@ class StoreWriter:
             }
             commit = self._read_commit()
         except BaseException:
-            self._release_lock()
+            self._lock.release()
             raise
         self.num_committed: int = commit["num_documents"]
         self._group_sizes: dict[str, int] = dict(commit["group_sizes"])
@@ -167,17 +183,17 @@ class StoreWriter:
             content_hash=digest,
             flushes=self._flushes,
         )
-        fmt.write_json_atomic(self.path / fmt.MANIFEST_FILE, self.manifest)  # the finished flag, last
+        files.write_json_atomic(self.path / fmt.MANIFEST_FILE, self.manifest)  # the finished flag, last
         self._finished = True
         (self.path / fmt.LOCK_FILE).unlink(missing_ok=True)
-        self._release_lock()
+        self._lock.release()
         return dict(self.manifest)
 
     def close(self) -> None:
         """Flush what is buffered and release the store without finishing it (resume later)."""
-        if not self._finished and self._lock is not None:
+        if not self._finished and self._lock.held:
             self.flush()
-            self._release_lock()
+            self._lock.release()
 
     def __enter__(self) -> "StoreWriter":
         return self
@@ -186,14 +202,14 @@ class StoreWriter:
         if exc_type is None:
             self.close()
         else:  # like a crash: the buffered (uncommitted) documents are dropped; num_committed says where to resume
-            self._release_lock()
+            self._lock.release()
 
     # ---- internals ----------------------------------------------------------------------------
 
     def _check_open(self) -> None:
         if self._finished:
             raise StoreError(f"{self.path}: the store is finished; nothing more can be written")
-        if self._lock is None:
+        if not self._lock.held:
             raise StoreError(f"{self.path}: the writer is closed")
 
     def _open_manifest(self, layout: StoreLayout | None) -> dict[str, Any]:
@@ -214,9 +230,9 @@ class StoreWriter:
                 "arrays": {key: dtype for key, dtype in fmt.array_keys()},
                 "levanter": "input_ids/ is a Levanter JaggedArrayStore (data, offsets; offsets[0] = rows)",
             }
-            fmt.write_json_atomic(manifest_path, manifest)
+            files.write_json_atomic(manifest_path, manifest)
             return manifest
-        manifest = fmt.read_json(manifest_path, "manifest.json")
+        manifest = files.read_json(manifest_path, fmt.MANIFEST_FILE, StoreError)
         check_format_version(self.path, manifest)
         if manifest.get("finished"):
             raise StoreError(f"{self.path}: the store is finished; delete it to write it again")
@@ -232,7 +248,7 @@ class StoreWriter:
         commit_path = self.path / fmt.COMMIT_FILE
         if not commit_path.exists():
             return {"num_documents": 0, "group_sizes": {g.name: 0 for g in fmt.GROUPS}, "flushes": 0}
-        commit = fmt.read_json(commit_path, "commit.json")
+        commit = files.read_json(commit_path, fmt.COMMIT_FILE, StoreError)
         documents = commit.get("num_documents")
         sizes = commit.get("group_sizes")
         if not isinstance(documents, int) or not isinstance(sizes, dict) or set(sizes) != {g.name for g in fmt.GROUPS}:
@@ -249,20 +265,4 @@ class StoreWriter:
 
     def _write_commit(self) -> None:
         record = {"num_documents": self.num_committed, "group_sizes": self._group_sizes, "flushes": self._flushes}
-        fmt.write_json_atomic(self.path / fmt.COMMIT_FILE, record)
-
-    def _release_lock(self) -> None:
-        if self._lock is not None:
-            os.close(self._lock)
-            self._lock = None
-
-
-def _acquire_lock(path: Path) -> int:
-    """An exclusive lock on the store directory: two writers on one store would corrupt it."""
-    fd = os.open(path / fmt.LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise StoreError(f"{path}: another StoreWriter holds {fmt.LOCK_FILE}") from None
-    return fd
+        files.write_json_atomic(self.path / fmt.COMMIT_FILE, record)

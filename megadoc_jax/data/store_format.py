@@ -1,4 +1,4 @@
-"""On-disk layout of a token store: zarr3 arrays, chunking, atomic JSON files, the content hash.
+"""On-disk layout of a token store: zarr3 arrays, chunking, the content hash.
 
 A store is a directory of three *jagged groups*, each laid out like Levanter's JaggedArrayStore:
 one int64 `offsets` array whose cell 0 holds the number of rows and whose cell i+1 holds the end
@@ -13,15 +13,14 @@ one int64 `offsets` array whose cell 0 holds the number of rows and whose cell i
 While a store is being written every array has the unbounded shape [2**54] (as in Levanter), so
 appends never rewrite array metadata; `finish` shrinks each array to its exact length.
 
-This module is the storage layer only (numpy + tensorstore + stdlib). store.py holds the public API.
+This module is the storage layer only (numpy + tensorstore + stdlib), private to megadoc_jax/data; its
+small JSON files are written with megadoc_jax/files.py. store.py holds the public API.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -184,44 +183,6 @@ def array_keys() -> list[tuple[str, str]]:
         keys.append((f"{group.name}/offsets", "int64"))
         keys.extend((f"{group.name}/{column}", dtype) for column, dtype in group.columns)
     return keys
-
-
-# --------------------------------------------------------------------------------------------------
-# Atomic small files
-# --------------------------------------------------------------------------------------------------
-
-
-def fsync_directory(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """tmp file + fsync + rename + fsync of the directory: readers see the old or the new file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_directory(path.parent)
-
-
-def write_json_atomic(path: Path, value: dict[str, Any]) -> None:
-    write_bytes_atomic(path, (json.dumps(value, indent=1, sort_keys=True) + "\n").encode())
-
-
-def read_json(path: Path, what: str) -> dict[str, Any]:
-    try:
-        value = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise StoreError(f"{path}: {what} is not valid JSON ({e})") from None
-    if not isinstance(value, dict):
-        raise StoreError(f"{path}: {what} must be a JSON object")
-    return value
 
 
 # --------------------------------------------------------------------------------------------------

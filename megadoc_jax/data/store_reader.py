@@ -20,6 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 import tensorstore as ts
 
+from megadoc_jax import files
 from megadoc_jax.data import store_format as fmt
 from megadoc_jax.data.store_format import StoreError
 from megadoc_jax.data.store_types import (
@@ -79,7 +80,7 @@ class StoreReader:
         manifest_path = path / fmt.MANIFEST_FILE
         if not manifest_path.is_file():
             raise StoreError(f"{path}: not a token store (no {fmt.MANIFEST_FILE})")
-        manifest = fmt.read_json(manifest_path, fmt.MANIFEST_FILE)
+        manifest = files.read_json(manifest_path, fmt.MANIFEST_FILE, StoreError)
         check_format_version(path, manifest)
         if manifest.get("finished") is not True:
             raise StoreError(

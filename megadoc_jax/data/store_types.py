@@ -19,6 +19,10 @@ from megadoc_jax.data import store_format as fmt
 from megadoc_jax.data.store_format import FORMAT_VERSION, StoreError
 
 MAX_SEGMENT_INDEX = int(np.iinfo(np.int16).max)
+# The values of the metadata field finish_reason, as vLLM names them; every generation backend and the
+# JAX sampler (megadoc_jax/decode.py) report these, and anything else counts as an aborted sample.
+FINISH_STOP = "stop"  # an EOS (or stop) token was sampled; it is kept in the output
+FINISH_LENGTH = "length"  # max_new_tokens reached
 # The per-document metadata fields the pipeline knows, with their JSON types; others may be added.
 METADATA_FIELDS: dict[str, type | tuple[type, ...]] = {
     "source_id": (str, int),

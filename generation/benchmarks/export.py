@@ -1,6 +1,6 @@
 """Export throughput against bare batched tokenization: same tokenizer, documents and process count.
 
-    python -m megadoc_jax.benchmarks.export [--tokens 3000000] [--workers N] [--batch-size 256] [--repeats 3]
+    python -m generation.benchmarks.export [--tokens 3000000] [--workers N] [--batch-size 256] [--repeats 3]
 
 Input: the demo corpus (megadoc_jax.data.demo) written as JSONL, repeated with distinct ids until it holds
 about --tokens tokens; the demo tokenizer (byte-level BPE, 2048) trained on the fly.

@@ -1,6 +1,6 @@
 """Megadoc export throughput against bare batched tokenization of the same texts: same tokenizer and processes.
 
-    python -m megadoc_jax.benchmarks.megadoc_export [--sources 400] [--G 8] [--workers N] [--repeats 2]
+    python -m generation.benchmarks.megadoc_export [--sources 400] [--G 8] [--workers N] [--repeats 2]
         [--methods simple,stitched-back,stretched]
 
 Input: --sources documents of the demo corpus (megadoc_jax.data.demo: Python's own documentation,
@@ -11,13 +11,13 @@ source i, rephrase k is the text of another demo document and rationale k its fi
 Per method, both sides tokenize exactly the texts that method's stream holds (originals and rephrases
 1..G, or originals and rationales 1..G):
 - bare: texts already in memory, a spawn Pool of N processes, `encode_batch_fast` over batches of
-  --batch-texts texts, token counts returned (megadoc_jax.benchmarks.export.bare_tokenization);
+  --batch-texts texts, token counts returned (generation.benchmarks.export.bare_tokenization);
 - megadocs: `build_megadocs` of that one stream into a fresh directory, N worker processes: reading and
   checking the inputs into the spool, planning, tokenizing, assembling with separators, segments and
   metadata, ordering, writing, commits and the content hash. Stretched also computes the originals'
   token offsets (to check where the rationales were made).
 Both times include starting the pool. Wall time is what a user waits for; CPU time (this process and
-its finished children, as megadoc_jax.benchmarks.export measures it) is what the work costs and stays
+its finished children, as generation.benchmarks.export measures it) is what the work costs and stays
 meaningful on a machine shared with other jobs. Tokens per second count the texts' tokens on both
 sides (not separators or EOS); the best of --repeats interleaved runs is kept; megadocs / bare is the
 figure of merit (goal >= 0.8). The "stream alone" figure leaves out the spool pass (reading and
@@ -35,7 +35,7 @@ from pathlib import Path
 from generation import megadocs
 from generation.export import default_workers, load_tokenizer
 from generation.megadoc_export import DEFAULT_BATCH_TEXTS, StreamOptions, build_megadocs
-from megadoc_jax.benchmarks.export import bare_tokenization, timed
+from generation.benchmarks.export import bare_tokenization, timed
 from megadoc_jax.data import demo
 
 RATIONALE_CHARS = 1500
@@ -84,7 +84,8 @@ def main() -> None:
         print(f"{args.sources} sources, G={args.G}, workers={args.workers}, batch_texts={args.batch_texts}, "
               f"cpus={os.cpu_count()}, tokenizer: demo BPE {info.vocab_size}")  # fmt: skip
         for method in args.methods.split(","):
-            texts = originals * (method != megadocs.NODOC) + generated[megadocs.TASK_OF_METHOD[method]]
+            spec = megadocs.method_spec(method)
+            texts = originals * spec.with_original + generated[spec.task]
             best = {key: 0.0 for key in ("bare wall", "bare cpu", "megadocs wall", "megadocs cpu", "stream wall")}
             for repeat in range(args.repeats):  # interleaved, so that both sides see the same machine load
                 counted, bare_wall, bare_cpu = timed(

@@ -1,0 +1,100 @@
+"""Small files written safely: atomic replacement, JSON objects, and an exclusive lock.
+
+The store (megadoc_jax/data), the generation stage's outputs and the exporters all keep their records
+(manifests, commit and progress records, summaries) as small files that a kill must never leave half
+written, and guard a directory against a second writer with a lock. Standard library only.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+class LockHeldError(RuntimeError):
+    """Another process holds the lock (the default error of `lock_exclusive`)."""
+
+
+def fsync_directory(path: str | os.PathLike) -> None:
+    """Make a rename or a new file inside `path` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """tmp file + fsync + rename + fsync of the directory: readers see the old or the new file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_directory(path.parent)
+
+
+def write_json_atomic(path: str | os.PathLike, value: dict[str, Any]) -> None:
+    """`value` as indented JSON with sorted keys, written by write_bytes_atomic."""
+    write_bytes_atomic(path, (json.dumps(value, indent=1, sort_keys=True) + "\n").encode())
+
+
+def read_json(path: str | os.PathLike, what: str | None = None, error: type[Exception] = ValueError) -> dict[str, Any]:
+    """The JSON object in `path`; `error` (naming the path and `what`, default the file name) if the file
+    is missing, is not valid JSON or holds something other than an object."""
+    path = Path(path)
+    what = what or path.name
+    try:
+        value = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise error(f"{path}: {what} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path}: {what} is not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise error(f"{path}: {what} must be a JSON object")
+    return value
+
+
+class FileLock:
+    """An exclusive lock held on an open file until `release` (or the end of a `with` block)."""
+
+    def __init__(self, path: Path, fd: int):
+        self.path = path
+        self._fd: int | None = fd
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def release(self) -> None:
+        """Release the lock (closing the file releases it); a second call does nothing."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "FileLock":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def lock_exclusive(
+    path: str | os.PathLike, *, holder: str = "another process", error: type[Exception] = LockHeldError
+) -> FileLock:
+    """A non-blocking exclusive flock on `path` (a lock file inside the directory it guards, created if
+    absent). If another process holds it: `error("<directory>: <holder> holds <lock file>")` at once,
+    never a wait. The kernel releases the lock when its holder exits, however it exits."""
+    path = Path(path)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise error(f"{path.parent}: {holder} holds {path.name}") from None
+    return FileLock(path, fd)
