@@ -78,12 +78,12 @@ def jit_train_step(setup: TrainSetup, config: Config, batch_layout: jax.sharding
     )
 
 
-def _model_inputs(batch: Batch, document_masking: bool) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+def model_inputs(batch: Batch, document_masking: bool) -> tuple[jax.Array, jax.Array, jax.Array | None]:
     segment_ids = batch["segment_ids"] if document_masking else None
     return batch["inputs"], batch["positions"], segment_ids
 
 
-def _context_layout(batch: Batch, config: Config) -> Batch:
+def context_layout(batch: Batch, config: Config) -> Batch:
     """The batch in the token layout that the attention backend declares (attention.token_order): the
     zig-zag layout of ring / all_gather when context > 1, else the batch as it is.
 
@@ -99,11 +99,11 @@ def _context_layout(batch: Batch, config: Config) -> Batch:
     return jax.tree.map(permute, batch)
 
 
-def _loss_sums(graphdef: nnx.GraphDef, params: Any, batch: Batch, config: Config) -> dict[str, jax.Array]:
+def loss_sums(graphdef: nnx.GraphDef, params: Any, batch: Batch, config: Config) -> dict[str, jax.Array]:
     """Summed (not averaged) losses of one microbatch, so microbatches add up exactly."""
     model = nnx.merge(graphdef, params)
-    batch = _context_layout(batch, config)
-    x_BxLxD = model.hidden_states(*_model_inputs(batch, config.data.document_masking))
+    batch = context_layout(batch, config)
+    x_BxLxD = model.hidden_states(*model_inputs(batch, config.data.document_masking))
     return loss_lib.next_token_loss(
         x_BxLxD,
         model.unembed_DxV(),
@@ -132,7 +132,7 @@ def make_train_step(
     microbatches = config.train.microbatches
 
     def total_loss(params: Any, micro: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
-        sums = _loss_sums(graphdef, params, micro, config)
+        sums = loss_sums(graphdef, params, micro, config)
         return sums["loss_sum"] + sums["z_loss_sum"], sums
 
     grad_fn = jax.grad(total_loss, has_aux=True)

@@ -62,8 +62,8 @@ def test_a_layout_backend_gets_the_zigzag_batch_in_the_train_step_on_a_context_m
     global_batch = step_lib.global_batch(batch, layout)
     with jax.set_mesh(mesh):
         _, metrics = step_lib.jit_train_step(setup, config, layout)(state, global_batch)
-        permuted = jax.jit(lambda b: step_lib._context_layout(b, config))(global_batch)
-        unchanged = step_lib._context_layout(global_batch, tiny_config())  # xla declares no layout
+        permuted = jax.jit(lambda b: step_lib.context_layout(b, config))(global_batch)
+        unchanged = step_lib.context_layout(global_batch, tiny_config())  # xla declares no layout
     # toy undoes the layout inside: had the step not permuted the batch, its attention would scramble.
     for key in ("loss", "grad_norm"):
         np.testing.assert_allclose(metrics[key], expected[key], rtol=2e-5)

@@ -15,6 +15,7 @@ from pipeline_stores import make_config, random_documents, write_store
 
 from megadoc_jax import config as config_lib
 from megadoc_jax import sharding
+from megadoc_jax import model as model_lib
 from megadoc_jax import step as step_lib
 from megadoc_jax.evaluation import HeldOutLoss, eval_batches, jit_token_scores, token_scores
 
@@ -51,7 +52,7 @@ def make_eval_config(
 def initial_params(model_config: config_lib.ModelConfig):
     """Freshly initialised parameters (host arrays), built once per model config."""
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1, "context": 1}, jax.devices()[:1])
-    params = nnx.to_pure_dict(nnx.state(sharding.create_sharded_model(model_config, mesh, 0)))
+    params = nnx.to_pure_dict(nnx.state(model_lib.create_sharded_model(model_config, mesh, 0)))
     return jax.device_get(params)
 
 
@@ -102,7 +103,7 @@ def test_masked_sum_of_token_scores_is_the_loss_sum(heldout_store):
     batch = eval_batches(heldout_store, config, 1)[0]
     graphdef, _, _, params = on_mesh(config, 1)
     log_prob = jax.jit(lambda p, b: token_scores(graphdef, p, b, config)["log_prob"])(params, batch)
-    sums = jax.jit(lambda p, b: step_lib._loss_sums(graphdef, p, b, config))(params, batch)
+    sums = jax.jit(lambda p, b: step_lib.loss_sums(graphdef, p, b, config))(params, batch)
     mask = np.asarray(batch["loss_mask"])
     assert 0 < mask.sum() < mask.size  # packed rows end in masked padding
     np.testing.assert_allclose(-np.sum(mask * np.asarray(log_prob)), sums["loss_sum"], rtol=1e-6)

@@ -2,7 +2,7 @@
 
 Built once per run: the first train.eval_batches batches of every store of data.eval_stores are read and
 checked at construction (before anything compiles), then placed on the mesh; each call evaluates the
-given parameters on all of them. The loss is the train step's own (step._loss_sums: same layout, same
+given parameters on all of them. The loss is the train step's own (step.loss_sums: same layout, same
 chunked loss), summed over the batches and divided once by the number of target tokens, so it is the
 token-weighted mean however the batches fall.
 """
@@ -27,7 +27,7 @@ def _loss_step(graphdef: nnx.GraphDef, config: Config) -> Callable[[Any, step_li
     """eval_step(params, batch) -> {'loss_sum', 'weight_sum'} (fp32 scalars): sum over batches, then divide."""
 
     def eval_step(params: Any, batch: step_lib.Batch) -> dict[str, jax.Array]:
-        sums = step_lib._loss_sums(graphdef, params, batch, config)
+        sums = step_lib.loss_sums(graphdef, params, batch, config)
         return {"loss_sum": sums["loss_sum"], "weight_sum": sums["weight_sum"]}
 
     return eval_step

@@ -22,10 +22,9 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from megadoc_jax import attention_ring, sharding
+from megadoc_jax import attention, sharding
 from megadoc_jax import loss as loss_lib
 from megadoc_jax import step as step_lib
 from megadoc_jax.config import Config
@@ -36,12 +35,11 @@ Scores = dict[str, jax.Array]  # per-token [B, L] arrays by name
 
 def _in_original_order(score_fn: Callable[[Batch], Scores], batch: Batch, config: Config) -> Scores:
     """score_fn run on the batch in the attention backend's token layout, its [B, L] outputs in batch order."""
-    scores = score_fn(step_lib._context_layout(batch, config))  # the layout the train step feeds the model
-    context = attention_ring.context_size()
-    if context == 1 or not attention_ring.uses_layout(config.model.attention):
+    scores = score_fn(step_lib.context_layout(batch, config))  # the layout the train step feeds the model
+    inverse = attention.inverse_token_order(config.model.attention, batch["inputs"].shape[-1])
+    if inverse is None:
         return scores
-    # zigzag_order[p] is the original index of laid-out position p, so its inverse reads them back.
-    original_L = jnp.asarray(np.argsort(attention_ring.zigzag_order(batch["inputs"].shape[-1], context)))
+    original_L = jnp.asarray(inverse)
 
     def restore(x_BxL: jax.Array) -> jax.Array:
         return sharding.constrain(jnp.take(x_BxL, original_L, axis=-1), step_lib.BATCH_AXES)
@@ -58,7 +56,7 @@ def token_scores(graphdef: nnx.GraphDef, params: Any, batch: Batch, config: Conf
     model = nnx.merge(graphdef, params)
 
     def score(laid_out: Batch) -> Scores:
-        x_BxLxD = model.hidden_states(*step_lib._model_inputs(laid_out, config.data.document_masking))
+        x_BxLxD = model.hidden_states(*step_lib.model_inputs(laid_out, config.data.document_masking))
         return loss_lib.next_token_scores(x_BxLxD, model.unembed_DxV(), laid_out["targets"], greedy=greedy)
 
     return _in_original_order(score, batch, config)
