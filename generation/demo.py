@@ -3,7 +3,7 @@
 Called by megadoc_jax.data.demo.ensure_demo_megadocs on first use, into a directory that is renamed into
 place only when complete. It runs the same path as a real job, on CPU, with no torch:
 
-    tiny Decoder, random init (seed 0), saved as a run directory      -> OUT/generator   (jax_backend's layout)
+    tiny Decoder, random init (seed 0), saved as a run directory      -> OUT/generator   (hf.prepare_run_dir)
     generate: rephrase (WRAP wikipedia template), G=2, 48 new tokens   -> OUT/generations (worker output)
     merge                                                              -> OUT/merged
     megadocs: stitched-back, G=2 (original, sep, rephrase 1, sep, 2)   -> OUT/megadocs/stitched-back-G2
@@ -49,11 +49,11 @@ def write_random_generator(run_dir: Path, tokenizer_dir: Path) -> Path:
     import jax
     from flax import nnx
 
-    from generation.backends.jax_backend import prepare_run_dir
     from megadoc_jax import checkpoint, optim, sharding
     from megadoc_jax import config as config_lib
     from megadoc_jax import step as step_lib
     from megadoc_jax.data.store import TokenizerInfo
+    from megadoc_jax.hf import prepare_run_dir
 
     vocab_size = TokenizerInfo.from_directory(tokenizer_dir).vocab_size
     config = config_lib.load(None, [
