@@ -1,5 +1,5 @@
 """Orbax checkpoints of the train state: asynchronous saves, retention, restore onto any mesh; and loading
-a trained run's parameters (load_run), for generation, evaluation and export.
+a trained run's parameters (load_run), for the jax generation backend and hf export.
 
 Safety comes from orbax's commit protocol: a step is written into a temporary directory and renamed to
 its final name only once every file (and every host) is done, so a checkpoint that was being written when

@@ -270,6 +270,49 @@ def _safetensors_files(model_dir: Path) -> list[Path]:
     return files
 
 
+def _tensor_headers(files: Sequence[Path]) -> dict[str, tuple[Path, tuple[int, ...], str]]:
+    """name -> (file, shape, dtype name) of every tensor, from the safetensors headers (no data read)."""
+    from safetensors import safe_open
+
+    headers: dict[str, tuple[Path, tuple[int, ...], str]] = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="numpy") as f:
+                found = {name: (file, tuple(f.get_slice(name).get_shape()), f.get_slice(name).get_dtype())
+                         for name in f.keys()}  # fmt: skip
+        except Exception as e:  # safetensors' SafetensorError derives from Exception only
+            raise HFError(f"{file} is not a readable safetensors file: {e}") from e
+        duplicate = next(iter(found.keys() & headers.keys()), None)
+        if duplicate is not None:
+            raise HFError(f"weight {duplicate} is in both {headers[duplicate][0]} and {file}")
+        headers.update(found)
+    for name, (file, shape, dtype) in headers.items():
+        if dtype not in SAFETENSORS_DTYPES:
+            raise HFError(f"weight {name} in {file} has dtype {dtype}; expected one of {sorted(SAFETENSORS_DTYPES)}")
+        headers[name] = (file, shape, SAFETENSORS_DTYPES[dtype])
+    return headers
+
+
+def _check_weights(headers: dict[str, tuple[Path, tuple[int, ...], str]], expected: dict[str, Weight],
+                   ignored: Sequence[str], files: Sequence[Path], config_json: Path) -> None:  # fmt: skip
+    """Every expected tensor there with its shape, and no tensor the decoder would not use."""
+    missing = [name for name in expected if name not in headers]
+    if missing:
+        more = f" ... ({len(missing)} in all)" if len(missing) > 6 else ""
+        raise HFError(f"weights missing from {', '.join(f.name for f in files)} in {config_json.parent}: "
+                      f"{', '.join(missing[:6])}{more}")  # fmt: skip
+    unexpected = [name for name in headers if name not in expected and name not in ignored
+                  and not name.endswith(IGNORED_WEIGHT_SUFFIXES)]  # fmt: skip
+    if unexpected:
+        raise HFError(f"{headers[unexpected[0]][0]}: weights the Llama of {config_json} does not have (megadoc_jax's "
+                      f"decoder maps none of them): {', '.join(unexpected[:6])}")  # fmt: skip
+    for name, w in expected.items():
+        file, shape, _ = headers[name]
+        if shape != w.hf_shape:
+            raise HFError(f"weight {name} in {file} has shape {list(shape)}, but {config_json} implies "
+                          f"{list(w.hf_shape)}")  # fmt: skip
+
+
 def read_llama(model_dir: str | Path, *, compute_dtype: str | None = None) -> Llama:
     """The config and parameters of a Hugging Face Llama directory, every weight checked against the
     config (name, shape) before any is read. compute_dtype None: the checkpoint's dtype."""
@@ -280,21 +323,8 @@ def read_llama(model_dir: str | Path, *, compute_dtype: str | None = None) -> Ll
     hf = read_json(config_json)
     cfg = llama_model_config(hf, config_json)  # refusals first; the dtypes are set from the tensors below
     files = _safetensors_files(model_dir)
-    headers: dict[str, tuple[Path, tuple[int, ...], str]] = {}  # name -> (file, shape, safetensors dtype)
-    for file in files:
-        try:
-            with safe_open(str(file), framework="numpy") as f:
-                slices = {name: f.get_slice(name) for name in f.keys()}
-                found = {name: (file, tuple(t.get_shape()), t.get_dtype()) for name, t in slices.items()}
-        except Exception as e:  # safetensors' SafetensorError derives from Exception only
-            raise HFError(f"{file} is not a readable safetensors file: {e}") from e
-        for name in found.keys() & headers.keys():
-            raise HFError(f"weight {name} is in both {headers[name][0]} and {file}")
-        headers.update(found)
-    for name, (file, _, dtype) in headers.items():
-        if dtype not in SAFETENSORS_DTYPES:
-            raise HFError(f"weight {name} in {file} has dtype {dtype}; expected one of {sorted(SAFETENSORS_DTYPES)}")
-    dtypes = {SAFETENSORS_DTYPES[dtype] for _, _, dtype in headers.values()}
+    headers = _tensor_headers(files)
+    dtypes = {dtype for _, _, dtype in headers.values()}
     declared = hf.get("dtype") or hf.get("torch_dtype")
     param_dtype = dtypes.pop() if len(dtypes) == 1 else declared if declared in NUMPY_DTYPES else "float32"
     cfg = dataclasses.replace(cfg, param_dtype=param_dtype, compute_dtype=compute_dtype or param_dtype)
@@ -304,21 +334,8 @@ def read_llama(model_dir: str | Path, *, compute_dtype: str | None = None) -> Ll
     tied = bool(hf.get("tie_word_embeddings"))
     table = weight_table(cfg)
     expected = {name: w for w in table for name in w.hf_names(cfg.layers) if not (tied and w.ours == "lm_head")}
-    missing = [name for name in expected if name not in headers]
-    if missing:
-        raise HFError(f"{model_dir}: weights missing from {', '.join(f.name for f in files)}: {', '.join(missing[:6])}"
-                      + (f" ... ({len(missing)} in all)" if len(missing) > 6 else ""))  # fmt: skip
-    unexpected = [n for n in headers if n not in expected and not n.endswith(IGNORED_WEIGHT_SUFFIXES)
-                  and not (tied and n == "lm_head.weight")]  # fmt: skip
-    if unexpected:
-        file = headers[unexpected[0]][0]
-        raise HFError(f"{file}: weights the Llama of {config_json} does not have (megadoc_jax's decoder maps none "
-                      f"of them): {', '.join(unexpected[:6])}")  # fmt: skip
-    for name, w in expected.items():
-        file, shape, _ = headers[name]
-        if shape != w.hf_shape:
-            raise HFError(f"weight {name} in {file} has shape {list(shape)}, but {config_json} implies "
-                          f"{list(w.hf_shape)}")  # fmt: skip
+    ignored = ("lm_head.weight",) if tied else ()  # tied: the output projection is the embedding
+    _check_weights(headers, expected, ignored, files, config_json)
 
     numpy_dtype = NUMPY_DTYPES[param_dtype]
     handles: dict[Path, Any] = {}

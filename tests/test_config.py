@@ -107,3 +107,14 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("model: [unclosed")
     with pytest.raises(ConfigError, match="bad.yaml"):
         config_lib.load(bad)
+
+
+def test_custom_size_takes_no_preset_and_needs_every_shape_key():
+    shape = ["model.vocab_size=1000", "model.hidden=96", "model.mlp=200", "model.layers=3", "model.heads=6",
+             "model.kv_heads=3"]  # fmt: skip
+    config = load("model.size=custom", *shape)
+    assert (config.model.hidden, config.model.mlp, config.model.layers, config.model.kv_heads) == (96, 200, 3, 3)
+    with pytest.raises(ConfigError, match=r"model.size=custom takes no preset: give model.layers too"):
+        load("model.size=custom", *[s for s in shape if "layers" not in s])
+    with pytest.raises(ConfigError, match=r"unknown size 'huge'.*or 'custom'"):
+        load("model.size=huge")

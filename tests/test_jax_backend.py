@@ -152,6 +152,8 @@ def test_hugging_face_llama_import_matches_transformers(tmp_path):
     got = np.asarray(model(np.asarray(tokens, np.int32), np.arange(7)[None]))[0]
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
     assert loaded.context_length == 128 and 1 in loaded.sampler.eos_ids
+    # dtype=auto follows the checkpoint: float32 tensors compute in float32.
+    assert create_backend("jax", tmp_path, {"devices": 1}).model_config.compute_dtype == "float32"
 
 
 def test_ensemble_of_two_runs_samples_their_mean_logits(backend, run_dir, second_run_dir):
