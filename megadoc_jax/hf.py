@@ -511,7 +511,7 @@ def prepare_run_dir(run_dir: str | Path, tokenizer_dir: str | Path | None = None
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m megadoc_jax.hf", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    export = commands.add_parser("export", help=export_run.__doc__.split("\n")[0])
+    export = commands.add_parser("export", help="a Hugging Face Llama directory from a run's checkpoint")
     export.add_argument("run_dir")
     export.add_argument("--out", required=True, help="the Hugging Face directory to write (must not exist)")
     export.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
