@@ -13,7 +13,7 @@ an interrupted build leaves nothing half-made; a built one is not built again (i
 
 The synthetic stream runs the same path as a real job, on CPU, with no torch:
 
-    tiny Decoder, random init (seed 0), saved as a run directory      -> generator   (jax_backend's layout)
+    tiny Decoder, random init (seed 0), saved as a run directory      -> generator   (hf.prepare_run_dir)
     generate: rephrase (WRAP wikipedia template), G=2, 48 new tokens   -> generations (worker output)
     merge                                                              -> merged
     megadocs: stitched-back, G=2 (original, sep, rephrase 1, sep, 2)   -> megadocs/stitched-back-G2
@@ -140,12 +140,12 @@ def write_random_generator(run_dir: Path, tokenizer_dir: Path) -> Path:
     import jax
     from flax import nnx
 
-    from generation.backends.jax_backend import prepare_run_dir
     from megadoc_jax import checkpoint, optim, sharding
     from megadoc_jax import config as config_lib
     from megadoc_jax import model as model_lib
     from megadoc_jax import step as step_lib
     from megadoc_jax.data.store import TokenizerInfo
+    from megadoc_jax.hf import prepare_run_dir
 
     vocab_size = TokenizerInfo.from_directory(tokenizer_dir).vocab_size
     config = config_lib.load(None, [

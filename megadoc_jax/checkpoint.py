@@ -1,4 +1,5 @@
-"""Orbax checkpoints of the train state: asynchronous saves, retention, restore onto any mesh.
+"""Orbax checkpoints of the train state: asynchronous saves, retention, restore onto any mesh; and loading
+a trained run's parameters (load_run), for the jax generation backend and hf export.
 
 Safety comes from orbax's commit protocol: a step is written into a temporary directory and renamed to
 its final name only once every file (and every host) is done, so a checkpoint that was being written when
@@ -10,15 +11,21 @@ resumes the input pipeline.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from flax import nnx
 from orbax.checkpoint import checkpoint_managers as policies
 
-from megadoc_jax.config import TrainConfig
+from megadoc_jax import config as config_lib
+from megadoc_jax import model as model_lib
+from megadoc_jax import sharding
+from megadoc_jax.config import Config, ModelConfig, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +50,6 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
-    def all_steps(self) -> list[int]:
-        return list(self._manager.all_steps())
-
     def is_due(self, step: int) -> bool:
         return bool(self._every) and step % self._every == 0
 
@@ -64,9 +68,6 @@ class Checkpointer:
         """True on every host once JAX's preemption notice (multi-host TPU slices) reached this step."""
         return jax.process_count() > 1 and self._manager.reached_preemption(step)
 
-    def wait(self) -> None:
-        self._manager.wait_until_finished()
-
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
@@ -78,8 +79,155 @@ class Checkpointer:
         self.close()
 
 
-def abstract_like(state: Any) -> Any:
-    """ShapeDtypeStructs with the shardings of a (possibly abstract) state, the target of a restore."""
-    return jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
-    )
+
+# --------------------------------------------------------------------------------------------------
+# Loading a trained run: config.yaml + checkpoints/STEP, parameters only
+# --------------------------------------------------------------------------------------------------
+
+RUN_CONFIG = "config.yaml"
+CHECKPOINTS = "checkpoints"
+ITEM = "default"  # the directory of the train state inside a step directory (orbax's default item name)
+
+
+class CheckpointError(ValueError):
+    """A run directory or checkpoint that cannot be loaded; the message names the path."""
+
+
+class Run(NamedTuple):
+    model: nnx.Module  # the Decoder, its parameters on the mesh's shardings
+    config: Config  # the run's config.yaml (model.compute_dtype replaced when asked)
+    step: int
+
+
+class RunParams(NamedTuple):
+    params: dict[str, Any]  # the Decoder's parameters as a pure dict of host numpy arrays
+    config: Config
+    step: int
+
+
+def find_run_config(path: str | Path) -> Path | None:
+    """config.yaml of a run directory, of a run's checkpoints/ or of one of its step directories."""
+    path = Path(path).absolute()
+    for candidate in (path, path.parent, path.parent.parent):
+        if (candidate / RUN_CONFIG).is_file() and (candidate / CHECKPOINTS).is_dir():
+            return candidate / RUN_CONFIG
+    return None
+
+
+def step_dir(path: str | Path, step: int | None = None) -> Path:
+    """The step directory to read: `path` itself if it is one, else the newest committed step (or `step`)
+    of the run directory or checkpoints/ directory `path`."""
+    path = Path(path).absolute()
+    if path.name.isdigit() and path.parent.name == CHECKPOINTS:
+        if step is not None and int(path.name) != step:
+            raise CheckpointError(f"{path} is the checkpoint of step {path.name}, not of the asked step {step}")
+        return path
+    checkpoints = path if path.name == CHECKPOINTS else path / CHECKPOINTS
+    if not checkpoints.is_dir():
+        raise CheckpointError(f"no checkpoints directory {checkpoints}")
+    # orbax renames a step directory to its number only once it is complete: unfinished ones never match.
+    steps = sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit() and p.is_dir())
+    if not steps:
+        raise CheckpointError(f"no committed checkpoint in {checkpoints}")
+    if step is not None and step not in steps:
+        raise CheckpointError(f"no committed checkpoint of step {step} in {checkpoints} (committed steps: {steps})")
+    return checkpoints / str(steps[-1] if step is None else step)
+
+
+def model_target(cfg: ModelConfig, mesh: jax.sharding.Mesh) -> tuple[nnx.GraphDef, nnx.State]:
+    """The Decoder's graph and abstract state (ShapeDtypeStructs with this mesh's shardings): what a
+    restore or an import fills. The one place this module and hf.py build the abstract model."""
+    return nnx.split(model_lib.abstract_model(cfg, mesh))
+
+
+def place_params(cfg: ModelConfig, mesh: jax.sharding.Mesh, params: dict[str, Any], source: str) -> nnx.Module:
+    """The Decoder holding `params` (a pure dict of host arrays), each put on its shards in param dtype.
+    A missing, extra or misshapen array is refused, naming its path and `source`."""
+    graphdef, abstract_state = model_target(cfg, mesh)
+    target = nnx.to_pure_dict(abstract_state)
+    _check_tree(_flat(target), _flat(params), f"{source} does not hold the model's parameters")
+    placed = jax.tree.map(lambda spec, w: jax.device_put(np.asarray(w).astype(spec.dtype), spec.sharding),
+                          target, params)  # fmt: skip
+    nnx.replace_by_pure_dict(abstract_state, placed)
+    return nnx.merge(graphdef, abstract_state)
+
+
+def load_run(
+    path: str | Path, mesh: jax.sharding.Mesh, *, step: int | None = None, compute_dtype: str | None = None
+) -> Run:
+    """The Decoder of a trained run with the parameters of its newest committed step (or `step`), restored
+    onto `mesh`'s shardings: only `params` is read (orbax partial restore; no optimizer state).
+
+    path: a run directory, its checkpoints/ or one step directory. compute_dtype: None keeps config.yaml's
+    model.compute_dtype. A missing or partial checkpoint, or one whose parameters do not match config.yaml's
+    model (names, shapes), raises CheckpointError naming both paths.
+    """
+    config, directory = _run_config_and_step(path, step, compute_dtype)
+    graphdef, abstract_state = model_target(config.model, mesh)
+    target = nnx.to_pure_dict(abstract_state)
+    restored = _restore_params(directory, target, ocp.checkpoint_utils.construct_restore_args(target))
+    nnx.replace_by_pure_dict(abstract_state, restored)
+    return Run(nnx.merge(graphdef, abstract_state), config, int(directory.name))
+
+
+def load_run_params(path: str | Path, *, step: int | None = None) -> RunParams:
+    """As load_run, but the parameters come back as host numpy arrays (no device memory): for export."""
+    config, directory = _run_config_and_step(path, step, None)
+    _, abstract_state = model_target(config.model, sharding.make_mesh({}, jax.devices()[:1]))
+    target = nnx.to_pure_dict(abstract_state)
+    restore_args = jax.tree.map(lambda x: ocp.RestoreArgs(restore_type=np.ndarray, dtype=x.dtype), target)
+    return RunParams(_restore_params(directory, target, restore_args), config, int(directory.name))
+
+
+def _run_config_and_step(path: str | Path, step: int | None, compute_dtype: str | None) -> tuple[Config, Path]:
+    config_yaml = find_run_config(path)
+    if config_yaml is None:
+        raise CheckpointError(f"{path} is not a megadoc_jax run: no {RUN_CONFIG} next to a {CHECKPOINTS}/ directory "
+                              f"in it or above it")  # fmt: skip
+    try:
+        config = config_lib.load(config_yaml)
+    except config_lib.ConfigError as e:
+        raise CheckpointError(f"{config_yaml}: {e}") from None
+    if compute_dtype is not None:
+        config = dataclasses.replace(config, model=dataclasses.replace(config.model, compute_dtype=compute_dtype))
+    return config, step_dir(path, step)
+
+
+def _restore_params(directory: Path, target: dict[str, Any], restore_args: Any) -> dict[str, Any]:
+    """`params` of the train state in step directory `directory`, checked against `target` first."""
+    item_dir = directory / ITEM
+    if not (item_dir / "_METADATA").is_file():
+        raise CheckpointError(f"partial or foreign checkpoint: {item_dir / '_METADATA'} does not exist")
+    try:
+        saved = ocp.PyTreeCheckpointer().metadata(item_dir).item_metadata.tree
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"cannot read the checkpoint metadata of {item_dir}: {e}") from e
+    if not isinstance(saved, dict) or not isinstance(saved.get("params"), dict):
+        keys = sorted(saved) if isinstance(saved, dict) else type(saved).__name__
+        raise CheckpointError(f"{item_dir} holds no 'params' tree of a train state (it holds {keys})")
+    config_yaml = find_run_config(directory)
+    _check_tree(_flat({"params": target}), _flat({"params": saved["params"]}),
+                f"checkpoint {item_dir} does not match the model of {config_yaml}")  # fmt: skip
+    args = ocp.args.PyTreeRestore(item={"params": target}, restore_args={"params": restore_args}, partial_restore=True)
+    try:
+        return ocp.PyTreeCheckpointer().restore(item_dir, args=args)["params"]
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        raise CheckpointError(f"cannot restore params from {item_dir}: {e}") from e
+
+
+def _flat(tree: dict[str, Any]) -> dict[str, Any]:
+    """Leaves by dotted path (params.layers.attention.wq); dicts are the only inner nodes."""
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: not isinstance(x, dict))
+    return {".".join(str(getattr(k, "key", k)) for k in path): leaf for path, leaf in leaves}
+
+
+def _check_tree(expected: dict[str, Any], got: dict[str, Any], what: str) -> None:
+    """Same names and shapes, else CheckpointError listing the differences (the first few of each kind)."""
+    problems = [f"missing {name}" for name in expected if name not in got]
+    problems += [f"unexpected {name}" for name in got if name not in expected]
+    for name, spec in expected.items():
+        if name in got and tuple(got[name].shape) != tuple(spec.shape):
+            problems.append(f"{name}: shape {tuple(got[name].shape)} where the model has {tuple(spec.shape)}")
+    if problems:
+        shown = "; ".join(problems[:6]) + (f"; ... ({len(problems)} in all)" if len(problems) > 6 else "")
+        raise CheckpointError(f"{what}: {shown}")

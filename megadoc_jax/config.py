@@ -42,11 +42,15 @@ MODEL_SIZES: dict[str, dict[str, Any]] = {
     "tiny": dict(hidden=64, mlp=192, layers=2, heads=4, kv_heads=2, vocab_size=512),
     "demo": dict(hidden=128, mlp=384, layers=4, heads=4, kv_heads=2, vocab_size=2048),
 }
+# model.size=custom: no preset; every field of SHAPE_FIELDS must be given (head_dim may stay 0).
+CUSTOM_SIZE = "custom"
+SHAPE_FIELDS = ("vocab_size", "hidden", "mlp", "layers", "heads", "kv_heads")
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Llama-style decoder. `size` picks a preset from MODEL_SIZES; explicit keys override it."""
+    """Llama-style decoder. `size` picks a preset from MODEL_SIZES (explicit keys override it), or is
+    'custom': no preset, every shape field given."""
 
     size: str = "tiny"
     vocab_size: int = 512
@@ -288,8 +292,16 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 def _expand_model_size(raw_model: dict[str, Any]) -> dict[str, Any]:
     size = raw_model.get("size", ModelConfig.size)
+    if size == CUSTOM_SIZE:  # no preset: every shape field is given (e.g. an imported Hugging Face model)
+        missing = [key for key in SHAPE_FIELDS if key not in raw_model]
+        if missing:
+            raise ConfigError(f"model.size={CUSTOM_SIZE} takes no preset: give model.{missing[0]} too "
+                              f"(missing: {', '.join(missing)})")  # fmt: skip
+        return raw_model
     if size not in MODEL_SIZES:
-        raise ConfigError(f"model.size: unknown size {size!r}; known sizes: {sorted(MODEL_SIZES)}")
+        raise ConfigError(
+            f"model.size: unknown size {size!r}; known sizes: {sorted(MODEL_SIZES)} or {CUSTOM_SIZE!r} (no preset)"
+        )
     return {**MODEL_SIZES[size], **raw_model}
 
 

@@ -238,3 +238,14 @@ def test_paper_size_configs_share_the_recipe(size):
     assert (c.optim.b1, c.optim.b2, c.optim.eps, c.optim.clip_norm) == (0.9, 0.95, 1e-8, 1.0)
     assert (c.optim.warmup_fraction, c.optim.final_lr_fraction) == (0.01, 0.0)
     assert (c.train.log_every, c.train.eval_every, c.train.checkpoint_every, c.train.keep_last) == (50, 1000, 1000, 2)
+
+
+def test_custom_size_takes_no_preset_and_needs_every_shape_key():
+    shape = ["model.vocab_size=1000", "model.hidden=96", "model.mlp=200", "model.layers=3", "model.heads=6",
+             "model.kv_heads=3"]  # fmt: skip
+    config = load("model.size=custom", *shape)
+    assert (config.model.hidden, config.model.mlp, config.model.layers, config.model.kv_heads) == (96, 200, 3, 3)
+    with pytest.raises(ConfigError, match=r"model.size=custom takes no preset: give model.layers too"):
+        load("model.size=custom", *[s for s in shape if "layers" not in s])
+    with pytest.raises(ConfigError, match=r"unknown size 'huge'.*or 'custom'"):
+        load("model.size=huge")

@@ -18,7 +18,7 @@ from flax import nnx
 from generation.backends import BackendError, Request, Sampling, create_backend
 from generation.backends import jax_backend
 from generation.demo import ensure_demo_stores
-from megadoc_jax import checkpoint, decode, optim, sharding
+from megadoc_jax import checkpoint, decode, hf, optim, sharding
 from megadoc_jax import config as config_lib
 from megadoc_jax import model as model_lib
 from megadoc_jax import step as step_lib
@@ -56,13 +56,13 @@ def run_dir(tmp_path_factory) -> Path:
 def second_run_dir(run_dir) -> Path:
     """Another member for an ensemble: the same model shape and tokenizer, another seed."""
     run = make_run_dir(run_dir.parent / "run-seed-1", seed=1)
-    jax_backend.prepare_run_dir(run)
+    hf.prepare_run_dir(run)
     return run
 
 
 @pytest.fixture(scope="module")
 def backend(run_dir):
-    jax_backend.prepare_run_dir(run_dir)
+    hf.prepare_run_dir(run_dir)
     return create_backend("jax", run_dir, {"batch_size": 4, "devices": 1, "prompt_bucket": 16})
 
 
@@ -75,7 +75,7 @@ def test_restores_the_checkpointed_params_and_describes_the_run(backend, run_dir
     assert backend.context_length == 256 and backend.name == "jax"
     described = json.loads((run_dir / "config.json").read_text())
     assert described["hidden_size"] == 64 and described["eos_token_id"] == backend.tokenizer.eos_token_id
-    assert jax_backend.checkpoint_step_dir(run_dir / "checkpoints").name == str(SAVED_STEP)
+    assert checkpoint.step_dir(run_dir / "checkpoints").name == str(SAVED_STEP)
 
 
 def test_samples_follow_seeds_not_batches(backend):
@@ -120,12 +120,9 @@ def test_generate_command_end_to_end(run_dir, backend, tmp_path):
         "-G", "2", "--max-new-tokens", "10", "--chat-template", str(template), "--no-progress",
         "--backend-option", "devices=1", "--backend-option", "batch_size=4", "--flag-policy", "all=keep",
     ]  # fmt: skip
-    # The "jax" name is registered when jax_backend is imported (see the report: the registry entry).
-    code = ("import sys, generation.backends.jax_backend; from generation.__main__ import main; "
-            "sys.exit(main(sys.argv[1:]))")
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, "-c", code, *argv], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO)}  # "jax" is in the backends' lazy table: no import needed
+    done = subprocess.run([sys.executable, "-m", "generation", *argv], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     merge_argv = ["merge", str(tmp_path / "out"), "--merged", str(tmp_path / "m")]
     merged = subprocess.run([sys.executable, "-m", "generation", *merge_argv],
@@ -157,6 +154,8 @@ def test_hugging_face_llama_import_matches_transformers(tmp_path):
     got = np.asarray(model(np.asarray(tokens, np.int32), np.arange(7)[None]))[0]
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
     assert loaded.context_length == 128 and 1 in loaded.sampler.eos_ids
+    # dtype=auto follows the checkpoint: float32 tensors compute in float32.
+    assert create_backend("jax", tmp_path, {"devices": 1}).model_config.compute_dtype == "float32"
 
 
 def test_ensemble_of_two_runs_samples_their_mean_logits(backend, run_dir, second_run_dir):

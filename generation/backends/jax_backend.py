@@ -2,16 +2,14 @@
 training mesh machinery. No torch: the default install can generate.
 
 Models (a local directory, as every backend):
-- a megadoc_jax run directory (config.yaml + checkpoints/STEP): the latest step's params, or a
-  checkpoints directory, or one step's directory; only the params are read (partial orbax restore), onto
-  the shardings that model.abstract_model gives on this backend's mesh;
-- a Hugging Face Llama directory (config.json with model_type llama + *.safetensors), imported into the
-  Decoder's layout (no rope scaling, no biases).
+- a megadoc_jax run directory (config.yaml + checkpoints/STEP), a checkpoints directory, or one step's
+  directory: checkpoint.load_run restores the params only (newest committed step) onto this backend's mesh;
+- a Hugging Face Llama directory (config.json with model_type llama + *.safetensors): hf.import_llama.
+dtype=auto computes as the checkpoint says: a run's model.compute_dtype, a Llama's tensor dtype.
 
 The generation CLI needs config.json and the tokenizer inside the model directory (check_model_dir and
-prompts.load_tokenizer read them there); `prepare_run_dir(RUN_DIR)`, or
-`python -m generation.backends.jax_backend RUN_DIR`, writes a Llama-style config.json describing the run's
-model and copies the run's tokenizer (config.yaml's data.tokenizer) next to it.
+prompts.load_tokenizer read them there); `python -m megadoc_jax.hf prepare RUN_DIR` (hf.prepare_run_dir)
+writes a Llama-style config.json describing the run's model and copies the run's tokenizer next to it.
 
 Seeds: every (request, sample) row is drawn with its own key from seed `seeds[0] + k` (decode.seed_keys),
 so a sample does not depend on its batch (up to last-bit numerics of differently padded shapes). Batches
@@ -20,34 +18,27 @@ always have `batch_size` rows and a prompt width rounded up to `prompt_bucket`, 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
-import shutil
-import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 import flax
 import jax
-import numpy as np
 from flax import nnx
 
-from generation.backends import Backend, BackendError, Completion, Devices, Request, Sampling, register_backend
+from generation.backends import Backend, BackendError, Completion, Devices, Request, Sampling
+from megadoc_jax import checkpoint, decode, hf, sharding
 from megadoc_jax import config as config_lib
-from megadoc_jax import decode, sharding
-from megadoc_jax import model as model_lib
 from megadoc_jax.config import MeshConfig, ModelConfig
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
 @dataclasses.dataclass(frozen=True)
 class JaxOptions:
     batch_size: int = 8  # rows (request x sample) per compiled call; the last batch is padded to it
     prompt_bucket: int = 64  # prompt widths are rounded up to a multiple of this (bounds recompiles)
-    dtype: str = "auto"  # compute dtype: auto (the model config's) | float32 | bfloat16
+    dtype: str = "auto"  # compute dtype: auto (the checkpoint's) | float32 | bfloat16
     devices: int = 0  # use the first N devices (0: all)
     data: int = -1  # mesh axes: rows split over 'data'; weights over 'tensor'; -1: the remaining devices
     tensor: int = 1
@@ -104,19 +95,24 @@ class JaxBackend(Backend):
         self.row_sharding = jax.sharding.NamedSharding(self.mesh, batch_spec)
 
     def _load_member(self, model_dir: Path) -> tuple[nnx.Module, ModelConfig, int | None, Any]:
-        """(decoder, its config, its context length or None, its tokenizer) of a run or Llama directory."""
-        if (config_yaml := find_run_config(model_dir)) is not None:
-            run_config = config_lib.load(config_yaml)
-            cfg, context = run_config.model, run_config.data.seq_len
-        else:
-            cfg, context = llama_model_config(model_dir), None
-        if self.options.dtype != "auto":
-            cfg = dataclasses.replace(cfg, compute_dtype=self.options.dtype)
-        if config_yaml is not None:
-            model = restore_run_model(model_dir, cfg, self.mesh)
-        else:
-            model, context = import_llama(model_dir, cfg, self.mesh)
-        tokenizer = load_tokenizer(model_dir, run_config.data.tokenizer if config_yaml else None)
+        """(decoder, its config, its context length, its tokenizer) of a run or Llama directory."""
+        compute_dtype = None if self.options.dtype == "auto" else self.options.dtype
+        run_tokenizer = None
+        try:
+            if checkpoint.find_run_config(model_dir) is not None:
+                model, run_config, _ = checkpoint.load_run(model_dir, self.mesh, compute_dtype=compute_dtype)
+                cfg, context, run_tokenizer = run_config.model, run_config.data.seq_len, run_config.data.tokenizer
+            else:
+                model, cfg, context = hf.import_llama(model_dir, self.mesh, compute_dtype=compute_dtype)
+            # The tokenizer in the model directory, else the run's data.tokenizer.
+            candidates = [model_dir] + ([Path(run_tokenizer)] if run_tokenizer else [])
+            found = next((d for d in candidates if (d / hf.TOKENIZER_JSON).is_file()), None)
+            if found is None:
+                raise BackendError(f"backend jax: no tokenizer.json in {model_dir} nor in the run's data.tokenizer "
+                                   f"{run_tokenizer!r}")  # fmt: skip
+            tokenizer = hf.load_tokenizer(found)
+        except (checkpoint.CheckpointError, hf.HFError) as e:
+            raise BackendError(f"backend jax: {e}") from e
         return model, cfg, context, tokenizer
 
     @property
@@ -160,197 +156,10 @@ class JaxBackend(Backend):
         self.sampler = None  # type: ignore[assignment]
 
 
-# --------------------------------------------------------------------------------------------------
-# megadoc_jax run directories
-# --------------------------------------------------------------------------------------------------
-
-
-def find_run_config(path: Path) -> Path | None:
-    """config.yaml of a run directory, of a run's checkpoints/ or of one of its step directories."""
-    for candidate in (path, path.parent, path.parent.parent):
-        if (candidate / "config.yaml").is_file() and (candidate / "checkpoints").is_dir():
-            return candidate / "config.yaml"
-    return None
-
-
-def checkpoint_step_dir(path: Path) -> Path:
-    """The step directory to read: `path` itself if it is one, else the newest committed step."""
-    path = path.resolve()
-    if path.name.isdigit() and path.parent.name == "checkpoints":
-        return path
-    checkpoints = path if path.name == "checkpoints" else path / "checkpoints"
-    steps = sorted((int(p.name) for p in checkpoints.iterdir() if p.name.isdigit() and p.is_dir()), reverse=True)
-    if not steps:  # orbax renames a step directory to its number only once it is complete
-        raise BackendError(f"backend jax: no committed checkpoint in {checkpoints}")
-    return checkpoints / str(steps[0])
-
-
-def restore_run_model(path: Path, cfg: ModelConfig, mesh: jax.sharding.Mesh) -> nnx.Module:
-    """The Decoder with the params of a train-state checkpoint, restored onto this mesh's shardings."""
-    import orbax.checkpoint as ocp
-
-    step_dir = checkpoint_step_dir(path)
-    graphdef, abstract_state = nnx.split(model_lib.abstract_model(cfg, mesh))
-    item = {"params": nnx.to_pure_dict(abstract_state)}
-    args = ocp.args.PyTreeRestore(
-        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True
-    )
-    try:
-        restored = ocp.PyTreeCheckpointer().restore(step_dir / "default", args=args)
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        raise BackendError(f"backend jax: cannot restore params from {step_dir}: {e}") from e
-    nnx.replace_by_pure_dict(abstract_state, restored["params"])
-    return nnx.merge(graphdef, abstract_state)
-
-
-def load_tokenizer(model_dir: Path, run_tokenizer: str | None):
-    """The tokenizer in the model directory, else the run's data.tokenizer."""
-    from transformers import AutoTokenizer
-
-    for directory in (model_dir, Path(run_tokenizer) if run_tokenizer else None):
-        if directory is not None and (directory / "tokenizer.json").is_file():
-            return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
-    raise BackendError(f"backend jax: no tokenizer.json in {model_dir} nor in the run's data.tokenizer "
-                       f"{run_tokenizer!r}")
-
-
 def config_eos_ids(model_dir: Path) -> list[int]:
+    """The eos_token_id(s) of the model directory's config.json; none without one."""
     config = model_dir / "config.json"
     if not config.is_file():
         return []
     eos = json.loads(config.read_text()).get("eos_token_id")
     return [eos] if isinstance(eos, int) else list(eos or [])
-
-
-def prepare_run_dir(run_dir: str | Path, tokenizer_dir: str | Path | None = None) -> Path:
-    """Make a run directory a generator directory: a Llama-style config.json (the run's model) and the
-    tokenizer files (from tokenizer_dir or config.yaml's data.tokenizer). Checkpoints stay where they are."""
-    run_dir = Path(run_dir)
-    config = config_lib.load(run_dir / "config.yaml")
-    source = Path(tokenizer_dir or config.data.tokenizer)
-    if not (source / "tokenizer.json").is_file():
-        raise BackendError(f"prepare_run_dir: no tokenizer.json in {source} (pass tokenizer_dir)")
-    for name in TOKENIZER_FILES:
-        if (source / name).is_file():
-            shutil.copyfile(source / name, run_dir / name)
-    from transformers import AutoTokenizer
-
-    eos_id = AutoTokenizer.from_pretrained(str(source), local_files_only=True).eos_token_id
-    m = config.model
-    llama = {
-        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": m.vocab_size,
-        "hidden_size": m.hidden, "intermediate_size": m.mlp, "num_hidden_layers": m.layers,
-        "num_attention_heads": m.heads, "num_key_value_heads": m.kv_heads, "head_dim": m.head_size,
-        "rope_theta": m.rope_base, "rms_norm_eps": m.norm_eps, "max_position_embeddings": config.data.seq_len,
-        "tie_word_embeddings": False, "eos_token_id": eos_id, "bos_token_id": eos_id,
-        "megadoc_jax": {"note": "weights are the orbax checkpoints of this run directory (config.yaml)"},
-    }  # fmt: skip
-    (run_dir / "config.json").write_text(json.dumps(llama, indent=1) + "\n")
-    return run_dir
-
-
-# --------------------------------------------------------------------------------------------------
-# Hugging Face Llama directories
-# --------------------------------------------------------------------------------------------------
-
-
-def llama_model_config(model_dir: Path) -> ModelConfig:
-    """The Decoder config of a Llama config.json; features our decoder lacks are refused by name."""
-    hf = json.loads((model_dir / "config.json").read_text())
-    where = f"backend jax: {model_dir / 'config.json'}"
-    if hf.get("model_type") != "llama":
-        raise BackendError(f"{where}: model_type {hf.get('model_type')!r}; expected a megadoc_jax run or a llama")
-    for key in ("rope_scaling", "attention_bias", "mlp_bias"):
-        if hf.get(key):
-            raise BackendError(f"{where}: {key}={hf[key]!r} is not supported by megadoc_jax's decoder")
-    # transformers 5 writes rope_parameters {rope_theta, rope_type}; older configs a top-level rope_theta.
-    rope = hf.get("rope_parameters") or {"rope_theta": hf.get("rope_theta", 10_000.0)}
-    if rope.get("rope_type", "default") != "default":
-        raise BackendError(f"{where}: rope_parameters={rope!r}: only the default rotary embedding is supported")
-    if hf.get("hidden_act", "silu") != "silu":
-        raise BackendError(f"{where}: hidden_act={hf['hidden_act']!r}; the decoder's MLP is SwiGLU (silu)")
-    heads = hf["num_attention_heads"]
-    return ModelConfig(
-        size="custom", vocab_size=hf["vocab_size"], hidden=hf["hidden_size"], mlp=hf["intermediate_size"],
-        layers=hf["num_hidden_layers"], heads=heads, kv_heads=hf.get("num_key_value_heads") or heads,
-        head_dim=hf.get("head_dim") or 0, rope_base=float(rope["rope_theta"]),
-        norm_eps=float(hf.get("rms_norm_eps", 1e-6)), compute_dtype="bfloat16",
-    )  # fmt: skip
-
-
-def import_llama(model_dir: Path, cfg: ModelConfig, mesh: jax.sharding.Mesh) -> tuple[nnx.Module, int]:
-    """(Decoder, context length) from *.safetensors in the Llama layout; each weight placed on its shards."""
-    from safetensors.numpy import load_file
-
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise BackendError(f"backend jax: no *.safetensors in {model_dir}")
-    weights: dict[str, np.ndarray] = {}
-    for file in files:
-        weights.update(load_file(file))
-    hf = json.loads((model_dir / "config.json").read_text())
-    d, h, g, k = cfg.hidden, cfg.heads, cfg.kv_heads, cfg.head_size
-
-    def get(name: str) -> np.ndarray:
-        if name not in weights:
-            raise BackendError(f"backend jax: weight {name} missing from {[f.name for f in files]}")
-        return weights[name].astype(np.float32)
-
-    def stacked(name: str, convert) -> np.ndarray:
-        return np.stack([convert(get(f"model.layers.{i}.{name}")) for i in range(cfg.layers)])
-
-    embed = get("model.embed_tokens.weight")
-    lm_head = embed if hf.get("tie_word_embeddings") else get("lm_head.weight")
-    pure = {
-        "embed": embed,
-        "lm_head": lm_head.T,
-        "final_norm": {"scale": get("model.norm.weight")},
-        "layers": {
-            "attn_norm": {"scale": stacked("input_layernorm.weight", lambda w: w)},
-            "mlp_norm": {"scale": stacked("post_attention_layernorm.weight", lambda w: w)},
-            "attention": {  # torch Linear weights are [out, in]
-                "wq": stacked("self_attn.q_proj.weight", lambda w: w.T.reshape(d, h, k)),
-                "wk": stacked("self_attn.k_proj.weight", lambda w: w.T.reshape(d, g, k)),
-                "wv": stacked("self_attn.v_proj.weight", lambda w: w.T.reshape(d, g, k)),
-                "wo": stacked("self_attn.o_proj.weight", lambda w: w.T.reshape(h, k, d)),
-            },
-            "mlp": {
-                "w_gate": stacked("mlp.gate_proj.weight", lambda w: w.T),
-                "w_up": stacked("mlp.up_proj.weight", lambda w: w.T),
-                "w_down": stacked("mlp.down_proj.weight", lambda w: w.T),
-            },
-        },
-    }
-    graphdef, abstract_state = nnx.split(model_lib.abstract_model(cfg, mesh))
-    flat_target, treedef = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(abstract_state))
-    flat_weights = treedef.flatten_up_to(pure)
-    wrong = [f"{jax.tree_util.keystr(path)} {w.shape} != {spec.shape}"
-             for (path, spec), w in zip(flat_target, flat_weights) if w.shape != spec.shape]  # fmt: skip
-    if wrong:
-        raise BackendError(f"backend jax: {model_dir} weights do not match config.json's shapes: {wrong}")
-    placed = treedef.unflatten(
-        [jax.device_put(w.astype(spec.dtype), spec.sharding) for (_, spec), w in zip(flat_target, flat_weights)]
-    )
-    nnx.replace_by_pure_dict(abstract_state, placed)
-    return nnx.merge(graphdef, abstract_state), int(hf.get("max_position_embeddings", 0)) or 2048
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m generation.backends.jax_backend", description=prepare_run_dir.__doc__
-    )
-    parser.add_argument("run_dir")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer directory (default: config.yaml's data.tokenizer)")
-    args = parser.parse_args(argv)
-    try:
-        print(f"generator directory: {prepare_run_dir(args.run_dir, args.tokenizer)}")
-    except (BackendError, config_lib.ConfigError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-register_backend("jax", JaxBackend)  # create_backend("jax", ...) once this module is imported
-
-if __name__ == "__main__":
-    sys.exit(main())
