@@ -18,7 +18,12 @@ import numpy as np
 import pytest
 
 from megadoc_jax.evaluation import benchmark_tasks as bt
-from megadoc_jax.evaluation.benchmarks import evaluate_benchmarks, evaluate_task, score_item, unweighted_average
+from megadoc_jax.evaluation.benchmarks import (
+    evaluate_benchmarks,
+    evaluate_task,
+    score_item,
+    unweighted_average,
+)
 from megadoc_jax.evaluation.loglikelihood_requests import encode_request, model_input
 
 DATA = Path(__file__).parent / "data"
@@ -284,7 +289,8 @@ GOOD_ARC = json.dumps({"id": "x", "question": "Q?", "choices": {"text": ["a", "b
         ("piqa", json.dumps({"goal": None, "sol1": "a", "sol2": "b", "label": 0}), "missing field 'goal'"),
         ("winogrande", json.dumps({"sentence": "no blank", "option1": "a", "option2": "b", "answer": "1"}),
          "has no '_' blank"),
-        ("winogrande", json.dumps({"sentence": "a _ b", "option1": "a", "option2": "b", "answer": ""}), "winogrande"),
+        ("winogrande", json.dumps({"sentence": "a _ b", "option1": "a", "option2": "b", "answer": ""}),
+         "answer is '', expected \"1\" or \"2\""),
         ("hellaswag", json.dumps({"activity_label": "a", "ctx_a": "b", "ctx_b": "c", "endings": ["d"], "label": "x"}),
          "expected a label"),
     ],

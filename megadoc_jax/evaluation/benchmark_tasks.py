@@ -66,7 +66,8 @@ class BenchmarkTask:
     def prompt_of(self, doc: Doc) -> Prompt:
         prompt = self.prompt(doc.fields)
         if not 0 <= prompt.gold < len(prompt.choices):
-            raise BenchmarkDataError(f"{doc.where}: gold answer {prompt.gold} is not among {len(prompt.choices)} choices")
+            n = len(prompt.choices)
+            raise BenchmarkDataError(f"{doc.where}: gold answer {prompt.gold} is not among {n} choices")
         return prompt
 
 
@@ -79,7 +80,8 @@ def _arc(doc: Mapping[str, Any]) -> Prompt:
     labels = list(doc["choices"]["label"])
     if doc["answerKey"] not in labels:
         raise KeyError(f"answerKey {doc['answerKey']!r} is not among choices.label {labels}")
-    return Prompt(f"Question: {doc['question']}\nAnswer:", tuple(doc["choices"]["text"]), labels.index(doc["answerKey"]))
+    text = f"Question: {doc['question']}\nAnswer:"
+    return Prompt(text, tuple(doc["choices"]["text"]), labels.index(doc["answerKey"]))
 
 
 def _piqa(doc: Mapping[str, Any]) -> Prompt:
@@ -108,6 +110,8 @@ def _hellaswag(doc: Mapping[str, Any]) -> Prompt:
 def _winogrande(doc: Mapping[str, Any]) -> Prompt:
     sentence = doc["sentence"]
     blank = sentence.index("_")  # partial evaluation: the options fill the blank in the context
+    if doc["answer"] not in ("1", "2"):
+        raise ValueError(f"answer is {doc['answer']!r}, expected \"1\" or \"2\"")
     answer = {"1": 0, "2": 1}[doc["answer"]]
     choices = (sentence[:blank] + doc["option1"], sentence[:blank] + doc["option2"])
     return Prompt(None, choices, answer, target=sentence[blank + 1 :].strip())
@@ -188,7 +192,8 @@ def check_doc(task: BenchmarkTask, doc: Doc) -> Doc:
     """Every field the task reads is present with its published type, and the prompt can be built."""
     for name, kind in task.fields.items():
         if name not in doc.fields or doc.fields[name] is None:
-            raise BenchmarkDataError(f"{doc.where}: missing field {name!r} ({task.name} items have {list(task.fields)})")
+            fields = list(task.fields)
+            raise BenchmarkDataError(f"{doc.where}: missing field {name!r} ({task.name} items have {fields})")
         if (why := _field_error(doc.fields[name], kind)) is not None:
             raise BenchmarkDataError(f"{doc.where}: field {name!r} {why}")
     try:
@@ -206,11 +211,12 @@ def read_docs(path: str | Path) -> list[Doc]:
     if not path.is_file():
         raise FileNotFoundError(f"benchmark file {path} does not exist")
     if path.suffix == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         try:
             rows = pq.read_table(path).to_pylist()
-        except Exception as e:  # pyarrow raises several types for a bad file
+        except (pa.ArrowException, OSError, ValueError) as e:
             raise BenchmarkDataError(f"{path}: not a readable Parquet file ({e})") from None
         return [Doc(row, f"{path}:row {i}") for i, row in enumerate(rows)]
     if path.suffix not in (".jsonl", ".json", ".ndjson"):
@@ -280,7 +286,8 @@ class FewshotSampler:
         if not self.docs:
             raise BenchmarkDataError("few-shot examples requested but the few-shot split has no items")
         if n + (eval_doc is not None) > len(self.docs):
-            raise BenchmarkDataError(f"{n} few-shot examples requested but the few-shot split has {len(self.docs)} items")
+            have = len(self.docs)
+            raise BenchmarkDataError(f"{n} few-shot examples requested but the few-shot split has {have} items")
         if eval_doc is None:
             return self.rnd.sample(self.docs, n)
         same = eval_doc.fields

@@ -38,7 +38,11 @@ from megadoc_jax.evaluation.benchmark_tasks import (
     split_file,
     task_requests,
 )
-from megadoc_jax.evaluation.loglikelihood_requests import Loglikelihoods, encode_request, is_truncated
+from megadoc_jax.evaluation.loglikelihood_requests import (
+    Loglikelihoods,
+    encode_request,
+    is_truncated,
+)
 
 
 @dataclass(frozen=True)
