@@ -96,12 +96,15 @@ def process_batch(task: tuple[bool, str, str | None, list]) -> tuple[list, np.nd
     return verdicts, lengths, tokens
 
 
-def load_tokenizer(tokenizer_dir: str | Path) -> tuple[TokenizerInfo, str]:
-    """The store's tokenizer identity, and the fast tokenizer as JSON for the workers."""
-    from transformers import AutoTokenizer
+def export_tokenizer(tokenizer_dir: str | Path) -> tuple[TokenizerInfo, str]:
+    """The store's tokenizer identity, and the fast tokenizer (hf.load_tokenizer) as JSON for the workers."""
+    from megadoc_jax import hf
 
     info = TokenizerInfo.from_directory(tokenizer_dir)
-    hf_tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    try:
+        hf_tokenizer = hf.load_tokenizer(tokenizer_dir)
+    except hf.HFError as e:
+        raise ExportError(str(e)) from None
     if not getattr(hf_tokenizer, "is_fast", False):
         raise ExportError(f"{tokenizer_dir}: not a fast (Rust) Hugging Face tokenizer")
     if hf_tokenizer.eos_token_id != info.eos_id:
@@ -192,7 +195,7 @@ def export(
         if value < low:
             raise ExportError(f"{name} must be >= {low}, got {value}")
     files = expand_inputs(inputs)
-    info, tokenizer_json = load_tokenizer(tokenizer_dir)
+    info, tokenizer_json = export_tokenizer(tokenizer_dir)
     out = Path(out)
     settings = _settings(
         files, info, text_field=text_field, id_field=id_field, max_tokens=max_tokens, policy=parse_policy(on_error)

@@ -339,7 +339,7 @@ def run(settings: GenerationSettings, inputs: Sequence[str | Path], model: str |
     files = documents.expand_inputs(inputs)
     dirs = model_dirs(model)
     model_dir = dirs[0]
-    tokenizer = P.load_tokenizer(model_dir, chat_template=chat_template, trust_remote_code=trust_remote_code)
+    tokenizer = P.generator_tokenizer(model_dir, chat_template=chat_template, trust_remote_code=trust_remote_code)
     plan = plan_inputs(files, s)  # bad input stops the job here, before a model is loaded
     identity = job_identity(s, files, dirs, tokenizer, backend if isinstance(backend, str) else backend.name)
     out = WorkerOutput(worker_dir(output, s.worker_index, s.num_workers), identity)

@@ -32,7 +32,7 @@ from tokenizers import Tokenizer
 
 from generation import megadocs
 from generation.documents import EXAMPLES_PER_REASON
-from generation.export import DEFAULT_FLUSH_TOKENS, NO_AUTO_FLUSH, default_workers, load_tokenizer
+from generation.export import DEFAULT_FLUSH_TOKENS, NO_AUTO_FLUSH, default_workers, export_tokenizer
 from generation.megadoc_spool import SPOOL_DIR, GenerationGroup, TextSpool, ensure_spool
 from generation.megadoc_workers import BatchResult, Unit, WorkerPool, build_batch, init_worker, tokenize_separators
 from megadoc_jax.data.store import Document, SegmentKind, StoreWriter, TokenizerInfo, finished_manifest
@@ -252,7 +252,7 @@ def build_megadocs(
         megadocs.check_method(method, G)
     out = Path(out)
     workers = default_workers() if workers is None else workers
-    info, tokenizer_json = load_tokenizer(tokenizer_dir)
+    info, tokenizer_json = export_tokenizer(tokenizer_dir)
     out.mkdir(parents=True, exist_ok=True)
     with lock_exclusive(out / LOCK_FILE, holder="another megadocs run", error=MegadocExportError):
         spool = ensure_spool(out, sources, generations, text_field=text_field, id_field=id_field, on_error=on_error)

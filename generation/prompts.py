@@ -154,15 +154,16 @@ def get_template(name: str, task: str) -> PromptTemplate:
 # --------------------------------------------------------------------------------------------------
 
 
-def load_tokenizer(model_dir: str | Path, *, chat_template: str | Path | None = None, trust_remote_code: bool = False):
-    """The generator's tokenizer from its local directory, optionally with a chat template from a file."""
-    from transformers import AutoTokenizer
+def generator_tokenizer(model_dir: str | Path, *, chat_template: str | Path | None = None,
+                        trust_remote_code: bool = False):  # fmt: skip
+    """The generator's tokenizer (hf.load_tokenizer), which must have a chat template (its own or the file
+    `chat_template`) and be a fast tokenizer."""
+    from megadoc_jax import hf  # imports JAX: only when a tokenizer is loaded
 
-    tokenizer = AutoTokenizer.from_pretrained(
-        str(model_dir), local_files_only=True, trust_remote_code=trust_remote_code
-    )
-    if chat_template is not None:
-        tokenizer.chat_template = Path(chat_template).read_text()
+    try:
+        tokenizer = hf.load_tokenizer(model_dir, chat_template=chat_template, trust_remote_code=trust_remote_code)
+    except hf.HFError as e:
+        raise PromptError(str(e)) from None
     if not getattr(tokenizer, "chat_template", None):
         raise PromptError(
             f"tokenizer in {model_dir} has no chat template; pass --chat-template FILE (a Jinja chat template)"

@@ -90,7 +90,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tokenizer(model_dir):
-    return P.load_tokenizer(model_dir)
+    return P.generator_tokenizer(model_dir)
 
 
 def write_docs(path: Path, count: int = 11, extra_lines: tuple[str, ...] = ()) -> Path:

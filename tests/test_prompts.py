@@ -40,7 +40,7 @@ def make_generator_dir(path: Path, *, chat_template: bool = True, context_length
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    return P.load_tokenizer(make_generator_dir(tmp_path_factory.mktemp("generator")))
+    return P.generator_tokenizer(make_generator_dir(tmp_path_factory.mktemp("generator")))
 
 
 # Editing a template's texts without bumping its version must fail here: outputs made with
@@ -118,13 +118,13 @@ def test_rationale_splits_cut_at_token_starts(tokenizer):
         assert tokenizer.decode(ids[:token]) == text[:char]
 
 
-def test_load_tokenizer_needs_a_chat_template(tmp_path):
+def test_generator_tokenizer_needs_a_chat_template(tmp_path):
     directory = make_generator_dir(tmp_path / "plain", chat_template=False)
     with pytest.raises(P.PromptError, match=f"{directory}.*--chat-template"):
-        P.load_tokenizer(directory)
+        P.generator_tokenizer(directory)
     template_file = tmp_path / "chat.jinja"
     template_file.write_text(CHAT_TEMPLATE)
-    assert P.load_tokenizer(directory, chat_template=template_file).chat_template == CHAT_TEMPLATE
+    assert P.generator_tokenizer(directory, chat_template=template_file).chat_template == CHAT_TEMPLATE
 
 
 def builder(tokenizer, task="rephrase", samples=3, context=2048, max_new=64, cut=False):

@@ -8,7 +8,7 @@ Models (a local directory, as every backend):
 dtype=auto computes as the checkpoint says: a run's model.compute_dtype, a Llama's tensor dtype.
 
 The generation CLI needs config.json and the tokenizer inside the model directory (check_model_dir and
-prompts.load_tokenizer read them there); `python -m megadoc_jax.hf prepare RUN_DIR` (hf.prepare_run_dir)
+prompts.generator_tokenizer read them there); `python -m megadoc_jax.hf prepare RUN_DIR` (hf.prepare_run_dir)
 writes a Llama-style config.json describing the run's model and copies the run's tokenizer next to it.
 
 Seeds: every (request, sample) row is drawn with its own key from seed `seeds[0] + k` (decode.seed_keys),

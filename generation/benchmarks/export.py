@@ -88,7 +88,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         tokenizer_dir = demo.train_demo_tokenizer(root / "tokenizer")
-        info, tokenizer_json = export_module.load_tokenizer(tokenizer_dir)  # transformers imported before timing
+        info, tokenizer_json = export_module.export_tokenizer(tokenizer_dir)  # transformers imported before timing
         texts = write_corpus(root / "corpus.jsonl", args.tokens, tokenizer_json, info.eos_id)
         size_mb = (root / "corpus.jsonl").stat().st_size / 1e6
         print(f"corpus: {len(texts):,} documents, {size_mb:.1f} MB JSONL; workers={args.workers} "

@@ -33,7 +33,7 @@ import tempfile
 from pathlib import Path
 
 from generation import megadocs
-from generation.export import default_workers, load_tokenizer
+from generation.export import default_workers, export_tokenizer
 from generation.megadoc_export import DEFAULT_BATCH_TEXTS, StreamOptions, build_megadocs
 from generation.benchmarks.export import bare_tokenization, timed
 from megadoc_jax.data import demo
@@ -78,7 +78,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         tokenizer_dir = demo.train_demo_tokenizer(root / "tokenizer")
-        info, tokenizer_json = load_tokenizer(tokenizer_dir)  # transformers imported before timing
+        info, tokenizer_json = export_tokenizer(tokenizer_dir)  # transformers imported before timing
         sources_path, generations_path, generated = write_inputs(root, args.sources, args.G)
         originals = [json.loads(line)["text"] for line in open(sources_path, encoding="utf-8")]
         print(f"{args.sources} sources, G={args.G}, workers={args.workers}, batch_texts={args.batch_texts}, "
