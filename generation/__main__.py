@@ -15,7 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from generation.documents import DEFAULT_POLICY, REASONS
 
@@ -105,8 +106,9 @@ def run_demo_data(args: argparse.Namespace) -> int:
     synthetic = json.loads((root / SYNTHETIC_DIR / SYNTHETIC_MARKER).read_text())
     stores = {"train": summary["train"], "heldout": summary["heldout"], "stitched": synthetic["stitched"]}
     for name, counts in stores.items():
-        print(f"{paths[name]}: {counts['documents']:,} documents, {counts['tokens']:,} tokens, "
-              f"{counts['content_hash']}")  # fmt: skip
+        print(
+            f"{paths[name]}: {counts['documents']:,} documents, {counts['tokens']:,} tokens, {counts['content_hash']}"
+        )
     print(f"tokenizer: {paths['tokenizer']}")
     return 0
 
@@ -124,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         add_command(subparsers)
     args = parser.parse_args(argv)
     from generation.backends import BackendError
+    from generation.demo import DemoDataError
     from generation.documents import InputError
     from generation.export import ExportError
     from generation.generate import GenerationError
@@ -131,11 +134,20 @@ def main(argv: list[str] | None = None) -> int:
     from generation.megadocs import MissingGenerationsError
     from generation.merge import OutputError
     from generation.prompts import PromptError
-    from generation.demo import DemoDataError
     from megadoc_jax.data.store import StoreError
 
-    errors = (InputError, ExportError, StoreError, DemoDataError, GenerationError, OutputError, BackendError,
-              PromptError, MegadocExportError, MissingGenerationsError)  # fmt: skip
+    errors = (
+        InputError,
+        ExportError,
+        StoreError,
+        DemoDataError,
+        GenerationError,
+        OutputError,
+        BackendError,
+        PromptError,
+        MegadocExportError,
+        MissingGenerationsError,
+    )
     try:
         return args.run(args)
     except errors as e:

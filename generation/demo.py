@@ -35,8 +35,9 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from megadoc_jax.data import demo as demo_lib
 
@@ -148,10 +149,17 @@ def write_random_generator(run_dir: Path, tokenizer_dir: Path) -> Path:
     from megadoc_jax.hf import prepare_run_dir
 
     vocab_size = TokenizerInfo.from_directory(tokenizer_dir).vocab_size
-    config = config_lib.load(None, [
-        "model.size=tiny", f"model.vocab_size={vocab_size}", "model.compute_dtype=float32",
-        f"data.tokenizer={tokenizer_dir}", f"data.seq_len={CONTEXT_LENGTH}", f"train.run_dir={run_dir}",
-    ])  # fmt: skip
+    config = config_lib.load(
+        None,
+        [
+            "model.size=tiny",
+            f"model.vocab_size={vocab_size}",
+            "model.compute_dtype=float32",
+            f"data.tokenizer={tokenizer_dir}",
+            f"data.seq_len={CONTEXT_LENGTH}",
+            f"train.run_dir={run_dir}",
+        ],
+    )
     run_dir.mkdir(parents=True)
     config_lib.dump(config, run_dir / "config.yaml")
     mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
@@ -175,20 +183,39 @@ def build_synthetic(train_jsonl: Path, tokenizer_dir: Path, out_dir: str | Path)
         raise DemoDataError(f"{paths['stitched']}: not the stream {stream_name(METHOD, SAMPLES)} built here")
     generator = write_random_generator(paths["generator"], Path(tokenizer_dir))
     settings = generate.GenerationSettings(
-        task="rephrase", samples=SAMPLES, max_new_tokens=MAX_NEW_TOKENS, seed=GENERATION_SEED, overlong="cut",
+        task="rephrase",
+        samples=SAMPLES,
+        max_new_tokens=MAX_NEW_TOKENS,
+        seed=GENERATION_SEED,
+        overlong="cut",
         chunk_documents=BATCH_ROWS,
-    )  # fmt: skip
+    )
     backend_options = {"batch_size": BATCH_ROWS, "devices": 1, "prompt_bucket": CONTEXT_LENGTH - MAX_NEW_TOKENS}
-    generated = generate.run(settings, [train_jsonl], generator, paths["generations"], backend="jax",
-                             backend_options=backend_options, chat_template=generator / "chat_template.jinja",
-                             progress=False)  # fmt: skip
+    generated = generate.run(
+        settings,
+        [train_jsonl],
+        generator,
+        paths["generations"],
+        backend="jax",
+        backend_options=backend_options,
+        chat_template=generator / "chat_template.jinja",
+        progress=False,
+    )
     merged = merge.merge(paths["generations"], paths["merged"])
-    (report,) = build_megadocs([train_jsonl], [paths["merged"]], tokenizer_dir, paths["stitched"].parent,
-                               [(METHOD, SAMPLES)], StreamOptions(progress=False), workers=0)  # fmt: skip
+    (report,) = build_megadocs(
+        [train_jsonl],
+        [paths["merged"]],
+        tokenizer_dir,
+        paths["stitched"].parent,
+        [(METHOD, SAMPLES)],
+        StreamOptions(progress=False),
+        workers=0,
+    )
     return {
         "generator": {"model": "tiny (random init)", "seed": GENERATOR_SEED, "context_length": CONTEXT_LENGTH},
-        "generation": {key: generated[key] for key in ("documents", "samples", "kept", "dropped", "cut",
-                                                       "flags", "output_tokens")},
+        "generation": {
+            key: generated[key] for key in ("documents", "samples", "kept", "dropped", "cut", "flags", "output_tokens")
+        },
         "merged": {key: merged[key] for key in ("documents", "kept_samples", "dropped_samples", "sha256")},
         "stitched": {key: report[key] for key in ("documents", "tokens", "tokens_by_kind", "content_hash")},
-    }  # fmt: skip
+    }

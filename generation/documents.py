@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import glob
 import json
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import pyarrow.parquet as pq
 
@@ -227,8 +228,12 @@ def parse_record(payload: bytes | dict[str, Any], text_field: str, id_field: str
 class BadInputReport:
     """Counts of skipped records by reason, with example locations; raises for reasons set to 'error'."""
 
-    def __init__(self, policy: dict[str, str], skipped: dict[str, int] | None = None,
-                 examples: dict[str, list[str]] | None = None):
+    def __init__(
+        self,
+        policy: dict[str, str],
+        skipped: dict[str, int] | None = None,
+        examples: dict[str, list[str]] | None = None,
+    ):
         self.policy = policy
         self.skipped = {reason: 0 for reason in REASONS} | (skipped or {})
         self.examples: dict[str, list[str]] = {reason: [] for reason in REASONS} | (examples or {})
@@ -236,8 +241,7 @@ class BadInputReport:
     def reject(self, reason: str, where: str, detail: str) -> None:
         if self.policy[reason] == "error":
             raise InputError(
-                f"{where}: {detail} [{reason}]; to skip and count such records instead, "
-                f"pass --on-error {reason}=skip"
+                f"{where}: {detail} [{reason}]; to skip and count such records instead, pass --on-error {reason}=skip"
             )
         self.skipped[reason] += 1
         if len(self.examples[reason]) < EXAMPLES_PER_REASON:

@@ -22,8 +22,9 @@ from __future__ import annotations
 import itertools
 import os
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import tqdm

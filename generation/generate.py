@@ -29,8 +29,9 @@ import platform
 import socket
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import yaml
 from tqdm import tqdm
@@ -41,7 +42,6 @@ from generation.backends import (
     FINISH_LENGTH,
     FINISH_STOP,
     Backend,
-    BackendError,
     Sampling,
     check_output_shape,
     create_backend,
@@ -49,7 +49,7 @@ from generation.backends import (
     file_sha256,
     model_dirs,
 )
-from generation.merge import FORMAT_VERSION, SUMMARY, OutputError, WorkerOutput, read_json, shard_of, worker_dir
+from generation.merge import FORMAT_VERSION, SUMMARY, WorkerOutput, read_json, shard_of, worker_dir
 
 FLAGS = ("truncated", "empty", "duplicate", "copies_source", "aborted")
 DEFAULT_FLAG_POLICY = dict(truncated="keep", empty="drop", duplicate="drop", copies_source="drop", aborted="drop")
@@ -84,7 +84,7 @@ class GenerationSettings:
     id_field: str = "id"
     on_error: dict[str, str] = dataclasses.field(default_factory=lambda: dict(documents.DEFAULT_POLICY))
 
-    def resolved(self) -> "GenerationSettings":
+    def resolved(self) -> GenerationSettings:
         """Defaults filled in and every field checked; errors name the command-line flag."""
         if self.task not in P.TASKS:
             raise GenerationError(f"--task {self.task!r}: expected one of {P.TASKS}")
@@ -96,9 +96,11 @@ class GenerationSettings:
             "--num-workers": (self.num_workers, self.num_workers >= 1),
             "--worker-index": (self.worker_index, 0 <= self.worker_index < self.num_workers),
             "--overlong": (self.overlong, self.overlong in OVERLONG),
-            "--flag-policy": (self.flag_policy, set(self.flag_policy) == set(FLAGS)
-                              and set(self.flag_policy.values()) <= {"keep", "drop"}),
-        }  # fmt: skip
+            "--flag-policy": (
+                self.flag_policy,
+                set(self.flag_policy) == set(FLAGS) and set(self.flag_policy.values()) <= {"keep", "drop"},
+            ),
+        }
         for flag, (value, ok) in checks.items():
             if not ok:
                 raise GenerationError(f"{flag}: invalid value {value!r} (num_workers={self.num_workers})")
@@ -221,10 +223,17 @@ def flag_samples(texts: Sequence[str], finish_reasons: Sequence[str], source: st
 
 def new_stats() -> dict[str, Any]:
     return {
-        "documents": 0, "samples": 0, "kept": 0, "dropped": 0, "flags": dict.fromkeys(FLAGS, 0),
-        "skipped": dict.fromkeys(SKIP_REASONS, 0), "skipped_examples": {}, "cut": 0,
-        "prompt_tokens": 0, "output_tokens": 0,
-    }  # fmt: skip
+        "documents": 0,
+        "samples": 0,
+        "kept": 0,
+        "dropped": 0,
+        "flags": dict.fromkeys(FLAGS, 0),
+        "skipped": dict.fromkeys(SKIP_REASONS, 0),
+        "skipped_examples": {},
+        "cut": 0,
+        "prompt_tokens": 0,
+        "output_tokens": 0,
+    }
 
 
 def run_chunk(events: list, builder: P.RequestBuilder, backend: Backend, s: GenerationSettings, plan: InputPlan):
@@ -255,8 +264,9 @@ def run_chunk(events: list, builder: P.RequestBuilder, backend: Backend, s: Gene
     return records, stats
 
 
-def document_record(doc: InputDocument, built: P.DocumentRequests, completions: list, tokenizer: Any,
-                    s: GenerationSettings, stats: dict) -> dict:  # fmt: skip
+def document_record(
+    doc: InputDocument, built: P.DocumentRequests, completions: list, tokenizer: Any, s: GenerationSettings, stats: dict
+) -> dict:
     """One output line: the document's G samples with text, finish reason, token counts, flags, kept."""
     texts = tokenizer.batch_decode([list(c.token_ids) for c in completions], skip_special_tokens=True)
     flags = flag_samples(texts, [c.finish_reason for c in completions], built.text)
@@ -266,10 +276,15 @@ def document_record(doc: InputDocument, built: P.DocumentRequests, completions: 
         request = built.requests[0 if s.task == "rephrase" else k]
         kept = all(s.flag_policy[f] == "keep" for f in sample_flags)
         sample = {
-            "sample": k, "seed": seed + k, "text": text, "finish_reason": completion.finish_reason,
-            "prompt_tokens": len(request.prompt_token_ids), "output_tokens": len(completion.token_ids),
-            "flags": sample_flags, "kept": kept,
-        }  # fmt: skip
+            "sample": k,
+            "seed": seed + k,
+            "text": text,
+            "finish_reason": completion.finish_reason,
+            "prompt_tokens": len(request.prompt_token_ids),
+            "output_tokens": len(completion.token_ids),
+            "flags": sample_flags,
+            "kept": kept,
+        }
         if built.splits is not None:
             sample["split_token"], sample["split_char"] = built.splits[k]
         samples.append(sample)
@@ -281,9 +296,13 @@ def document_record(doc: InputDocument, built: P.DocumentRequests, completions: 
     stats["samples"] += len(samples)
     stats["prompt_tokens"] += sum(len(r.prompt_token_ids) for r in built.requests)
     return {
-        "doc_id": doc.doc_id, "position": doc.position, "task": s.task, "source_chars": len(doc.text),
-        "used_chars": len(built.text), "samples": samples,
-    }  # fmt: skip
+        "doc_id": doc.doc_id,
+        "position": doc.position,
+        "task": s.task,
+        "source_chars": len(doc.text),
+        "used_chars": len(built.text),
+        "samples": samples,
+    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -310,16 +329,21 @@ def job_identity(s: GenerationSettings, files: list[Path], dirs: list[Path], tok
         },
         "backend": backend,
         "inputs": [{"name": f.name, "bytes": f.stat().st_size, "sha256": file_sha256(f)} for f in files],
-    }  # fmt: skip
+    }
 
 
 def session_info(backend: Backend, options: dict | None, dirs: list[Path], devices: dict) -> dict:
     """One run of the worker (a job resumed after a kill has several); not part of the identity."""
     return {
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname(), "argv": sys.argv,
-        "model_path": str(dirs[0]) if len(dirs) == 1 else [str(d) for d in dirs], "backend_version": backend.version(), "backend_options": options or {},
-        "devices": devices, "python": platform.python_version(),
-    }  # fmt: skip
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "host": socket.gethostname(),
+        "argv": sys.argv,
+        "model_path": str(dirs[0]) if len(dirs) == 1 else [str(d) for d in dirs],
+        "backend_version": backend.version(),
+        "backend_options": options or {},
+        "devices": devices,
+        "python": platform.python_version(),
+    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -327,11 +351,18 @@ def session_info(backend: Backend, options: dict | None, dirs: list[Path], devic
 # --------------------------------------------------------------------------------------------------
 
 
-def run(settings: GenerationSettings, inputs: Sequence[str | Path], model: str | Path | Sequence[str | Path],
-        output: str | Path, *,
-        backend: str | Backend = "transformers", backend_options: dict | None = None,
-        chat_template: str | Path | None = None, trust_remote_code: bool = False,
-        progress: bool = True) -> dict:  # fmt: skip
+def run(
+    settings: GenerationSettings,
+    inputs: Sequence[str | Path],
+    model: str | Path | Sequence[str | Path],
+    output: str | Path,
+    *,
+    backend: str | Backend = "transformers",
+    backend_options: dict | None = None,
+    chat_template: str | Path | None = None,
+    trust_remote_code: bool = False,
+    progress: bool = True,
+) -> dict:
     """Run (or resume) one worker to the end of its shard; returns its summary. `model`: a directory, or
     several (an ensemble whose averaged logits are sampled; backends with supports_ensembles)."""
     started = time.monotonic()
@@ -351,12 +382,24 @@ def run(settings: GenerationSettings, inputs: Sequence[str | Path], model: str |
             backend = create_backend(backend, dirs, backend_options, trust_remote_code=trust_remote_code)
         devices = dataclasses.asdict(backend.devices())
         out.add_session(session_info(backend, backend_options, dirs, devices))
-        builder = P.RequestBuilder(tokenizer, P.get_template(s.template, s.task), s.samples, s.seed,
-                                   context_length=backend.context_length, max_new_tokens=s.max_new_tokens,
-                                   cut=s.overlong == "cut")  # fmt: skip
+        builder = P.RequestBuilder(
+            tokenizer,
+            P.get_template(s.template, s.task),
+            s.samples,
+            s.seed,
+            context_length=backend.context_length,
+            max_new_tokens=s.max_new_tokens,
+            cut=s.overlong == "cut",
+        )
         consumed = lambda stats: stats["documents"] + sum(stats["skipped"].values())  # noqa: E731
-        bar = tqdm(total=plan.total, initial=sum(consumed(e["stats"]) for e in out.entries), unit="doc",
-                   desc=f"worker {s.worker_index}/{s.num_workers}", disable=not progress, smoothing=0.1)  # fmt: skip
+        bar = tqdm(
+            total=plan.total,
+            initial=sum(consumed(e["stats"]) for e in out.entries),
+            unit="doc",
+            desc=f"worker {s.worker_index}/{s.num_workers}",
+            disable=not progress,
+            smoothing=0.1,
+        )
         # Ledger wall time includes loading (it is part of the cost); the displayed rate does not.
         last_commit, generating_since, session_tokens = started, time.monotonic(), 0
         for events, last_position in chunked(shard_events(plan, s, after=out.last_position), s.chunk_documents):
@@ -402,13 +445,22 @@ def format_summary(summary: dict, directory: Path) -> str:
 def add_subcommand(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser("generate", help="generate rephrases or rationales (one worker of a job)")
     p.add_argument("--input", nargs="+", required=True, help="JSONL or Parquet files (globs allowed)")
-    p.add_argument("--model", required=True, action="append",
-                   help="local directory of the generator (no hub access); repeat it for an ensemble whose "
-                        "averaged logits are sampled (--backend jax)")  # fmt: skip
+    p.add_argument(
+        "--model",
+        required=True,
+        action="append",
+        help="local directory of the generator (no hub access); repeat it for an ensemble whose "
+        "averaged logits are sampled (--backend jax)",
+    )
     p.add_argument("--output", required=True, help="job directory; this worker writes OUTPUT/worker-I-of-N")
     p.add_argument("--backend", default="transformers", help="vllm | transformers | module:Class")
-    p.add_argument("--backend-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="repeatable, e.g. max_num_seqs=256, tensor_parallel_size=2 (vllm); batch_size=8")  # fmt: skip
+    p.add_argument(
+        "--backend-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="repeatable, e.g. max_num_seqs=256, tensor_parallel_size=2 (vllm); batch_size=8",
+    )
     p.add_argument("--task", default="rephrase", choices=P.TASKS)
     p.add_argument("--template", default="", help=f"one of {', '.join(P.TEMPLATES)}; default per task")
     p.add_argument("--samples", "-G", type=int, default=GenerationSettings.samples)
@@ -444,13 +496,32 @@ def parse_backend_options(items: Sequence[str]) -> dict[str, Any]:
 
 def main(args: argparse.Namespace) -> int:
     settings = GenerationSettings(
-        task=args.task, template=args.template, samples=args.samples, temperature=args.temperature,
-        top_p=args.top_p, top_k=args.top_k, max_new_tokens=args.max_new_tokens, seed=args.seed,
-        overlong=args.overlong, flag_policy=parse_flag_policy(args.flag_policy),
-        chunk_documents=args.chunk_documents, num_workers=args.num_workers, worker_index=args.worker_index,
-        text_field=args.text_field, id_field=args.id_field, on_error=documents.parse_policy(args.on_error),
-    )  # fmt: skip
-    run(settings, args.input, args.model, args.output, backend=args.backend,
-        backend_options=parse_backend_options(args.backend_option), chat_template=args.chat_template,
-        trust_remote_code=args.trust_remote_code, progress=not args.no_progress)  # fmt: skip
+        task=args.task,
+        template=args.template,
+        samples=args.samples,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+        overlong=args.overlong,
+        flag_policy=parse_flag_policy(args.flag_policy),
+        chunk_documents=args.chunk_documents,
+        num_workers=args.num_workers,
+        worker_index=args.worker_index,
+        text_field=args.text_field,
+        id_field=args.id_field,
+        on_error=documents.parse_policy(args.on_error),
+    )
+    run(
+        settings,
+        args.input,
+        args.model,
+        args.output,
+        backend=args.backend,
+        backend_options=parse_backend_options(args.backend_option),
+        chat_template=args.chat_template,
+        trust_remote_code=args.trust_remote_code,
+        progress=not args.no_progress,
+    )
     return 0

@@ -23,8 +23,9 @@ import json
 import shutil
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import tqdm
@@ -74,8 +75,14 @@ class StreamOptions:
     def settings(self, method: str, G: int) -> dict[str, Any]:
         """What decides the content of the stream (a resume must match it)."""
         simple = megadocs.method_spec(method).one_per_generation  # only the shuffled plan reads these
-        return {"method": method, "G": G, "separators": self.separators.used_by(method), "missing": self.missing,
-                "seed": self.seed if simple else None, "simple_originals": self.simple_originals if simple else None}  # fmt: skip
+        return {
+            "method": method,
+            "G": G,
+            "separators": self.separators.used_by(method),
+            "missing": self.missing,
+            "seed": self.seed if simple else None,
+            "simple_originals": self.simple_originals if simple else None,
+        }
 
 
 class _Progress:
@@ -91,9 +98,14 @@ class _Progress:
         self.misplaced_examples: list[str] = recorded.get("misplaced_examples", [])
 
     def to_dict(self) -> dict[str, Any]:
-        return {"settings": self.settings, "documents": self.documents, "tokens": self.tokens,
-                "tokens_by_kind": self.tokens_by_kind, "rationales_misplaced": self.rationales_misplaced,
-                "misplaced_examples": self.misplaced_examples}  # fmt: skip
+        return {
+            "settings": self.settings,
+            "documents": self.documents,
+            "tokens": self.tokens,
+            "tokens_by_kind": self.tokens_by_kind,
+            "rationales_misplaced": self.rationales_misplaced,
+            "misplaced_examples": self.misplaced_examples,
+        }
 
     def count(self, batch: BatchResult, metadata: list[dict]) -> None:
         self.documents += batch.lengths.size
@@ -105,7 +117,9 @@ class _Progress:
             self.misplaced_examples.append(f"source {metadata[i]['source_id']!r}: {int(batch.misplaced[i])} rationales")
 
 
-def _unit(spool: TextSpool, group: GenerationGroup, plan: megadocs.StreamPlan, i: int, separators: megadocs.Separators) -> tuple[Unit, dict]:
+def _unit(
+    spool: TextSpool, group: GenerationGroup, plan: megadocs.StreamPlan, i: int, separators: megadocs.Separators
+) -> tuple[Unit, dict]:
     """The texts a worker needs for document i of the plan, and the document's metadata."""
     source = int(plan.sources[i])
     numbers = plan.numbers(i)
@@ -115,10 +129,15 @@ def _unit(spool: TextSpool, group: GenerationGroup, plan: megadocs.StreamPlan, i
         [(int(n), spool.generation_text(e), spool.split_char(e)) for n, e in zip(numbers, entries)],
     )
     metadata = megadocs.document_metadata(
-        spool.source_ids[source], plan.method, plan.G, [int(n) for n in numbers],
-        [spool.finish_reason(e) for e in entries], [spool.generator(e) for e in entries],
-        [spool.prompt_version(e) for e in entries], separators,
-    )  # fmt: skip
+        spool.source_ids[source],
+        plan.method,
+        plan.G,
+        [int(n) for n in numbers],
+        [spool.finish_reason(e) for e in entries],
+        [spool.generator(e) for e in entries],
+        [spool.prompt_version(e) for e in entries],
+        separators,
+    )
     return unit, metadata
 
 
@@ -147,19 +166,33 @@ def build_stream(
         return finished
     spec = megadocs.method_spec(method)
     group = spool.group(spec.task, spec.splits(G))
-    plan = megadocs.plan_stream(method, G, group.available(), missing=options.missing, seed=options.seed,
-                                simple_originals=options.simple_originals, source_ids=spool.source_ids)  # fmt: skip
+    plan = megadocs.plan_stream(
+        method,
+        G,
+        group.available(),
+        missing=options.missing,
+        seed=options.seed,
+        simple_originals=options.simple_originals,
+        source_ids=spool.source_ids,
+    )
     started = time.monotonic()
     with StoreWriter(out, info, flush_tokens=NO_AUTO_FLUSH) as writer:
         state = _resume(out, settings, writer.num_committed)
         resumed_at, uncommitted = writer.num_committed, 0
         tasks = _tasks(spool, group, plan, state.documents, options)
-        with tqdm.tqdm(total=len(plan), initial=state.documents, unit="doc", desc=stream_name(method, G),
-                       disable=not options.progress) as bar:  # fmt: skip
+        with tqdm.tqdm(
+            total=len(plan),
+            initial=state.documents,
+            unit="doc",
+            desc=stream_name(method, G),
+            disable=not options.progress,
+        ) as bar:
             for metadata, batch in pool.map_ordered(build_batch, tasks):
                 ends = np.cumsum(batch.lengths)
-                documents = [Document(batch.tokens[end - n : end], meta, segments)
-                             for end, n, meta, segments in zip(ends, batch.lengths, metadata, batch.segments)]  # fmt: skip
+                documents = [
+                    Document(batch.tokens[end - n : end], meta, segments)
+                    for end, n, meta, segments in zip(ends, batch.lengths, metadata, batch.segments)
+                ]
                 # Documents before writer.num_documents were committed by an interrupted run: count, don't append.
                 first_new = max(0, writer.num_documents - state.documents)
                 writer.append(documents[first_new:])
@@ -171,12 +204,21 @@ def build_stream(
                 bar.update(len(documents))
         _commit(writer, state)
         report = {
-            "store": str(out), "stream": stream_name(method, G), "method": method, "G": G,
-            "documents": state.documents, "tokens": state.tokens, "tokens_by_kind": state.tokens_by_kind,
-            "rationales_misplaced": state.rationales_misplaced, "misplaced_examples": state.misplaced_examples,
-            "plan": plan.counts, "inputs": spool.report, "resumed_at_document": resumed_at,
-            "seconds": round(time.monotonic() - started, 3), "settings": settings,
-        }  # fmt: skip
+            "store": str(out),
+            "stream": stream_name(method, G),
+            "method": method,
+            "G": G,
+            "documents": state.documents,
+            "tokens": state.tokens,
+            "tokens_by_kind": state.tokens_by_kind,
+            "rationales_misplaced": state.rationales_misplaced,
+            "misplaced_examples": state.misplaced_examples,
+            "plan": plan.counts,
+            "inputs": spool.report,
+            "resumed_at_document": resumed_at,
+            "seconds": round(time.monotonic() - started, 3),
+            "settings": settings,
+        }
         write_json_atomic(out / REPORT_FILE, report)  # before finish: a finished store always has its report
         report["content_hash"] = writer.finish()["content_hash"]
     write_json_atomic(out / REPORT_FILE, report)
@@ -188,7 +230,9 @@ def _commit(writer: StoreWriter, state: _Progress) -> None:
     """A durable commit of everything appended, then the progress record that matches it."""
     writer.flush()
     if writer.num_committed != state.documents:
-        raise MegadocExportError(f"{writer.path}: store holds {writer.num_committed} documents, plan gave {state.documents}")
+        raise MegadocExportError(
+            f"{writer.path}: store holds {writer.num_committed} documents, plan gave {state.documents}"
+        )
     write_json_atomic(writer.path / PROGRESS_FILE, state.to_dict())
 
 
@@ -200,7 +244,9 @@ def _finished_report(out: Path, settings: dict[str, Any]) -> dict[str, Any] | No
         raise MegadocExportError(f"{out}: is a finished store not written by megadocs (no {REPORT_FILE})")
     report = read_json(out / REPORT_FILE, error=MegadocExportError)
     if report.get("settings") != settings:
-        raise MegadocExportError(f"{out}: is already finished, with other inputs or settings; delete it or choose another --out")
+        raise MegadocExportError(
+            f"{out}: is already finished, with other inputs or settings; delete it or choose another --out"
+        )
     report["content_hash"] = manifest["content_hash"]
     return report
 
@@ -302,8 +348,12 @@ def add_subcommand(subparsers: Any) -> None:
     add("--rationale-open", default=defaults.rationale_open, help="before each rationale of stretched documents")
     add("--rationale-close", default=defaults.rationale_close, help="after each rationale")
     add("--no-separators", action="store_true", help="no separators at all (EOS still ends every document)")
-    add("--missing", choices=megadocs.MISSING_POLICIES, default="build",
-        help="a source with fewer than G generations: build with what exists, skip it, or stop")  # fmt: skip
+    add(
+        "--missing",
+        choices=megadocs.MISSING_POLICIES,
+        default="build",
+        help="a source with fewer than G generations: build with what exists, skip it, or stop",
+    )
     add("--seed", type=int, default=0, help="shuffle seed of the simple stream")
     add("--no-simple-originals", action="store_true", help="the simple stream without its copy of each original")
     add("--text-field", default="text")
@@ -319,26 +369,50 @@ def add_subcommand(subparsers: Any) -> None:
 
 def main(args: Any) -> int:
     """Run the `megadocs` subcommand from parsed arguments; prints one summary line per stream."""
-    separators = megadocs.NO_SEPARATORS if args.no_separators else megadocs.Separators(
-        _unescape(args.separator), _unescape(args.rationale_open), _unescape(args.rationale_close))  # fmt: skip
-    options = StreamOptions(separators, args.missing, args.seed, not args.no_simple_originals, args.batch_texts,
-                            args.flush_tokens, not args.no_progress)  # fmt: skip
+    separators = (
+        megadocs.NO_SEPARATORS
+        if args.no_separators
+        else megadocs.Separators(
+            _unescape(args.separator), _unescape(args.rationale_open), _unescape(args.rationale_close)
+        )
+    )
+    options = StreamOptions(
+        separators,
+        args.missing,
+        args.seed,
+        not args.no_simple_originals,
+        args.batch_texts,
+        args.flush_tokens,
+        not args.no_progress,
+    )
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     streams = [(method, int(G)) for method in methods for G in args.G.split(",") if G.strip()]
     try:
-        reports = build_megadocs(args.sources, args.generations, args.tokenizer, args.out, streams, options,
-                                 text_field=args.text_field, id_field=args.id_field, on_error=args.on_error,
-                                 workers=args.workers, keep_spool=args.keep_spool)  # fmt: skip
+        reports = build_megadocs(
+            args.sources,
+            args.generations,
+            args.tokenizer,
+            args.out,
+            streams,
+            options,
+            text_field=args.text_field,
+            id_field=args.id_field,
+            on_error=args.on_error,
+            workers=args.workers,
+            keep_spool=args.keep_spool,
+        )
     except (MegadocExportError, megadocs.MissingGenerationsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for report in reports:
         plan = report["plan"]
-        print(f"{report['store']}: {report['documents']:,} documents, {report['tokens']:,} tokens {report['tokens_by_kind']}; "
-              f"sources {plan['sources']:,}, incomplete {plan['sources_incomplete']:,} ({plan['generations_missing']:,} "
-              f"generations missing), skipped {plan['skipped_incomplete'] + plan['skipped_empty']:,}; "
-              f"rationales misplaced {report['rationales_misplaced']:,}")  # fmt: skip
+        print(
+            f"{report['store']}: {report['documents']:,} documents, {report['tokens']:,} tokens "
+            f"{report['tokens_by_kind']}; "
+            f"sources {plan['sources']:,}, incomplete {plan['sources_incomplete']:,} ({plan['generations_missing']:,} "
+            f"generations missing), skipped {plan['skipped_incomplete'] + plan['skipped_empty']:,}; "
+            f"rationales misplaced {report['rationales_misplaced']:,}"
+        )
     if reports:
         print(f"inputs: {json.dumps(reports[0]['inputs'])}")
     return 0
-

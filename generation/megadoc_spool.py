@@ -31,8 +31,9 @@ import mmap
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -102,12 +103,20 @@ def parse_generation(fields: dict[str, Any], where: str) -> Generation:
     sample = get("sample", int)
     splits = get("splits", int) if task == "rationale" else 0
     if sample < 0 or (task == "rationale" and not 0 <= sample < splits):
-        raise InputError(f"{where}: sample {sample} out of range" + (f" for {names['splits']}={splits}" if splits else ""))
+        raise InputError(
+            f"{where}: sample {sample} out of range" + (f" for {names['splits']}={splits}" if splits else "")
+        )
     return Generation(
-        str(get("doc_id", (str, int))), task, sample + 1, splits, get("text", str), get("finish_reason", str),
-        get("generator", str, ""), get("prompt_version", str, ""),
+        str(get("doc_id", (str, int))),
+        task,
+        sample + 1,
+        splits,
+        get("text", str),
+        get("finish_reason", str),
+        get("generator", str, ""),
+        get("prompt_version", str, ""),
         get("split_char", int, -1) if task == "rationale" else -1,
-    )  # fmt: skip
+    )
 
 
 def generation_files(patterns: Sequence[str | Path]) -> list[Path]:
@@ -187,7 +196,7 @@ def ensure_spool(
     text_field: str = "text",
     id_field: str = "id",
     on_error: str | dict[str, str] | None = None,
-) -> "TextSpool":
+) -> TextSpool:
     """The spool of these inputs under out/SPOOL_DIR: reused when complete and the same, else rebuilt."""
     files = {"sources": expand_inputs(sources), "generations": generation_files(generations)}
     policy = parse_policy(on_error)
@@ -208,8 +217,20 @@ def ensure_spool(
     return TextSpool(root)
 
 
-ENTRY_COLUMNS = ("task", "splits", "source", "number", "start", "end", "finish", "generator", "prompt",
-                 "split_char", "origin_file", "origin_position")  # fmt: skip
+ENTRY_COLUMNS = (
+    "task",
+    "splits",
+    "source",
+    "number",
+    "start",
+    "end",
+    "finish",
+    "generator",
+    "prompt",
+    "split_char",
+    "origin_file",
+    "origin_position",
+)
 
 
 class _Problems:
@@ -264,30 +285,48 @@ def _write_spool(
                 except UnicodeEncodeError as e:  # a lone surrogate escape in the JSON text
                     problems("invalid_utf8", f"{where}: character {e.start}")
                     continue
-                row = (TASKS.index(g.task), g.splits, positions[g.doc_id], g.number, offset, offset + len(data),
-                       finish(g.finish_reason), generator(g.generator), prompt(g.prompt_version), g.split_char,
-                       file_number, position)  # fmt: skip
+                row = (
+                    TASKS.index(g.task),
+                    g.splits,
+                    positions[g.doc_id],
+                    g.number,
+                    offset,
+                    offset + len(data),
+                    finish(g.finish_reason),
+                    generator(g.generator),
+                    prompt(g.prompt_version),
+                    g.split_char,
+                    file_number,
+                    position,
+                )
                 for column, value in zip(columns.values(), row):
                     column.append(value)
                 texts.write(data)
                 offset += len(data)
         texts.flush()
         os.fsync(texts.fileno())  # durable before spool.json says the spool is complete
-    entries = _drop_duplicates({name: np.array(values, dtype=np.int64) for name, values in columns.items()},
-                               files["generations"], problems)  # fmt: skip
+    entries = _drop_duplicates(
+        {name: np.array(values, dtype=np.int64) for name, values in columns.items()}, files["generations"], problems
+    )
     with open(tmp / "index.npz", "wb") as index:
         np.savez(index, source_spans=np.array(source_spans, dtype=np.int64).reshape(-1, 2), **entries)
         index.flush()
         os.fsync(index.fileno())
     report = {
-        "sources": len(source_ids), "sources_bad": bad_sources.to_dict(), "generations": int(entries["task"].size),
+        "sources": len(source_ids),
+        "sources_bad": bad_sources.to_dict(),
+        "generations": int(entries["task"].size),
         "generation_problems": problems.counts,
         "generation_examples": {name: lines for name, lines in problems.examples.items() if lines},
-    }  # fmt: skip
+    }
     spool = {
-        "identity": identity, "source_ids": source_ids, "report": report,
-        "finish_reasons": finish.names, "generators": generator.names, "prompt_versions": prompt.names,
-    }  # fmt: skip
+        "identity": identity,
+        "source_ids": source_ids,
+        "report": report,
+        "finish_reasons": finish.names,
+        "generators": generator.names,
+        "prompt_versions": prompt.names,
+    }
     write_json_atomic(tmp / "spool.json", spool)  # written last: its presence marks a complete spool
 
 

@@ -10,14 +10,13 @@ results back in task order, so that the store's order is the plan's.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Iterable, Iterator, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from generation import megadocs
 from generation.worker_pool import WorkerPool  # noqa: F401  (re-exported for megadoc_export)
 from megadoc_jax.data.store import Segment, SegmentKind
-
 
 _worker: dict[str, Any] = {}
 

@@ -29,7 +29,8 @@ megadoc_workers.py tokenizes, megadoc_export.py writes the stores.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -214,13 +215,16 @@ class Method:
         return 1 if self.one_per_generation else G + 1
 
 
-METHOD_TABLE: dict[str, Method] = {method.name: method for method in (
-    Method(SIMPLE, REPHRASE, _simple_layout, one_per_generation=True),
-    Method(BACK, REPHRASE, _original_then_rephrases, ("between",)),
-    Method(FRONT, REPHRASE, _rephrases_then_original, ("between",)),
-    Method(NODOC, REPHRASE, _rephrases_then_original, ("between",), with_original=False),  # no original to place
-    Method(STRETCHED, RATIONALE, _stretched, ("rationale_open", "rationale_close")),
-)}  # fmt: skip
+METHOD_TABLE: dict[str, Method] = {
+    method.name: method
+    for method in (
+        Method(SIMPLE, REPHRASE, _simple_layout, one_per_generation=True),
+        Method(BACK, REPHRASE, _original_then_rephrases, ("between",)),
+        Method(FRONT, REPHRASE, _rephrases_then_original, ("between",)),
+        Method(NODOC, REPHRASE, _rephrases_then_original, ("between",), with_original=False),  # no original to place
+        Method(STRETCHED, RATIONALE, _stretched, ("rationale_open", "rationale_close")),
+    )
+}
 METHODS = tuple(METHOD_TABLE)
 
 
@@ -395,8 +399,17 @@ def plan_stream(
     if missing not in MISSING_POLICIES:
         raise ValueError(f"missing policy {missing!r} is not one of {MISSING_POLICIES}")
     counts = dict.fromkeys(
-        ("sources", "sources_complete", "sources_incomplete", "generations_missing", "generations_used",
-         "skipped_incomplete", "skipped_empty"), 0)  # fmt: skip
+        (
+            "sources",
+            "sources_complete",
+            "sources_incomplete",
+            "generations_missing",
+            "generations_used",
+            "skipped_incomplete",
+            "skipped_empty",
+        ),
+        0,
+    )
     kept_sources: list[int] = []
     kept_numbers: list[np.ndarray] = []
     for d, numbers in enumerate(available):
@@ -433,7 +446,12 @@ def plan_stream(
 
 
 def _shuffled_plan(
-    method: str, G: int, kept_sources: list[int], kept_numbers: list[np.ndarray], seed: int, originals: bool,
+    method: str,
+    G: int,
+    kept_sources: list[int],
+    kept_numbers: list[np.ndarray],
+    seed: int,
+    originals: bool,
     counts: dict,
 ) -> StreamPlan:
     """One document per generation (number k) and per original (number 0), in a seeded global permutation."""

@@ -32,8 +32,9 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from generation.backends import generator_label
 from megadoc_jax import files
@@ -144,10 +145,16 @@ class WorkerOutput:
         if part:
             write_bytes_atomic(self.dir / PARTS / part, data)
         entry = {
-            "chunk": chunk, "part": part, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
-            "last_position": last_position, "keys": [[r["doc_id"], len(r["samples"])] for r in records],
-            "stats": stats, "wall_seconds": wall_seconds, "devices": devices,
-        }  # fmt: skip
+            "chunk": chunk,
+            "part": part,
+            "bytes": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "last_position": last_position,
+            "keys": [[r["doc_id"], len(r["samples"])] for r in records],
+            "stats": stats,
+            "wall_seconds": wall_seconds,
+            "devices": devices,
+        }
         append_line(self.dir / LEDGER, entry)
         self.entries.append(entry)
 
@@ -306,10 +313,13 @@ def merge(out: str | Path, merged: str | Path) -> dict[str, Any]:
         counts = _write_merged(tmp, heapq.merge(*streams, key=lambda r: r["position"]), identities[0])
         totals = merged_totals([read_json(d / SUMMARY) for d in dirs])
         manifest = {
-            "format": FORMAT_VERSION, "workers": num_workers,
+            "format": FORMAT_VERSION,
+            "workers": num_workers,
             "identity": {k: v for k, v in identities[0].items() if k not in PER_WORKER_KEYS},
-            **counts, "totals": totals, "finished": True,
-        }  # fmt: skip
+            **counts,
+            "totals": totals,
+            "finished": True,
+        }
         write_bytes_atomic(tmp / "manifest.json", _dumps(manifest))
         os.rename(tmp, merged)
         fsync_directory(merged.parent)
@@ -356,11 +366,15 @@ def sample_lines(record: dict, identity: dict) -> Iterator[tuple[bool, bytes]]:
     text, finish_reason, generator, prompt_version) and the rest of the record."""
     model, template = identity["model"], identity["template"]
     shared = {
-        "doc_id": record["doc_id"], "G": identity["settings"]["samples"], "task": record["task"],
+        "doc_id": record["doc_id"],
+        "G": identity["settings"]["samples"],
+        "task": record["task"],
         "generator": generator_label(model),
-        "prompt_version": f"{template['name']}-v{template['version']}", "position": record["position"],
-        "source_chars": record["source_chars"], "used_chars": record["used_chars"],
-    }  # fmt: skip
+        "prompt_version": f"{template['name']}-v{template['version']}",
+        "position": record["position"],
+        "source_chars": record["source_chars"],
+        "used_chars": record["used_chars"],
+    }
     for sample in record["samples"]:
         yield sample["kept"], json.dumps({**shared, **sample}, ensure_ascii=False).encode() + b"\n"
 

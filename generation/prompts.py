@@ -22,8 +22,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from generation.backends import Request
 
@@ -32,8 +33,7 @@ DEFAULT_TEMPLATE = {"rephrase": "wikipedia", "rationale": "latent-thoughts"}
 
 # Shared by every rephrase template, so that the system turn is part of the shared prefix too.
 REPHRASE_SYSTEM = (
-    "You are a careful writer. Reply with the requested text only: no preamble, no notes, no comments "
-    "about the task."
+    "You are a careful writer. Reply with the requested text only: no preamble, no notes, no comments about the task."
 )
 DOCUMENT_OPENING = "Here is a document.\n\n<document>\n"
 DOCUMENT_CLOSING = "\n</document>\n\n"
@@ -154,8 +154,9 @@ def get_template(name: str, task: str) -> PromptTemplate:
 # --------------------------------------------------------------------------------------------------
 
 
-def generator_tokenizer(model_dir: str | Path, *, chat_template: str | Path | None = None,
-                        trust_remote_code: bool = False):  # fmt: skip
+def generator_tokenizer(
+    model_dir: str | Path, *, chat_template: str | Path | None = None, trust_remote_code: bool = False
+):
     """The generator's tokenizer (hf.load_tokenizer), which must have a chat template (its own or the file
     `chat_template`) and be a fast tokenizer."""
     from megadoc_jax import hf  # imports JAX: only when a tokenizer is loaded
@@ -223,8 +224,17 @@ class RequestBuilder:
     boundary until it fits; a rationale document with fewer tokens than G+1 chunks is "too_short".
     """
 
-    def __init__(self, tokenizer: Any, template: PromptTemplate, samples: int, seed: int, *,
-                 context_length: int, max_new_tokens: int, cut: bool):  # fmt: skip
+    def __init__(
+        self,
+        tokenizer: Any,
+        template: PromptTemplate,
+        samples: int,
+        seed: int,
+        *,
+        context_length: int,
+        max_new_tokens: int,
+        cut: bool,
+    ):
         self.tokenizer, self.template, self.samples, self.seed, self.cut = tokenizer, template, samples, seed, cut
         self.budget = context_length - max_new_tokens  # prompt tokens that leave room to finish
         if self.budget <= 0:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import collections
 import multiprocessing
-from typing import Any, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 
 class WorkerPool:
@@ -18,7 +19,9 @@ class WorkerPool:
         else:  # spawn, not fork: the parent holds tensorstore threads, which fork does not carry over safely
             self._pool = multiprocessing.get_context("spawn").Pool(workers, initializer=initializer, initargs=initargs)
 
-    def map_ordered(self, function: Callable[[Any], Any], tasks: Iterable[tuple[Any, Any]]) -> Iterator[tuple[Any, Any]]:
+    def map_ordered(
+        self, function: Callable[[Any], Any], tasks: Iterable[tuple[Any, Any]]
+    ) -> Iterator[tuple[Any, Any]]:
         """(context, function(task)) in task order, at most 2 tasks per worker in flight."""
         if self._pool is None:
             for context, task in tasks:
@@ -34,13 +37,14 @@ class WorkerPool:
             context, result = pending.popleft()
             yield context, result.get()
 
-    def __enter__(self) -> "WorkerPool":
+    def __enter__(self) -> WorkerPool:
         return self
 
     def __exit__(self, exc_type: type | None, *exc: object) -> None:
         if self._pool is not None:
             if exc_type is None:
-                self._pool.close()  # the workers finish and exit; their CPU time then counts as this process's children's
+                # The workers finish and exit; their CPU time then counts as this process's children's.
+                self._pool.close()
             else:
                 self._pool.terminate()
             self._pool.join()

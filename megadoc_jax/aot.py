@@ -150,16 +150,25 @@ def compile_report(
         "device_memory_source": capacity_source,
     }
     if compiled is None:
-        return {**report, "memory": None, "flops_per_device": None, "flops_count_loops_once": None,
-                "fits": False, "compile_error": compile_error}
+        return {
+            **report,
+            "memory": None,
+            "flops_per_device": None,
+            "flops_count_loops_once": None,
+            "fits": False,
+            "compile_error": compile_error,
+        }
 
     stats = compiled.memory_analysis()
     if stats is None:
         raise AotError(f"the {devices[0].platform} backend reports no memory analysis for this program")
     memory = {key: int(getattr(stats, field)) for key, field in _MEMORY_FIELDS.items()}
     memory["total_bytes"] = (
-        memory["argument_bytes"] + memory["output_bytes"] - memory["alias_bytes"]
-        + memory["temp_bytes"] + memory["generated_code_bytes"]
+        memory["argument_bytes"]
+        + memory["output_bytes"]
+        - memory["alias_bytes"]
+        + memory["temp_bytes"]
+        + memory["generated_code_bytes"]
     )
     memory["peak_bytes"] = int(getattr(stats, "peak_memory_in_bytes", 0) or 0)
     memory["required_bytes"] = max(memory["total_bytes"], memory["peak_bytes"])
@@ -195,9 +204,7 @@ def format_bytes(n: float) -> str:
     return f"{int(n)} B"
 
 
-def format_fit(
-    required_bytes: int, device_kind: str, capacity: int | None, source: str = "vendor HBM figure"
-) -> str:
+def format_fit(required_bytes: int, device_kind: str, capacity: int | None, source: str = "vendor HBM figure") -> str:
     """'12.00 GiB of 16.00 GiB per device (75.0%, vendor HBM figure): fits', or says plainly it does not."""
     if capacity is None:
         return (
@@ -243,11 +250,15 @@ def format_compile_report(report: Mapping[str, Any]) -> str:
             )
         ),
         f"  total {format_bytes(m['total_bytes'])}, XLA peak {format_bytes(m['peak_bytes'])} -> "
-        + format_fit(m["required_bytes"], report["device_kind"], report["device_memory_bytes"],
-                     report["device_memory_source"]),
+        + format_fit(
+            m["required_bytes"], report["device_kind"], report["device_memory_bytes"], report["device_memory_source"]
+        ),
         f"FLOPs per device per call: {report['flops_per_device']:.4g}"
-        + (" (XLA counts each loop body once: scanned layers and microbatch loops are undercounted)"
-           if report["flops_count_loops_once"] else ""),
+        + (
+            " (XLA counts each loop body once: scanned layers and microbatch loops are undercounted)"
+            if report["flops_count_loops_once"]
+            else ""
+        ),
     ]
     return "\n".join(lines)
 

@@ -72,12 +72,11 @@ class Checkpointer:
         self._manager.wait_until_finished()
         self._manager.close()
 
-    def __enter__(self) -> "Checkpointer":
+    def __enter__(self) -> Checkpointer:
         return self
 
     def __exit__(self, *exc_info) -> None:
         self.close()
-
 
 
 # --------------------------------------------------------------------------------------------------
@@ -146,8 +145,9 @@ def place_params(cfg: ModelConfig, mesh: jax.sharding.Mesh, params: dict[str, An
     graphdef, abstract_state = model_target(cfg, mesh)
     target = nnx.to_pure_dict(abstract_state)
     _check_tree(_flat(target), _flat(params), f"{source} does not hold the model's parameters")
-    placed = jax.tree.map(lambda spec, w: jax.device_put(np.asarray(w).astype(spec.dtype), spec.sharding),
-                          target, params)  # fmt: skip
+    placed = jax.tree.map(
+        lambda spec, w: jax.device_put(np.asarray(w).astype(spec.dtype), spec.sharding), target, params
+    )
     nnx.replace_by_pure_dict(abstract_state, placed)
     return nnx.merge(graphdef, abstract_state)
 
@@ -182,8 +182,9 @@ def load_run_params(path: str | Path, *, step: int | None = None) -> RunParams:
 def _run_config_and_step(path: str | Path, step: int | None, compute_dtype: str | None) -> tuple[Config, Path]:
     config_yaml = find_run_config(path)
     if config_yaml is None:
-        raise CheckpointError(f"{path} is not a megadoc_jax run: no {RUN_CONFIG} next to a {CHECKPOINTS}/ directory "
-                              f"in it or above it")  # fmt: skip
+        raise CheckpointError(
+            f"{path} is not a megadoc_jax run: no {RUN_CONFIG} next to a {CHECKPOINTS}/ directory in it or above it"
+        )
     try:
         config = config_lib.load(config_yaml)
     except config_lib.ConfigError as e:
@@ -206,8 +207,11 @@ def _restore_params(directory: Path, target: dict[str, Any], restore_args: Any) 
         keys = sorted(saved) if isinstance(saved, dict) else type(saved).__name__
         raise CheckpointError(f"{item_dir} holds no 'params' tree of a train state (it holds {keys})")
     config_yaml = find_run_config(directory)
-    _check_tree(_flat({"params": target}), _flat({"params": saved["params"]}),
-                f"checkpoint {item_dir} does not match the model of {config_yaml}")  # fmt: skip
+    _check_tree(
+        _flat({"params": target}),
+        _flat({"params": saved["params"]}),
+        f"checkpoint {item_dir} does not match the model of {config_yaml}",
+    )
     args = ocp.args.PyTreeRestore(item={"params": target}, restore_args={"params": restore_args}, partial_restore=True)
     try:
         return ocp.PyTreeCheckpointer().restore(item_dir, args=args)["params"]

@@ -16,6 +16,7 @@ This module imports no JAX so that the generation stage and tools can read confi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import types
 import typing
@@ -132,7 +133,7 @@ class MeshConfig:
         if len(free) > 1:
             raise ConfigError(f"mesh: only one axis may be -1, got {free}")
         fixed = 1
-        for axis, size in sizes.items():
+        for size in sizes.values():
             if size != -1:
                 fixed *= size
         if free:
@@ -142,8 +143,7 @@ class MeshConfig:
             sizes[free[0]] = num_devices // fixed
         elif fixed != num_devices:
             raise ConfigError(
-                f"mesh: mesh.data*mesh.fsdp*mesh.tensor*mesh.context = {fixed} but there are "
-                f"{num_devices} devices"
+                f"mesh: mesh.data*mesh.fsdp*mesh.tensor*mesh.context = {fixed} but there are {num_devices} devices"
             )
         return sizes
 
@@ -228,10 +228,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         return {str(k): _coerce(v, value_hint, f"{key}.{k}") for k, v in value.items()}
     if hint is float:
         if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
-            try:
+            with contextlib.suppress(ValueError):
                 value = float(value)
-            except ValueError:
-                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
@@ -256,9 +254,7 @@ def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
     unknown = sorted(set(raw) - names)
     if unknown:
         where = f"{prefix}." if prefix else ""
-        raise ConfigError(
-            f"unknown key {where}{unknown[0]} (known keys of {prefix or 'the config'}: {sorted(names)})"
-        )
+        raise ConfigError(f"unknown key {where}{unknown[0]} (known keys of {prefix or 'the config'}: {sorted(names)})")
     kwargs = {}
     for name, value in raw.items():
         key = f"{prefix}.{name}" if prefix else name
@@ -295,8 +291,9 @@ def _expand_model_size(raw_model: dict[str, Any]) -> dict[str, Any]:
     if size == CUSTOM_SIZE:  # no preset: every shape field is given (e.g. an imported Hugging Face model)
         missing = [key for key in SHAPE_FIELDS if key not in raw_model]
         if missing:
-            raise ConfigError(f"model.size={CUSTOM_SIZE} takes no preset: give model.{missing[0]} too "
-                              f"(missing: {', '.join(missing)})")  # fmt: skip
+            raise ConfigError(
+                f"model.size={CUSTOM_SIZE} takes no preset: give model.{missing[0]} too (missing: {', '.join(missing)})"
+            )
         return raw_model
     if size not in MODEL_SIZES:
         raise ConfigError(

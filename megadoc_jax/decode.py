@@ -26,7 +26,8 @@ not on the other rows of its batch. Temperature, top-k (ties with the k-th logit
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -119,9 +120,7 @@ def forward(model: Decoder, tokens_BxT: jax.Array, slots_BxT: jax.Array, cache: 
         x_BxTxD = x_BxTxD + block.mlp(block.mlp_norm(x_BxTxD))
         return x_BxTxD, (k_BxSxGxK, v_BxSxGxK)
 
-    x_BxTxD, (keys, values) = jax.lax.scan(
-        layer, x_BxTxD, (layer_state, cache.keys_NxBxSxGxK, cache.values_NxBxSxGxK)
-    )
+    x_BxTxD, (keys, values) = jax.lax.scan(layer, x_BxTxD, (layer_state, cache.keys_NxBxSxGxK, cache.values_NxBxSxGxK))
     cache = cache._replace(keys_NxBxSxGxK=constrain(keys, CACHE_AXES), values_NxBxSxGxK=constrain(values, CACHE_AXES))
     return model.final_norm(x_BxTxD), cache
 
@@ -293,9 +292,15 @@ class Sampler:
 
         def run(params, tokens_BxP, start_B, next_B, keys_B, *, max_new_tokens, sampling, eos_ids):
             return generate_tokens(
-                [nnx.merge(g, p) for g, p in zip(graphdefs, params)], tokens_BxP, start_B, next_B, keys_B,
-                max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=eos_ids,
-            )  # fmt: skip
+                [nnx.merge(g, p) for g, p in zip(graphdefs, params)],
+                tokens_BxP,
+                start_B,
+                next_B,
+                keys_B,
+                max_new_tokens=max_new_tokens,
+                sampling=sampling,
+                eos_ids=eos_ids,
+            )
 
         self._run = jax.jit(run, static_argnames=("max_new_tokens", "sampling", "eos_ids"))
 
@@ -328,8 +333,14 @@ class Sampler:
         if input_sharding is not None:
             keys_B = jax.device_put(keys_B, input_sharding)
         out_BxN, lengths_B, stopped_B = jax.device_get(
-            self._run(self.params, *(put(a) for a in arrays), keys_B,
-                      max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=self.eos_ids)  # fmt: skip
+            self._run(
+                self.params,
+                *(put(a) for a in arrays),
+                keys_B,
+                max_new_tokens=max_new_tokens,
+                sampling=sampling,
+                eos_ids=self.eos_ids,
+            )
         )
         return [
             Generated(tuple(int(t) for t in row[:length]), FINISH_STOP if stopped else FINISH_LENGTH)

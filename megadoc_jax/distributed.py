@@ -28,8 +28,6 @@ def initialize_from_environment() -> None:
             ) from None
         if os.environ.get("JAX_PLATFORMS", "") == "cpu":
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(
-            coordinator_address=coordinator, num_processes=num_processes, process_id=process_id
-        )
+        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
     elif os.environ.get("MEGADOC_DISTRIBUTED") == "auto":
         jax.distributed.initialize()

@@ -12,6 +12,7 @@ against the chip's HBM and the step's FLOPs from the compiled program. Exits 1 w
 from __future__ import annotations
 
 import jax
+
 from megadoc_jax import aot, hardware, metrics, sharding
 from megadoc_jax import config as config_lib
 from megadoc_jax import step as step_lib

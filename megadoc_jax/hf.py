@@ -31,8 +31,9 @@ import math
 import os
 import shutil
 import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import ml_dtypes
@@ -48,15 +49,24 @@ GENERATION_CONFIG_JSON = "generation_config.json"
 INDEX_JSON = "model.safetensors.index.json"
 TOKENIZER_JSON = "tokenizer.json"
 # Copied with a tokenizer when present (tokenizer.model is a sentencepiece protobuf, not a pickle).
-TOKENIZER_FILES = (TOKENIZER_JSON, "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "chat_template.json", "tokenizer.model")  # fmt: skip
+TOKENIZER_FILES = (
+    TOKENIZER_JSON,
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "tokenizer.model",
+)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 DEFAULT_SHARD_BYTES = 5 * 2**30  # export: one safetensors file up to this size, else shards + index
 # Buffers some checkpoints carry that the model recomputes; read past, never mapped.
 IGNORED_WEIGHT_SUFFIXES = ("rotary_emb.inv_freq",)
 SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
-NUMPY_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
-                "float16": np.dtype(np.float16)}  # fmt: skip
+NUMPY_DTYPES = {
+    "float32": np.dtype(np.float32),
+    "bfloat16": np.dtype(ml_dtypes.bfloat16),
+    "float16": np.dtype(np.float16),
+}
 
 
 class HFError(ValueError):
@@ -68,8 +78,7 @@ class HFError(ValueError):
 # --------------------------------------------------------------------------------------------------
 
 
-def load_tokenizer(directory: str | Path, *, chat_template: str | Path | None = None,
-                   trust_remote_code: bool = False):  # fmt: skip
+def load_tokenizer(directory: str | Path, *, chat_template: str | Path | None = None, trust_remote_code: bool = False):
     """The Hugging Face tokenizer of a local directory (AutoTokenizer, local files only), with the chat
     template of file `chat_template` if given."""
     from transformers import AutoTokenizer
@@ -78,8 +87,9 @@ def load_tokenizer(directory: str | Path, *, chat_template: str | Path | None = 
     if not any((directory / name).is_file() for name in (TOKENIZER_JSON, "tokenizer_config.json")):
         raise HFError(f"no tokenizer in {directory}: {directory / TOKENIZER_JSON} does not exist")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True,
-                                                  trust_remote_code=trust_remote_code)  # fmt: skip
+        tokenizer = AutoTokenizer.from_pretrained(
+            str(directory), local_files_only=True, trust_remote_code=trust_remote_code
+        )
     except (OSError, ValueError) as e:
         raise HFError(f"cannot load the tokenizer in {directory}: {e}") from e
     if chat_template is not None:
@@ -136,21 +146,23 @@ def weight_table(cfg: ModelConfig) -> list[Weight]:
     layer = "model.layers.{i}."
     return [
         Weight("embed", "model.embed_tokens.weight", (v, d), (v, d), False, False),
-        *[Weight(ours, layer + name, ours_shape, hf_shape, transposed, True) for ours, name, ours_shape, hf_shape,
-          transposed in [
-            ("layers.attn_norm.scale", "input_layernorm.weight", (d,), (d,), False),
-            ("layers.attention.wq", "self_attn.q_proj.weight", (d, h, k), (h * k, d), True),
-            ("layers.attention.wk", "self_attn.k_proj.weight", (d, g, k), (g * k, d), True),
-            ("layers.attention.wv", "self_attn.v_proj.weight", (d, g, k), (g * k, d), True),
-            ("layers.attention.wo", "self_attn.o_proj.weight", (h, k, d), (d, h * k), True),
-            ("layers.mlp_norm.scale", "post_attention_layernorm.weight", (d,), (d,), False),
-            ("layers.mlp.w_gate", "mlp.gate_proj.weight", (d, f), (f, d), True),
-            ("layers.mlp.w_up", "mlp.up_proj.weight", (d, f), (f, d), True),
-            ("layers.mlp.w_down", "mlp.down_proj.weight", (f, d), (d, f), True),
-        ]],
+        *[
+            Weight(ours, layer + name, ours_shape, hf_shape, transposed, True)
+            for ours, name, ours_shape, hf_shape, transposed in [
+                ("layers.attn_norm.scale", "input_layernorm.weight", (d,), (d,), False),
+                ("layers.attention.wq", "self_attn.q_proj.weight", (d, h, k), (h * k, d), True),
+                ("layers.attention.wk", "self_attn.k_proj.weight", (d, g, k), (g * k, d), True),
+                ("layers.attention.wv", "self_attn.v_proj.weight", (d, g, k), (g * k, d), True),
+                ("layers.attention.wo", "self_attn.o_proj.weight", (h, k, d), (d, h * k), True),
+                ("layers.mlp_norm.scale", "post_attention_layernorm.weight", (d,), (d,), False),
+                ("layers.mlp.w_gate", "mlp.gate_proj.weight", (d, f), (f, d), True),
+                ("layers.mlp.w_up", "mlp.up_proj.weight", (d, f), (f, d), True),
+                ("layers.mlp.w_down", "mlp.down_proj.weight", (f, d), (d, f), True),
+            ]
+        ],
         Weight("final_norm.scale", "model.norm.weight", (d,), (d,), False, False),
         Weight("lm_head", "lm_head.weight", (d, v), (v, d), True, False),
-    ]  # fmt: skip
+    ]
 
 
 def _nest(flat: dict[str, Any]) -> dict[str, Any]:
@@ -188,8 +200,9 @@ def read_json(path: Path) -> dict[str, Any]:
     return value
 
 
-def llama_model_config(hf: dict[str, Any], where: Path, *, param_dtype: str = "float32",
-                       compute_dtype: str | None = None) -> ModelConfig:  # fmt: skip
+def llama_model_config(
+    hf: dict[str, Any], where: Path, *, param_dtype: str = "float32", compute_dtype: str | None = None
+) -> ModelConfig:
     """The Decoder config of a Llama config.json (`where` names it in errors); features our decoder lacks
     are refused by name. compute_dtype None: param_dtype."""
     if hf.get("model_type") != "llama":
@@ -206,12 +219,19 @@ def llama_model_config(hf: dict[str, Any], where: Path, *, param_dtype: str = "f
     try:
         heads = int(hf["num_attention_heads"])
         raw = dict(
-            size=config_lib.CUSTOM_SIZE, vocab_size=hf["vocab_size"], hidden=hf["hidden_size"],
-            mlp=hf["intermediate_size"], layers=hf["num_hidden_layers"], heads=heads,
-            kv_heads=hf.get("num_key_value_heads") or heads, head_dim=hf.get("head_dim") or 0,
-            rope_base=float(rope["rope_theta"]), norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            param_dtype=param_dtype, compute_dtype=compute_dtype or param_dtype,
-        )  # fmt: skip
+            size=config_lib.CUSTOM_SIZE,
+            vocab_size=hf["vocab_size"],
+            hidden=hf["hidden_size"],
+            mlp=hf["intermediate_size"],
+            layers=hf["num_hidden_layers"],
+            heads=heads,
+            kv_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim") or 0,
+            rope_base=float(rope["rope_theta"]),
+            norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            param_dtype=param_dtype,
+            compute_dtype=compute_dtype or param_dtype,
+        )
     except KeyError as e:
         raise HFError(f"{where}: no {e.args[0]}") from None
     try:
@@ -224,14 +244,27 @@ def llama_config_json(cfg: ModelConfig, context_length: int, tokenizer: Any, dty
     """config.json of a LlamaForCausalLM computing what the Decoder of `cfg` computes."""
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     llama = {
-        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.hidden, "intermediate_size": cfg.mlp, "num_hidden_layers": cfg.layers,
-        "num_attention_heads": cfg.heads, "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_size,
-        "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps, "max_position_embeddings": context_length,
-        "rope_theta": cfg.rope_base, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_base},
-        "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False, "dtype": dtype,
-        "bos_token_id": eos if bos is None else bos, "eos_token_id": eos,
-    }  # fmt: skip
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden,
+        "intermediate_size": cfg.mlp,
+        "num_hidden_layers": cfg.layers,
+        "num_attention_heads": cfg.heads,
+        "num_key_value_heads": cfg.kv_heads,
+        "head_dim": cfg.head_size,
+        "hidden_act": "silu",
+        "rms_norm_eps": cfg.norm_eps,
+        "max_position_embeddings": context_length,
+        "rope_theta": cfg.rope_base,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_base},
+        "attention_bias": False,
+        "mlp_bias": False,
+        "tie_word_embeddings": False,
+        "dtype": dtype,
+        "bos_token_id": eos if bos is None else bos,
+        "eos_token_id": eos,
+    }
     if tokenizer.pad_token_id is not None:
         llama["pad_token_id"] = tokenizer.pad_token_id
     return llama
@@ -264,8 +297,10 @@ def _safetensors_files(model_dir: Path) -> list[Path]:
     if not files:
         pickles = sorted(p.name for p in model_dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
         if pickles:
-            raise HFError(f"{model_dir} holds only pickle weights ({', '.join(pickles)}): megadoc_jax reads "
-                          f"*.safetensors only and never unpickles; convert them to safetensors first")  # fmt: skip
+            raise HFError(
+                f"{model_dir} holds only pickle weights ({', '.join(pickles)}): megadoc_jax reads "
+                f"*.safetensors only and never unpickles; convert them to safetensors first"
+            )
         raise HFError(f"no *.safetensors weights in {model_dir}")
     return files
 
@@ -278,8 +313,10 @@ def _tensor_headers(files: Sequence[Path]) -> dict[str, tuple[Path, tuple[int, .
     for file in files:
         try:
             with safe_open(str(file), framework="numpy") as f:
-                found = {name: (file, tuple(f.get_slice(name).get_shape()), f.get_slice(name).get_dtype())
-                         for name in f.keys()}  # fmt: skip
+                found = {
+                    name: (file, tuple(f.get_slice(name).get_shape()), f.get_slice(name).get_dtype())
+                    for name in f.keys()  # noqa: SIM118 (safetensors handles are not dicts)
+                }
         except Exception as e:  # safetensors' SafetensorError derives from Exception only
             raise HFError(f"{file} is not a readable safetensors file: {e}") from e
         duplicate = next(iter(found.keys() & headers.keys()), None)
@@ -293,24 +330,37 @@ def _tensor_headers(files: Sequence[Path]) -> dict[str, tuple[Path, tuple[int, .
     return headers
 
 
-def _check_weights(headers: dict[str, tuple[Path, tuple[int, ...], str]], expected: dict[str, Weight],
-                   ignored: Sequence[str], files: Sequence[Path], config_json: Path) -> None:  # fmt: skip
+def _check_weights(
+    headers: dict[str, tuple[Path, tuple[int, ...], str]],
+    expected: dict[str, Weight],
+    ignored: Sequence[str],
+    files: Sequence[Path],
+    config_json: Path,
+) -> None:
     """Every expected tensor there with its shape, and no tensor the decoder would not use."""
     missing = [name for name in expected if name not in headers]
     if missing:
         more = f" ... ({len(missing)} in all)" if len(missing) > 6 else ""
-        raise HFError(f"weights missing from {', '.join(f.name for f in files)} in {config_json.parent}: "
-                      f"{', '.join(missing[:6])}{more}")  # fmt: skip
-    unexpected = [name for name in headers if name not in expected and name not in ignored
-                  and not name.endswith(IGNORED_WEIGHT_SUFFIXES)]  # fmt: skip
+        raise HFError(
+            f"weights missing from {', '.join(f.name for f in files)} in {config_json.parent}: "
+            f"{', '.join(missing[:6])}{more}"
+        )
+    unexpected = [
+        name
+        for name in headers
+        if name not in expected and name not in ignored and not name.endswith(IGNORED_WEIGHT_SUFFIXES)
+    ]
     if unexpected:
-        raise HFError(f"{headers[unexpected[0]][0]}: weights the Llama of {config_json} does not have (megadoc_jax's "
-                      f"decoder maps none of them): {', '.join(unexpected[:6])}")  # fmt: skip
+        raise HFError(
+            f"{headers[unexpected[0]][0]}: weights the Llama of {config_json} does not have (megadoc_jax's "
+            f"decoder maps none of them): {', '.join(unexpected[:6])}"
+        )
     for name, w in expected.items():
         file, shape, _ = headers[name]
         if shape != w.hf_shape:
-            raise HFError(f"weight {name} in {file} has shape {list(shape)}, but {config_json} implies "
-                          f"{list(w.hf_shape)}")  # fmt: skip
+            raise HFError(
+                f"weight {name} in {file} has shape {list(shape)}, but {config_json} implies {list(w.hf_shape)}"
+            )
 
 
 def read_llama(model_dir: str | Path, *, compute_dtype: str | None = None) -> Llama:
@@ -359,8 +409,9 @@ def read_llama(model_dir: str | Path, *, compute_dtype: str | None = None) -> Ll
     return Llama(cfg, _nest(flat), context)
 
 
-def import_llama(model_dir: str | Path, mesh: jax.sharding.Mesh, *,
-                 compute_dtype: str | None = None) -> tuple[nnx.Module, ModelConfig, int]:  # fmt: skip
+def import_llama(
+    model_dir: str | Path, mesh: jax.sharding.Mesh, *, compute_dtype: str | None = None
+) -> tuple[nnx.Module, ModelConfig, int]:
     """(Decoder on `mesh`'s shardings, its config, context length) of a Hugging Face Llama directory."""
     llama = read_llama(model_dir, compute_dtype=compute_dtype)
     try:
@@ -428,8 +479,9 @@ def hf_tensors(params: dict[str, Any], cfg: ModelConfig, dtype: str) -> Iterator
             yield name, w.to_hf(value[i] if w.per_layer else value).astype(numpy_dtype, copy=False)
 
 
-def write_safetensors(tensors: Iterator[tuple[str, np.ndarray]], sizes: Sequence[int], directory: Path,
-                      max_shard_bytes: int) -> list[str]:  # fmt: skip
+def write_safetensors(
+    tensors: Iterator[tuple[str, np.ndarray]], sizes: Sequence[int], directory: Path, max_shard_bytes: int
+) -> list[str]:
     """model.safetensors, or model-0000i-of-0000N.safetensors + model.safetensors.index.json when the
     tensors (of byte sizes `sizes`, in order) exceed max_shard_bytes. Returns the file names."""
     from safetensors.numpy import save_file
@@ -442,8 +494,11 @@ def write_safetensors(tensors: Iterator[tuple[str, np.ndarray]], sizes: Sequence
             size = 0
         shards[-1] += 1
         size += nbytes
-    names = (["model.safetensors"] if len(shards) == 1 else
-             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])  # fmt: skip
+    names = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
     weight_map: dict[str, str] = {}
     for file_name, count in zip(names, shards):
         shard = dict(next(tensors) for _ in range(count))
@@ -455,9 +510,15 @@ def write_safetensors(tensors: Iterator[tuple[str, np.ndarray]], sizes: Sequence
     return names
 
 
-def export_run(run_dir: str | Path, out: str | Path, *, step: int | None = None,
-               tokenizer_dir: str | Path | None = None, dtype: str | None = None,
-               max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:  # fmt: skip
+def export_run(
+    run_dir: str | Path,
+    out: str | Path,
+    *,
+    step: int | None = None,
+    tokenizer_dir: str | Path | None = None,
+    dtype: str | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> Path:
     """A Hugging Face Llama directory at `out` from a run's newest committed step (or `step`).
 
     tokenizer_dir: default the run's data.tokenizer. dtype: default the run's model.param_dtype."""
@@ -471,8 +532,9 @@ def export_run(run_dir: str | Path, out: str | Path, *, step: int | None = None,
     source = Path(tokenizer_dir or config.data.tokenizer)
     if not (source / TOKENIZER_JSON).is_file():
         named_by = "--tokenizer" if tokenizer_dir else f"data.tokenizer of {checkpoint.find_run_config(run_dir)}"
-        raise HFError(f"no tokenizer: {source / TOKENIZER_JSON} does not exist (named by {named_by}; "
-                      f"pass --tokenizer DIR)")  # fmt: skip
+        raise HFError(
+            f"no tokenizer: {source / TOKENIZER_JSON} does not exist (named by {named_by}; pass --tokenizer DIR)"
+        )
     tokenizer = load_tokenizer(source)
     llama = llama_config_json(cfg, config.data.seq_len, tokenizer, dtype)
     itemsize = NUMPY_DTYPES[dtype].itemsize
@@ -516,8 +578,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     export.add_argument("--out", required=True, help="the Hugging Face directory to write (must not exist)")
     export.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
     export.add_argument("--tokenizer", default=None, help="tokenizer directory (default: data.tokenizer)")
-    export.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
-                        help="tensor dtype (default: the run's model.param_dtype)")  # fmt: skip
+    export.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default=None,
+        help="tensor dtype (default: the run's model.param_dtype)",
+    )
     export.add_argument("--max-shard-bytes", type=int, default=DEFAULT_SHARD_BYTES)
     imported = commands.add_parser("import", help="a run directory from a Hugging Face Llama directory")
     imported.add_argument("hf_dir")
@@ -529,8 +595,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "export":
-            done = export_run(args.run_dir, args.out, step=args.step, tokenizer_dir=args.tokenizer,
-                              dtype=args.dtype, max_shard_bytes=args.max_shard_bytes)  # fmt: skip
+            done = export_run(
+                args.run_dir,
+                args.out,
+                step=args.step,
+                tokenizer_dir=args.tokenizer,
+                dtype=args.dtype,
+                max_shard_bytes=args.max_shard_bytes,
+            )
             print(f"Hugging Face Llama directory: {done}")
         elif args.command == "import":
             print(f"run directory: {import_to_run(args.hf_dir, args.out, tokenizer_dir=args.tokenizer)}")

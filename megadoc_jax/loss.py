@@ -52,9 +52,7 @@ def _chunk_token_scores(
     return scores
 
 
-def _chunk_sums(
-    unembed_DxV: jax.Array, x_BxCxD: jax.Array, targets_BxC: jax.Array, mask_BxC: jax.Array
-) -> jax.Array:
+def _chunk_sums(unembed_DxV: jax.Array, x_BxCxD: jax.Array, targets_BxC: jax.Array, mask_BxC: jax.Array) -> jax.Array:
     """[ce_sum, lse_squared_sum, weight_sum] (fp32 [3]) of one chunk."""
     scores = _chunk_token_scores(unembed_DxV, x_BxCxD, targets_BxC)
     lse_BxC, target_logit_BxC = scores["lse"], scores["target_logit"]

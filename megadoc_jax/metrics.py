@@ -234,7 +234,7 @@ class MetricsWriter:
             self._jsonl.close()
             self._tensorboard.close()
 
-    def __enter__(self) -> "MetricsWriter":
+    def __enter__(self) -> MetricsWriter:
         return self
 
     def __exit__(self, *exc_info: object) -> None:

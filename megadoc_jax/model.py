@@ -39,9 +39,7 @@ def count_parameters(cfg: ModelConfig) -> int:
     return 2 * v * d + d + cfg.layers * per_layer  # embed, lm_head, final norm
 
 
-def _param(
-    rngs: nnx.Rngs, cfg: ModelConfig, shape: tuple[int, ...], logical_axes: tuple[str, ...]
-) -> nnx.Param:
+def _param(rngs: nnx.Rngs, cfg: ModelConfig, shape: tuple[int, ...], logical_axes: tuple[str, ...]) -> nnx.Param:
     """A normal(init_std) weight in param_dtype, annotated with its logical axes."""
     value = cfg.init_std * jax.random.normal(rngs.params(), shape, jnp.dtype(cfg.param_dtype))
     # eager_sharding=False: the names are logical; sharding.py maps them to mesh axes.
@@ -189,9 +187,7 @@ class Decoder(nnx.Module):
                 f"Decoder: inputs {inputs_BxL.shape} and positions {positions_BxL.shape} must be equal [B, L]"
             )
         if segment_ids_BxL is not None and segment_ids_BxL.shape != inputs_BxL.shape:
-            raise ValueError(
-                f"Decoder: segment_ids {segment_ids_BxL.shape} must match inputs {inputs_BxL.shape}"
-            )
+            raise ValueError(f"Decoder: segment_ids {segment_ids_BxL.shape} must match inputs {inputs_BxL.shape}")
         cfg = self.cfg
         x_BxLxD = jnp.take(self.embed[...], inputs_BxL, axis=0).astype(jnp.dtype(cfg.compute_dtype))
         x_BxLxD = constrain(x_BxLxD, ("batch", "seq", "act_embed"))
@@ -216,9 +212,7 @@ class Decoder(nnx.Module):
     ) -> jax.Array:
         """Logits [B, L, V] in fp32 (the same product loss.py computes chunk by chunk)."""
         x_BxLxD = self.hidden_states(inputs_BxL, positions_BxL, segment_ids_BxL)
-        logits_BxLxV = jnp.einsum(
-            "bld,dv->blv", x_BxLxD.astype(jnp.float32), self.unembed_DxV().astype(jnp.float32)
-        )
+        logits_BxLxV = jnp.einsum("bld,dv->blv", x_BxLxD.astype(jnp.float32), self.unembed_DxV().astype(jnp.float32))
         return constrain(logits_BxLxV, ("batch", "seq", "vocab"))
 
 

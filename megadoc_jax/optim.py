@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -85,9 +86,7 @@ def decay_mask(params: Any, no_decay: Sequence[str]) -> Any:
     )
 
 
-def make_optimizer(
-    optim_cfg: OptimConfig, total_steps: int
-) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(optim_cfg: OptimConfig, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """(optax transformation, learning-rate schedule) as described in the module docstring."""
     schedule = lr_schedule(optim_cfg, total_steps)
     _compile_patterns(optim_cfg.no_decay)  # fail now, not at the first update

@@ -14,7 +14,8 @@ without a mesh they are no-ops, so the same model code runs on one device.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 from flax import nnx

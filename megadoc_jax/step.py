@@ -8,17 +8,17 @@ graphdef) is closed over and never travels through jit.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from megadoc_jax import attention
+from megadoc_jax import attention, optim, sharding
 from megadoc_jax import loss as loss_lib
 from megadoc_jax import model as model_lib
-from megadoc_jax import optim, sharding
 from megadoc_jax.config import Config
 
 Batch = dict[str, jax.Array]
@@ -205,8 +205,7 @@ def state_shardings(params: Any, tx: optax.GradientTransformation) -> dict[str, 
 def global_batch(local_batch: dict[str, Any], batch_sharding: jax.sharding.Sharding) -> Batch:
     """Assembles each process's rows into the global [B, L] arrays that the step expects."""
     return {
-        key: jax.make_array_from_process_local_data(batch_sharding, np_array)
-        for key, np_array in local_batch.items()
+        key: jax.make_array_from_process_local_data(batch_sharding, np_array) for key, np_array in local_batch.items()
     }
 
 
@@ -218,6 +217,11 @@ def batch_sharding(mesh: jax.sharding.Mesh, config: Config) -> jax.sharding.Name
 def abstract_batch(mesh: jax.sharding.Mesh, config: Config) -> Batch:
     """ShapeDtypeStructs of one global batch (Contract 2 of docs/architecture.md), for AOT compiles."""
     shape, layout = (config.train.batch_size, config.data.seq_len), batch_sharding(mesh, config)
-    dtypes = {"inputs": jnp.int32, "targets": jnp.int32, "positions": jnp.int32, "segment_ids": jnp.int32,
-              "loss_mask": jnp.float32}
+    dtypes = {
+        "inputs": jnp.int32,
+        "targets": jnp.int32,
+        "positions": jnp.int32,
+        "segment_ids": jnp.int32,
+        "loss_mask": jnp.float32,
+    }
     return {key: jax.ShapeDtypeStruct(shape, dtype, sharding=layout) for key, dtype in dtypes.items()}

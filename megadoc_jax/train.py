@@ -53,7 +53,7 @@ class Preemption:
     def _handle(self, signum, frame) -> None:
         self.requested = True
 
-    def __enter__(self) -> "Preemption":
+    def __enter__(self) -> Preemption:
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -172,7 +172,10 @@ def _run(config: config_lib.Config, devices: list[jax.Device], cleanup: contextl
             log.error(
                 "step %d: non-finite loss %.4g or gradient norm %.4g; stopping. The state was not "
                 "updated and the last good checkpoint is kept (step %s).",
-                step + 1, values["loss"], values["grad_norm"], checkpointer.latest_step(),
+                step + 1,
+                values["loss"],
+                values["grad_norm"],
+                checkpointer.latest_step(),
             )
             return False
         throughput.add(values.pop("tokens"))

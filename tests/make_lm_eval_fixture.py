@@ -100,9 +100,12 @@ def build_tokenizer():
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE, min_frequency=2, special_tokens=[BOS, EOS],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
-    )  # fmt: skip
+        vocab_size=VOCAB_SIZE,
+        min_frequency=2,
+        special_tokens=[BOS, EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tokenizer.train_from_iterator(item_texts(), trainer=trainer)
     bos_id = tokenizer.token_to_id(BOS)
     tokenizer.post_processor = processors.TemplateProcessing(
@@ -116,11 +119,19 @@ def build_model(tokenizer):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_POSITIONS,
-        rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, torch_dtype="float32",
-    )  # fmt: skip
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=MAX_POSITIONS,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        torch_dtype="float32",
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).to(torch.float32).eval()
     with torch.no_grad():
@@ -187,10 +198,16 @@ def evaluate(group: dict, num_fewshot: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / f"{group['group']}.yaml").write_text(json.dumps(group))  # JSON is YAML
         return lm_eval.simple_evaluate(
-            model="hf", model_args=f"pretrained={MODEL_DIR},dtype=float32", tasks=[group["group"]],
-            num_fewshot=num_fewshot, batch_size=1, device="cpu", log_samples=True,
-            fewshot_random_seed=FEWSHOT_SEED, task_manager=TaskManager(include_path=tmp),
-        )  # fmt: skip
+            model="hf",
+            model_args=f"pretrained={MODEL_DIR},dtype=float32",
+            tasks=[group["group"]],
+            num_fewshot=num_fewshot,
+            batch_size=1,
+            device="cpu",
+            log_samples=True,
+            fewshot_random_seed=FEWSHOT_SEED,
+            task_manager=TaskManager(include_path=tmp),
+        )
 
 
 def task_record(results: dict, task: str, encodings: dict) -> dict:
@@ -203,10 +220,16 @@ def task_record(results: dict, task: str, encodings: dict) -> dict:
             context, continuation = args
             ll, greedy = resp[0]
             ctx_ids, cont_ids = encodings[(context, continuation)]
-            requests.append({
-                "context": context, "continuation": continuation, "context_ids": ctx_ids,
-                "continuation_ids": cont_ids, "loglikelihood": float(ll), "is_greedy": bool(greedy),
-            })  # fmt: skip
+            requests.append(
+                {
+                    "context": context,
+                    "continuation": continuation,
+                    "context_ids": ctx_ids,
+                    "continuation_ids": cont_ids,
+                    "loglikelihood": float(ll),
+                    "is_greedy": bool(greedy),
+                }
+            )
         items.append({"doc_id": sample["doc_id"], "requests": requests, **{m: float(sample[m]) for m in names}})
     return {
         "n": len(items),
@@ -275,8 +298,10 @@ def main() -> None:
         "about": "written by tests/make_lm_eval_fixture.py with lm-evaluation-harness's HF backend on CPU",
         "versions": {
             "lm_eval": lm_eval.__version__ if hasattr(lm_eval, "__version__") else "0.4.13",
-            "transformers": transformers.__version__, "torch": torch.__version__,
-            "tokenizers": tokenizers.__version__, "datasets": datasets.__version__,
+            "transformers": transformers.__version__,
+            "torch": torch.__version__,
+            "tokenizers": tokenizers.__version__,
+            "datasets": datasets.__version__,
             "python": sys.version.split()[0],
         },
         "model_dir": str(MODEL_DIR.relative_to(ROOT.parent)),
@@ -290,10 +315,11 @@ def main() -> None:
             "stderr": {m: group[f"{m}_stderr,none"] for m in ("acc", "acc_norm")},
         },
         "few_shot": {
-            "num_fewshot": NUM_FEWSHOT, "seed": FEWSHOT_SEED,
+            "num_fewshot": NUM_FEWSHOT,
+            "seed": FEWSHOT_SEED,
             "tasks": {t: task_record(few, t, recorder.encodings) for t in FEWSHOT_TASKS},
         },
-    }  # fmt: skip
+    }
     FIXTURE.write_text(dumps(fixture) + "\n", encoding="utf-8")
     print(f"wrote {FIXTURE} ({FIXTURE.stat().st_size} bytes) and {MODEL_DIR}")
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -21,8 +21,7 @@ def random_documents(
     """Documents of 1..max_len tokens ending with EOS, other tokens drawn from token_range."""
     rng = np.random.default_rng(seed)
     return [
-        np.append(rng.integers(*token_range, size=rng.integers(0, max_len)), EOS).astype(np.int32)
-        for _ in range(count)
+        np.append(rng.integers(*token_range, size=rng.integers(0, max_len)), EOS).astype(np.int32) for _ in range(count)
     ]
 
 

@@ -6,7 +6,7 @@ import os
 import signal
 import subprocess
 import time
-from typing import Callable
+from collections.abc import Callable
 
 
 def _output(process: subprocess.Popen) -> str:

@@ -17,9 +17,7 @@ from jax.sharding import PartitionSpec as P
 from megadoc_jax import aot, hardware
 
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
-needs_libtpu = pytest.mark.skipif(
-    not HAS_LIBTPU, reason='libtpu is not installed (pip install "megadoc-jax[tpu]")'
-)
+needs_libtpu = pytest.mark.skipif(not HAS_LIBTPU, reason='libtpu is not installed (pip install "megadoc-jax[tpu]")')
 
 B, D, F = 256, 512, 1024  # batch, model width, hidden width of the test MLP
 
@@ -42,8 +40,9 @@ def _mlp_grad_step(mesh):
 
     param_shardings = {"w1": NamedSharding(mesh, P(None, "fsdp")), "w2": NamedSharding(mesh, P("fsdp", None))}
     batch_sharding = NamedSharding(mesh, P(("data", "fsdp"), None))
-    jitted = jax.jit(step, in_shardings=(param_shardings, batch_sharding), out_shardings=param_shardings,
-                     donate_argnums=0)
+    jitted = jax.jit(
+        step, in_shardings=(param_shardings, batch_sharding), out_shardings=param_shardings, donate_argnums=0
+    )
     params = {
         "w1": jax.ShapeDtypeStruct((D, F), jnp.float32, sharding=param_shardings["w1"]),
         "w2": jax.ShapeDtypeStruct((F, D), jnp.float32, sharding=param_shardings["w2"]),
@@ -179,7 +178,9 @@ def test_compile_report_tpu_says_when_it_does_not_fit():
 
 
 def test_temp_bytes_from_a_refused_compile():
-    message = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
-               "(74.28G) exceeds available HBM (15.75G).")  # fmt: skip
+    message = (
+        "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
+        "(74.28G) exceeds available HBM (15.75G)."
+    )
     assert aot.temp_bytes_from_error(message) == int(74.28 * 2**30)
     assert aot.temp_bytes_from_error("RESOURCE_EXHAUSTED: something else") is None

@@ -96,7 +96,9 @@ def test_padding_rows_are_finite_and_bf16_keeps_dtype():
 
 def test_unknown_backend_lists_registered_ones():
     q, k, v = _qkv(5)
-    with pytest.raises(ValueError, match=r"unknown attention backend 'flash'.*\['all_gather', 'cudnn', 'ring', 'splash', 'xla'\]"):
+    with pytest.raises(
+        ValueError, match=r"unknown attention backend 'flash'.*\['all_gather', 'cudnn', 'ring', 'splash', 'xla'\]"
+    ):
         attention(q, k, v, impl="flash")
     assert {"xla", "ring", "all_gather", "splash", "cudnn"} <= set(attention_lib.backends())
 

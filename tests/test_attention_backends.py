@@ -61,7 +61,9 @@ def test_splash_under_a_mesh_runs_per_device_and_refuses_context():
 
 def test_splash_needs_whole_blocks():
     q, k, v, _ = _inputs()
-    with pytest.raises(ValueError, match=r"lengths 600 \(queries\) and 600 \(keys\) must be at most 512 or multiples of 128"):
+    with pytest.raises(
+        ValueError, match=r"lengths 600 \(queries\) and 600 \(keys\) must be at most 512 or multiples of 128"
+    ):
         attention_lib.attention(*(jnp.concatenate([x] * 5, axis=1)[:, :600] for x in (q, k, v)), impl="splash")
     # Longer sequences take the largest block of 512, 256, 128 that divides them (ring blocks of
     # 2c and c tokens: 768 and 384 for chunks of 384).

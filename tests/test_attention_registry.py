@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from test_step import one_step, random_batch, tiny_config
 
 from megadoc_jax import attention, sharding, train
 from megadoc_jax import config as config_lib
@@ -16,7 +17,6 @@ from megadoc_jax import step as step_lib
 from megadoc_jax.attention import registry
 from megadoc_jax.config import ConfigError
 from megadoc_jax.model import Decoder
-from test_step import one_step, random_batch, tiny_config
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -29,10 +29,18 @@ def toy_attention():
 
 
 def test_builtin_backends_declare_what_they_need():
-    declared = {name: (spec.context_parallel, spec.zigzag_layout) for name in attention.backends()
-                if (spec := attention.get_backend(name)).name != "toy"}  # fmt: skip
-    assert declared == {"xla": (True, False), "ring": (True, True), "all_gather": (True, True),
-                        "splash": (False, False), "cudnn": (False, False)}  # fmt: skip
+    declared = {
+        name: (spec.context_parallel, spec.zigzag_layout)
+        for name in attention.backends()
+        if (spec := attention.get_backend(name)).name != "toy"
+    }
+    assert declared == {
+        "xla": (True, False),
+        "ring": (True, True),
+        "all_gather": (True, True),
+        "splash": (False, False),
+        "cudnn": (False, False),
+    }
     with pytest.raises(ValueError, match="zigzag_layout needs context_parallel"):
         attention.register_backend("bad", context_parallel=False, zigzag_layout=True)
     assert "bad" not in attention.backends()
@@ -90,15 +98,25 @@ def test_token_order_and_its_inverse():
 @pytest.mark.parametrize(
     "impl, seq_len, context, message",
     [
-        ("ring", 36, 4, r"data.seq_len: 36 is not divisible by 2 \* mesh.context = 8, which model.attention='ring' "
-                        r"needs for its load-balanced \(zig-zag\) layout"),
+        (
+            "ring",
+            36,
+            4,
+            r"data.seq_len: 36 is not divisible by 2 \* mesh.context = 8, which model.attention='ring' "
+            r"needs for its load-balanced \(zig-zag\) layout",
+        ),
         ("toy", 36, 4, r"data.seq_len: .*model.attention='toy'.*zig-zag"),
-        ("splash", 64, 2, r"mesh.context: 2, but attention backend 'splash' does not split the sequence; with "
-                          r"mesh.context > 1 use model.attention=ring"),
+        (
+            "splash",
+            64,
+            2,
+            r"mesh.context: 2, but attention backend 'splash' does not split the sequence; with "
+            r"mesh.context > 1 use model.attention=ring",
+        ),
         ("cudnn", 64, 2, r"mesh.context: .*'cudnn' does not split"),
         ("flash", 64, 1, r"model.attention: unknown attention backend 'flash'"),
     ],
-)  # fmt: skip
+)
 def test_check_mesh_names_the_key(impl, seq_len, context, message):
     with pytest.raises(ConfigError, match=message):
         attention.check_mesh(impl, seq_len, {"data": 8 // context, "context": context})

@@ -146,9 +146,15 @@ def test_encoding_rules(tokenizer):
 @pytest.mark.parametrize("task,num_fewshot,record", list(fixture_cases()))
 def test_scoring_is_lm_evals(tokenizer, task, num_fewshot, record):
     result = evaluate_task(
-        task, scored_file(task), tokenizer, fixture_scorer([record]), max_length=MAX_LENGTH,
-        num_fewshot=num_fewshot, fewshot_path=fewshot_file(task) if num_fewshot else None, seed=FEW["seed"],
-    )  # fmt: skip
+        task,
+        scored_file(task),
+        tokenizer,
+        fixture_scorer([record]),
+        max_length=MAX_LENGTH,
+        num_fewshot=num_fewshot,
+        fewshot_path=fewshot_file(task) if num_fewshot else None,
+        seed=FEW["seed"],
+    )
     for ours, expected in zip(result.items, record["items"], strict=True):
         assert list(ours.loglikelihoods) == [r["loglikelihood"] for r in expected["requests"]]
         assert ours.metrics == {m: expected[m] for m in record["metrics"]}
@@ -272,8 +278,9 @@ def write_lines(path: Path, lines: list[str]) -> Path:
     return path
 
 
-GOOD_ARC = json.dumps({"id": "x", "question": "Q?", "choices": {"text": ["a", "b"], "label": ["A", "B"]},
-                       "answerKey": "B"})  # fmt: skip
+GOOD_ARC = json.dumps(
+    {"id": "x", "question": "Q?", "choices": {"text": ["a", "b"], "label": ["A", "B"]}, "answerKey": "B"}
+)
 
 
 @pytest.mark.parametrize(
@@ -287,14 +294,23 @@ GOOD_ARC = json.dumps({"id": "x", "question": "Q?", "choices": {"text": ["a", "b
         ("piqa", json.dumps({"goal": "g", "sol1": "a", "sol2": "b", "label": "0"}), "'label' is str, expected an int"),
         ("piqa", json.dumps({"goal": "g", "sol1": "a", "sol2": "b", "label": 2}), "gold answer 2 is not among 2"),
         ("piqa", json.dumps({"goal": None, "sol1": "a", "sol2": "b", "label": 0}), "missing field 'goal'"),
-        ("winogrande", json.dumps({"sentence": "no blank", "option1": "a", "option2": "b", "answer": "1"}),
-         "has no '_' blank"),
-        ("winogrande", json.dumps({"sentence": "a _ b", "option1": "a", "option2": "b", "answer": ""}),
-         "answer is '', expected \"1\" or \"2\""),
-        ("hellaswag", json.dumps({"activity_label": "a", "ctx_a": "b", "ctx_b": "c", "endings": ["d"], "label": "x"}),
-         "expected a label"),
+        (
+            "winogrande",
+            json.dumps({"sentence": "no blank", "option1": "a", "option2": "b", "answer": "1"}),
+            "has no '_' blank",
+        ),
+        (
+            "winogrande",
+            json.dumps({"sentence": "a _ b", "option1": "a", "option2": "b", "answer": ""}),
+            'answer is \'\', expected "1" or "2"',
+        ),
+        (
+            "hellaswag",
+            json.dumps({"activity_label": "a", "ctx_a": "b", "ctx_b": "c", "endings": ["d"], "label": "x"}),
+            "expected a label",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_lines_name_the_file_and_line(tmp_path, task, line, message):
     path = write_lines(tmp_path / task / "test.jsonl", [GOOD_ARC if task.startswith("arc") else line, "", line])
     if task.startswith("arc"):

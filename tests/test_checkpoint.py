@@ -61,16 +61,22 @@ def test_loads_the_newest_or_a_given_step_onto_a_sharded_mesh(run):
 def test_missing_and_partial_checkpoints_are_refused(run, tmp_path):
     root, _ = run
     mesh = sharding.make_mesh({}, jax.devices()[:1])
-    with pytest.raises(checkpoint.CheckpointError, match=r"no committed checkpoint of step 3 in .*checkpoints "
-                                                         r"\(committed steps: \[2, 4\]\)"):
+    with pytest.raises(
+        checkpoint.CheckpointError,
+        match=r"no committed checkpoint of step 3 in .*checkpoints "
+        r"\(committed steps: \[2, 4\]\)",
+    ):
         checkpoint.load_run(root, mesh, step=3)
     with pytest.raises(checkpoint.CheckpointError, match=r"is not a megadoc_jax run: no config.yaml"):
         checkpoint.load_run(tmp_path, mesh)
     copy = tmp_path / "run"
     shutil.copytree(root, copy)
     (copy / "checkpoints" / "4" / "default" / "_METADATA").unlink()
-    with pytest.raises(checkpoint.CheckpointError, match=r"partial or foreign checkpoint: .*run/checkpoints/4/"
-                                                         r"default/_METADATA does not exist"):
+    with pytest.raises(
+        checkpoint.CheckpointError,
+        match=r"partial or foreign checkpoint: .*run/checkpoints/4/"
+        r"default/_METADATA does not exist",
+    ):
         checkpoint.load_run(copy, mesh)
     shutil.rmtree(copy / "checkpoints")
     (copy / "checkpoints").mkdir()
@@ -85,7 +91,9 @@ def test_a_config_that_does_not_match_the_checkpoint_is_refused(run, tmp_path):
     shutil.copytree(root, copy)
     config = config_lib.load(copy / "config.yaml", ["model.kv_heads=4"])
     config_lib.dump(config, copy / "config.yaml")
-    expected = (r"checkpoint .*run/checkpoints/4/default does not match the model of .*run/config.yaml: "
-                r"params.layers.attention.wk: shape \(2, 64, 2, 16\) where the model has \(2, 64, 4, 16\)")
+    expected = (
+        r"checkpoint .*run/checkpoints/4/default does not match the model of .*run/config.yaml: "
+        r"params.layers.attention.wk: shape \(2, 64, 2, 16\) where the model has \(2, 64, 4, 16\)"
+    )
     with pytest.raises(checkpoint.CheckpointError, match=expected):
         checkpoint.load_run(copy, sharding.make_mesh({}, jax.devices()[:1]))

@@ -241,8 +241,14 @@ def test_paper_size_configs_share_the_recipe(size):
 
 
 def test_custom_size_takes_no_preset_and_needs_every_shape_key():
-    shape = ["model.vocab_size=1000", "model.hidden=96", "model.mlp=200", "model.layers=3", "model.heads=6",
-             "model.kv_heads=3"]  # fmt: skip
+    shape = [
+        "model.vocab_size=1000",
+        "model.hidden=96",
+        "model.mlp=200",
+        "model.layers=3",
+        "model.heads=6",
+        "model.kv_heads=3",
+    ]
     config = load("model.size=custom", *shape)
     assert (config.model.hidden, config.model.mlp, config.model.layers, config.model.kv_heads) == (96, 200, 3, 3)
     with pytest.raises(ConfigError, match=r"model.size=custom takes no preset: give model.layers too"):

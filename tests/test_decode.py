@@ -122,6 +122,7 @@ def test_eos_stops_a_row_and_is_kept(model):
 
 def test_top_k_and_top_p_cut_the_right_tokens_and_sample_the_softmax():
     logits_V = jnp.log(jnp.asarray([0.5, 0.25, 0.15, 0.1]))
+
     def kept(**sampling) -> np.ndarray:
         return np.isfinite(np.asarray(decode.filter_logits(logits_V, decode.SamplingConfig(**sampling))))
 
@@ -131,8 +132,12 @@ def test_top_k_and_top_p_cut_the_right_tokens_and_sample_the_softmax():
     assert kept(top_p=0.76).tolist() == [True, True, True, False]
     assert kept(top_k=3, top_p=1.0).tolist() == [True, True, True, False]
     rows = 4000
-    tokens = decode.sample_tokens(jnp.tile(logits_V, (rows, 1)), decode.seed_keys(range(rows)), jnp.int32(0),
-                                  decode.SamplingConfig(temperature=2.0))  # fmt: skip
+    tokens = decode.sample_tokens(
+        jnp.tile(logits_V, (rows, 1)),
+        decode.seed_keys(range(rows)),
+        jnp.int32(0),
+        decode.SamplingConfig(temperature=2.0),
+    )
     frequencies = np.bincount(np.asarray(tokens), minlength=4) / rows
     expected = np.asarray(jax.nn.softmax(logits_V / 2.0))
     assert np.all(np.abs(frequencies - expected) <= 4 * np.sqrt(expected * (1 - expected) / rows)), frequencies

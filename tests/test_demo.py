@@ -74,9 +74,10 @@ def test_build_writes_every_path_and_is_idempotent(built):
 def test_building_twice_gives_the_same_content(built, tmp_path):
     again = build.ensure_demo_stores(tmp_path / "again")
     for split in ("train", "heldout"):
-        assert StoreReader.open(again[split]).manifest["content_hash"] == StoreReader.open(built[split]).manifest[
-            "content_hash"
-        ]
+        assert (
+            StoreReader.open(again[split]).manifest["content_hash"]
+            == StoreReader.open(built[split]).manifest["content_hash"]
+        )
     assert TokenizerInfo.from_directory(again["tokenizer"]) == TokenizerInfo.from_directory(built["tokenizer"])
     assert again["train_jsonl"].read_bytes() == built["train_jsonl"].read_bytes()
 
@@ -166,18 +167,25 @@ def test_synthetic_stream_is_stitched_megadocs_with_the_real_tokenizer(built, sy
         assert document.metadata["source_id"] == sources[i]["id"] and document.metadata["G"] == G
         kinds = [(s.kind, s.index) for s in document.segments]
         # original, separator, rephrase 1, separator, rephrase 2, EOS (a one-token separator segment).
-        assert kinds == [(SegmentKind.ORIGINAL, 0), (SegmentKind.SEPARATOR, 0), (SegmentKind.REPHRASE, 1),
-                         (SegmentKind.SEPARATOR, 0), (SegmentKind.REPHRASE, 2), (SegmentKind.SEPARATOR, 0)]  # fmt: skip
+        assert kinds == [
+            (SegmentKind.ORIGINAL, 0),
+            (SegmentKind.SEPARATOR, 0),
+            (SegmentKind.REPHRASE, 1),
+            (SegmentKind.SEPARATOR, 0),
+            (SegmentKind.REPHRASE, 2),
+            (SegmentKind.SEPARATOR, 0),
+        ]
         assert document.segments[-1].length == 1 and sum(s.length for s in document.segments) == len(document.tokens)
         original = train.document(i).tokens[:-1]  # the real document without its EOS
         assert document.tokens[: len(original)].tolist() == original.tolist()
         assert document.tokens[-1] == info.eos_id
         rephrase_lengths = [s.length for s in document.segments if s.kind == SegmentKind.REPHRASE]
-        assert all(0 < n for n in rephrase_lengths)  # re-tokenized text: not bounded by MAX_NEW_TOKENS
+        assert all(n > 0 for n in rephrase_lengths)  # re-tokenized text: not bounded by MAX_NEW_TOKENS
         assert all(generations[(sources[i]["id"], k)]["text"] for k in range(G))
-    assert json.loads((synthetic["stitched"].parents[1] / demo.SYNTHETIC_MARKER).read_text())["stitched"][
-        "content_hash"
-    ] == reader.manifest["content_hash"]
+    assert (
+        json.loads((synthetic["stitched"].parents[1] / demo.SYNTHETIC_MARKER).read_text())["stitched"]["content_hash"]
+        == reader.manifest["content_hash"]
+    )
 
 
 def test_synthetic_stream_is_deterministic_and_not_rebuilt(built, synthetic, tmp_path):
@@ -187,9 +195,10 @@ def test_synthetic_stream_is_deterministic_and_not_rebuilt(built, synthetic, tmp
     assert marker.stat().st_mtime_ns == before  # not rebuilt
     shutil.copytree(built["train"].parent, tmp_path / "again", ignore=shutil.ignore_patterns(demo.SYNTHETIC_DIR))
     again = build.ensure_demo_data(tmp_path / "again")  # the synthetic stream built once more
-    assert StoreReader.open(again["stitched"]).manifest["content_hash"] == StoreReader.open(
-        synthetic["stitched"]
-    ).manifest["content_hash"]
+    assert (
+        StoreReader.open(again["stitched"]).manifest["content_hash"]
+        == StoreReader.open(synthetic["stitched"]).manifest["content_hash"]
+    )
 
 
 def test_failed_synthetic_build_leaves_the_real_stores_and_no_synthetic_dir(built, tmp_path, monkeypatch):
@@ -216,7 +225,8 @@ def test_resolve_finds_the_built_demo_data(built, synthetic, monkeypatch):
     demo_config = config_lib.load(REPO / "configs" / "demo.yaml")
     resolved = demo.resolve_demo_paths(demo_config)
     assert {s.name: s.store for s in resolved.data.streams} == {
-        "real": str(built["train"]), "synthetic": str(synthetic["stitched"])
+        "real": str(built["train"]),
+        "synthetic": str(synthetic["stitched"]),
     }
     assert [s.weight for s in resolved.data.streams] == [0.5, 0.5]
     assert dict(resolved.data.eval_stores) == {"heldout": str(built["heldout"])}
@@ -235,18 +245,27 @@ def test_resolve_never_builds_and_names_the_command_that_does(built, tmp_path, m
     shutil.copytree(built["train"].parent, root, ignore=shutil.ignore_patterns(demo.SYNTHETIC_DIR))
     monkeypatch.setenv(demo.DEMO_DIR_VARIABLE, str(root))
     assert demo.resolve_demo_paths(real_only).data.tokenizer == str(root / "tokenizer")
-    with pytest.raises(config_lib.ConfigError, match=rf"data.streams\[1\].store: demo:stitched .* is not built; build "
-                       rf"it with {command} .*`make demo` runs it"):  # fmt: skip
+    with pytest.raises(
+        config_lib.ConfigError,
+        match=rf"data.streams\[1\].store: demo:stitched .* is not built; build "
+        rf"it with {command} .*`make demo` runs it",
+    ):
         demo.resolve_demo_paths(demo_config)
     assert not (root / demo.SYNTHETIC_DIR).exists()
 
     # Nothing built, or a directory that is not a complete build.
     monkeypatch.setenv(demo.DEMO_DIR_VARIABLE, str(tmp_path / "none"))
-    with pytest.raises(config_lib.ConfigError, match=rf"data.tokenizer: demo:tokenizer: .*none is not built; build it "
-                       rf"with {command}"):  # fmt: skip
+    with pytest.raises(
+        config_lib.ConfigError,
+        match=rf"data.tokenizer: demo:tokenizer: .*none is not built; build it "
+        rf"with {command}",
+    ):
         demo.resolve_demo_paths(real_only)
     assert not (tmp_path / "none").exists()
     (tmp_path / "none").mkdir()
-    with pytest.raises(config_lib.ConfigError, match=rf"not a complete demo build \(no demo.json\); remove it and run "
-                       rf"{command}"):  # fmt: skip
+    with pytest.raises(
+        config_lib.ConfigError,
+        match=rf"not a complete demo build \(no demo.json\); remove it and run "
+        rf"{command}",
+    ):
         demo.resolve_demo_paths(real_only)

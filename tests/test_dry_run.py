@@ -62,6 +62,8 @@ def test_dry_run_compiles_the_train_step_for_a_tpu_topology(capsys):
 @needs_libtpu
 def test_dry_run_refuses_a_state_that_cannot_fit(capsys):
     # 1.5b parameters + AdamW moments in fp32, replicated over 4 v5e chips of 16 GiB: about 17 GiB each.
-    assert train.main(["--config", "configs/1.5b.yaml", "--dry-run", "--topology", "v5e:2x2", "train.batch_size=4"]) == 1
+    assert (
+        train.main(["--config", "configs/1.5b.yaml", "--dry-run", "--topology", "v5e:2x2", "train.batch_size=4"]) == 1
+    )
     out = capsys.readouterr().out
     assert "DOES NOT FIT" in out and "does not fit" in out

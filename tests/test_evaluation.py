@@ -14,8 +14,8 @@ from flax import nnx
 from pipeline_stores import make_config, random_documents, write_store
 
 from megadoc_jax import config as config_lib
-from megadoc_jax import sharding
 from megadoc_jax import model as model_lib
+from megadoc_jax import sharding
 from megadoc_jax import step as step_lib
 from megadoc_jax.evaluation import HeldOutLoss, eval_batches, jit_token_scores, token_scores
 
@@ -40,7 +40,9 @@ def make_eval_config(
         {"real": (store, 1.0)},
         model=dict(size="tiny", vocab_size=VOCAB, compute_dtype="float32", attention=attention),
         data=dict(
-            seq_len=SEQ_LEN, windows=windows, document_masking=True,
+            seq_len=SEQ_LEN,
+            windows=windows,
+            document_masking=True,
             eval_stores={"heldout": store} if eval_stores else {},
         ),
         train=dict(batch_size=BATCH, eval_batches=eval_batches),
@@ -48,7 +50,7 @@ def make_eval_config(
     )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def initial_params(model_config: config_lib.ModelConfig):
     """Freshly initialised parameters (host arrays), built once per model config."""
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1, "context": 1}, jax.devices()[:1])

@@ -11,14 +11,14 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from processes import kill_when
 
 from generation import __main__ as cli
-from generation.documents import DEFAULT_POLICY, REASONS, InputError
 from generation import export as export_module
+from generation.documents import DEFAULT_POLICY, REASONS, InputError
 from generation.export import PROGRESS_FILE, REPORT_FILE, ExportError, export
 from megadoc_jax.data import demo
 from megadoc_jax.data.store import StoreReader, TokenizerInfo
-from processes import kill_when
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -67,8 +67,9 @@ def test_jsonl_round_trip_with_worker_processes(tmp_path, corpus, tokenizer_dir,
     docs = corpus[:40]
     first_file = write_lines(tmp_path / "a.jsonl", [{"id": d["id"], "text": d["text"]} for d in docs[:25]])
     write_lines(tmp_path / "b.jsonl", [{"id": d["id"], "text": d["text"]} for d in docs[25:]])
-    report = export([first_file, tmp_path / "b*.jsonl"], tokenizer_dir, tmp_path / "store", workers=2,
-                    batch_size=7, progress=False)  # fmt: skip
+    report = export(
+        [first_file, tmp_path / "b*.jsonl"], tokenizer_dir, tmp_path / "store", workers=2, batch_size=7, progress=False
+    )
     stored = stored_documents(tmp_path / "store", tokenizer_dir)
     assert len(stored) == len(docs) == report["documents"]
     for doc, got in zip(docs, stored):
@@ -85,8 +86,16 @@ def test_parquet_inputs_by_glob(tmp_path, corpus, tokenizer_dir, hf_tokenizer):
     pq.write_table(pa.table({"doc": [10, 11, 12], "body": texts[:3]}), tmp_path / "part-0.parquet")
     body = [t.encode() for t in texts[3:]] + [b"caf\xe9", None]  # a binary column: bytes decoded as UTF-8
     pq.write_table(pa.table({"doc": [13, 14, 15, 16, 17], "body": body}), tmp_path / "part-1.parquet")
-    report = export([tmp_path / "part-*.parquet"], tokenizer_dir, tmp_path / "store", text_field="body",
-                    id_field="doc", workers=0, on_error="missing_text=skip", progress=False)  # fmt: skip
+    report = export(
+        [tmp_path / "part-*.parquet"],
+        tokenizer_dir,
+        tmp_path / "store",
+        text_field="body",
+        id_field="doc",
+        workers=0,
+        on_error="missing_text=skip",
+        progress=False,
+    )
     stored = stored_documents(tmp_path / "store", tokenizer_dir)
     assert [d.metadata["source_id"] for d in stored] == ["10", "11", "12", "13", "14", "15"]
     assert [d.tokens.tolist() for d in stored] == [expected_tokens(hf_tokenizer, t) for t in texts]
@@ -126,8 +135,9 @@ def test_every_bad_input_is_skipped_and_counted(tmp_path, tokenizer_dir, hf_toke
         lines += BAD_LINES[reason]
     lines.append({"id": 7, "text": "An integer id."})
     path = write_lines(tmp_path / "bad.jsonl", lines)
-    report = export([path], tokenizer_dir, tmp_path / "store", workers=0, max_tokens=MAX_TOKENS, on_error="all=skip",
-                    progress=False)  # fmt: skip
+    report = export(
+        [path], tokenizer_dir, tmp_path / "store", workers=0, max_tokens=MAX_TOKENS, on_error="all=skip", progress=False
+    )
     assert report["skipped"] == {reason: len(BAD_LINES[reason]) for reason in REASONS}
     assert report["records"] == len(lines)
     duplicate_line, blank_line = lines.index(BAD_LINES["duplicate_id"][0]) + 1, lines.index("") + 1
@@ -143,8 +153,15 @@ def test_bad_input_error_names_file_and_line(tmp_path, tokenizer_dir, reason):
     good = [{"id": "good", "text": "A good document."}, {"id": "other", "text": "Another one."}]
     path = write_lines(tmp_path / "in.jsonl", good + BAD_LINES[reason][:1])
     with pytest.raises(InputError, match=f"^{re.escape(str(path))}:3: .*\\[{reason}\\]"):
-        export([path], tokenizer_dir, tmp_path / "store", workers=0, max_tokens=MAX_TOKENS,
-               on_error=f"{reason}=error", progress=False)  # fmt: skip
+        export(
+            [path],
+            tokenizer_dir,
+            tmp_path / "store",
+            workers=0,
+            max_tokens=MAX_TOKENS,
+            on_error=f"{reason}=error",
+            progress=False,
+        )
 
 
 def test_default_policy_stops_on_structure_and_skips_content(tmp_path, tokenizer_dir):
@@ -183,9 +200,11 @@ def manifest(store: Path) -> dict:
 
 
 def test_resume_after_an_input_error_with_a_looser_policy(tmp_path, corpus, tokenizer_dir):
-    lines = [{"id": d["id"], "text": d["text"]} for d in corpus[:30]] + ["{broken"] + [
-        {"id": d["id"], "text": d["text"]} for d in corpus[30:40]
-    ]
+    lines = (
+        [{"id": d["id"], "text": d["text"]} for d in corpus[:30]]
+        + ["{broken"]
+        + [{"id": d["id"], "text": d["text"]} for d in corpus[30:40]]
+    )
     path = write_lines(tmp_path / "in.jsonl", lines)
     options = dict(workers=0, batch_size=4, flush_tokens=3000, progress=False)
     with pytest.raises(InputError, match=":31: invalid JSON"):
@@ -201,8 +220,10 @@ def test_resume_after_an_input_error_with_a_looser_policy(tmp_path, corpus, toke
     assert 0 < resumed["resumed_at_document"] <= 30
     assert resumed["content_hash"] == fresh["content_hash"]
     assert (resumed["documents"], resumed["tokens"], resumed["skipped"]) == (
-        fresh["documents"], fresh["tokens"], fresh["skipped"]
-    )  # fmt: skip
+        fresh["documents"],
+        fresh["tokens"],
+        fresh["skipped"],
+    )
     assert resumed["documents"] == 40 and resumed["skipped"]["malformed"] == 1
 
 
@@ -252,9 +273,25 @@ def test_kill_9_mid_export_then_rerun_matches_uninterrupted(tmp_path, corpus, to
     lines[50:50] = [{"id": lines[3]["id"], "text": "duplicate"}, {"id": "empty", "text": ""}]
     path = write_lines(tmp_path / "in.jsonl", lines)
     store = tmp_path / "store"
-    command = [sys.executable, "-m", "generation", "export", "--input", str(path), "--tokenizer", str(tokenizer_dir),
-               "--out", str(store), "--workers", "1", "--batch-size", "4", "--flush-tokens", "2000",
-               "--no-progress"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "generation",
+        "export",
+        "--input",
+        str(path),
+        "--tokenizer",
+        str(tokenizer_dir),
+        "--out",
+        str(store),
+        "--workers",
+        "1",
+        "--batch-size",
+        "4",
+        "--flush-tokens",
+        "2000",
+        "--no-progress",
+    ]
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     progress_path = store / PROGRESS_FILE
     started = lambda: progress_path.exists() and json.loads(progress_path.read_text())["records_done"] > 0  # noqa: E731
@@ -278,8 +315,18 @@ def test_kill_9_mid_export_then_rerun_matches_uninterrupted(tmp_path, corpus, to
 
 def test_cli_export_prints_summary_and_errors(tmp_path, tokenizer_dir, capsys):
     path = write_lines(tmp_path / "in.jsonl", [{"id": "a", "text": "fine"}, {"id": "b", "text": ""}])
-    argv = ["export", "--input", str(path), "--tokenizer", str(tokenizer_dir), "--out", str(tmp_path / "store"),
-            "--workers", "0", "--no-progress"]  # fmt: skip
+    argv = [
+        "export",
+        "--input",
+        str(path),
+        "--tokenizer",
+        str(tokenizer_dir),
+        "--out",
+        str(tmp_path / "store"),
+        "--workers",
+        "0",
+        "--no-progress",
+    ]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     assert "1 documents" in out and 'skipped 1 records: {"empty": 1}' in out and f"{path}:2: " in out

@@ -47,8 +47,12 @@ time.sleep(60)
 
 def test_lock_is_exclusive_across_processes_and_never_waits(tmp_path):
     path = tmp_path / ".lock"
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(path)], stdout=subprocess.PIPE, text=True,
-                              cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(RecordError, match=rf"^{tmp_path}: another writer holds .lock$"):

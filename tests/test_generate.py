@@ -150,10 +150,13 @@ def test_workers_partition_the_documents_and_merge_matches_one_worker(tmp_path, 
     for index in range(3):
         job(tmp_path, model_dir, tokenizer, docs, tmp_path / "three", num_workers=3, worker_index=index)
     shards = [
-        {key[0] for e in map(json.loads, (worker_dir(tmp_path / "three", i, 3) / LEDGER).read_text().splitlines())
-         for key in e["keys"]}
+        {
+            key[0]
+            for e in map(json.loads, (worker_dir(tmp_path / "three", i, 3) / LEDGER).read_text().splitlines())
+            for key in e["keys"]
+        }
         for i in range(3)
-    ]  # fmt: skip
+    ]
     assert all(shards) and set.union(*shards) == {f"doc-{i}" for i in range(13)} and sum(map(len, shards)) == 13
     one = merged_lines(tmp_path / "one", tmp_path / "merged-one")
     three = merged_lines(tmp_path / "three", tmp_path / "merged-three")
@@ -224,23 +227,37 @@ def drop_last_sample_of_request_1(outputs):
     return [samples[:-1] if i == 1 else samples for i, samples in enumerate(outputs)]
 
 
-@pytest.mark.parametrize("damage, message", [
-    (drop_last_sample_of_request_1, rf"backend broken: request 1 asked for {G} samples, got {G - 1}"),
-    (lambda outputs: outputs[:-1], r"backend broken: 2 outputs for 3 requests"),
-])  # fmt: skip
-def test_a_backend_returning_the_wrong_number_of_completions_fails_clearly(tmp_path, model_dir, tokenizer,
-                                                                          damage, message):  # fmt: skip
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (drop_last_sample_of_request_1, rf"backend broken: request 1 asked for {G} samples, got {G - 1}"),
+        (lambda outputs: outputs[:-1], r"backend broken: 2 outputs for 3 requests"),
+    ],
+)
+def test_a_backend_returning_the_wrong_number_of_completions_fails_clearly(
+    tmp_path, model_dir, tokenizer, damage, message
+):
     docs = write_docs(tmp_path / "docs.jsonl")
     with pytest.raises(BackendError, match=message):
-        job(tmp_path, model_dir, tokenizer, docs, tmp_path / "out", backend=BrokenBackend(tokenizer.eos_token_id, damage))
+        job(
+            tmp_path,
+            model_dir,
+            tokenizer,
+            docs,
+            tmp_path / "out",
+            backend=BrokenBackend(tokenizer.eos_token_id, damage),
+        )
     assert not (worker_dir(tmp_path / "out", 0, 1) / LEDGER).exists()  # nothing of the broken chunk was committed
 
 
 def test_one_writer_per_worker_directory(tmp_path):
     first = WorkerOutput(tmp_path / "worker", {"job": 1})
     try:
-        with pytest.raises(OutputError, match=rf"{tmp_path}/worker: another process writing this worker's output "
-                           r"holds .lock"):  # fmt: skip
+        with pytest.raises(
+            OutputError,
+            match=rf"{tmp_path}/worker: another process writing this worker's output "
+            r"holds .lock",
+        ):
             WorkerOutput(tmp_path / "worker", {"job": 1})
     finally:
         first.close()
@@ -276,8 +293,9 @@ def test_flags_policy_and_counts(tmp_path, model_dir, tokenizer):
     for policy, kept in expected_kept.items():
         out = tmp_path / f"out-{policy}"
         backend = ScriptedBackend(eos, script=script)
-        summary, _ = job(tmp_path, model_dir, tokenizer, docs, out, backend=backend, samples=5,
-                         flag_policy=parse_flag_policy(policy))  # fmt: skip
+        summary, _ = job(
+            tmp_path, model_dir, tokenizer, docs, out, backend=backend, samples=5, flag_policy=parse_flag_policy(policy)
+        )
         (part,) = (worker_dir(out, 0, 1) / PARTS).iterdir()
         samples = json.loads(part.read_text())["samples"]
         assert [s["kept"] for s in samples] == kept, policy
@@ -298,12 +316,25 @@ def test_overlong_inputs_are_never_sent(tmp_path, model_dir, tokenizer):
     long_text = " ".join(CORPUS[:80])
     docs = write_docs(tmp_path / "docs.jsonl", count=4, extra_lines=(json.dumps({"id": "long", "text": long_text}),))
     context = 1024
-    summary, backend = job(tmp_path, model_dir, tokenizer, docs, tmp_path / "skip",
-                           backend=ScriptedBackend(tokenizer.eos_token_id, context_length=context))  # fmt: skip
+    summary, backend = job(
+        tmp_path,
+        model_dir,
+        tokenizer,
+        docs,
+        tmp_path / "skip",
+        backend=ScriptedBackend(tokenizer.eos_token_id, context_length=context),
+    )
     assert summary["documents"] == 4 and summary["skipped"]["overlong"] == 1
     assert summary["skipped_examples"] == {"overlong": ["long"]}
-    summary, _ = job(tmp_path, model_dir, tokenizer, docs, tmp_path / "cut", overlong="cut",
-                     backend=ScriptedBackend(tokenizer.eos_token_id, context_length=context))  # fmt: skip
+    summary, _ = job(
+        tmp_path,
+        model_dir,
+        tokenizer,
+        docs,
+        tmp_path / "cut",
+        overlong="cut",
+        backend=ScriptedBackend(tokenizer.eos_token_id, context_length=context),
+    )
     assert summary["documents"] == 5 and summary["cut"] == 1 and summary["skipped"]["overlong"] == 0
     lines = merged_lines(tmp_path / "cut", tmp_path / "merged")
     long = json.loads(lines[-1])
@@ -344,8 +375,16 @@ def test_merge_refuses_incomplete_or_damaged_outputs(tmp_path, model_dir, tokeni
     with pytest.raises(OutputError, match=r"workers \[1\] of 2 have no output"):
         merge(out, tmp_path / "m")
     with pytest.raises(Crash):
-        job(tmp_path, model_dir, tokenizer, docs, out, num_workers=2, worker_index=1,
-            backend=ScriptedBackend(tokenizer.eos_token_id, crash_on_call=2))  # fmt: skip
+        job(
+            tmp_path,
+            model_dir,
+            tokenizer,
+            docs,
+            out,
+            num_workers=2,
+            worker_index=1,
+            backend=ScriptedBackend(tokenizer.eos_token_id, crash_on_call=2),
+        )
     with pytest.raises(OutputError, match="has not finished; rerun it"):
         merge(out, tmp_path / "m")
     job(tmp_path, model_dir, tokenizer, docs, out, num_workers=2, worker_index=1)

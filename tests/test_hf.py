@@ -46,19 +46,32 @@ def torch_logits(llama, tokens=TOKENS) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory) -> Path:
-    return demo.train_tokenizer(["a few words of text, and some more words " * 20],
-                                tmp_path_factory.mktemp("tokenizer"), vocab_size=VOCAB)  # fmt: skip
+    return demo.train_tokenizer(
+        ["a few words of text, and some more words " * 20], tmp_path_factory.mktemp("tokenizer"), vocab_size=VOCAB
+    )
 
 
-def save_transformers_llama(directory: Path, tokenizer_dir: Path | None, *, tied: bool = False,
-                            shard: str | None = None, seed: int = 0):  # fmt: skip
+def save_transformers_llama(
+    directory: Path, tokenizer_dir: Path | None, *, tied: bool = False, shard: str | None = None, seed: int = 0
+):
     """A random LlamaForCausalLM (GQA, head_dim != hidden / heads, norm scales around 1) saved as safetensors."""
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=12, max_position_embeddings=96, rope_theta=500.0, rms_norm_eps=1e-5,
-        initializer_range=0.2, tie_word_embeddings=tied, eos_token_id=EOS_ID, bos_token_id=EOS_ID,
-    )  # fmt: skip
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=12,
+        max_position_embeddings=96,
+        rope_theta=500.0,
+        rms_norm_eps=1e-5,
+        initializer_range=0.2,
+        tie_word_embeddings=tied,
+        eos_token_id=EOS_ID,
+        bos_token_id=EOS_ID,
+    )
     llama = transformers.LlamaForCausalLM(config).eval()
     with torch.no_grad():
         for name, parameter in llama.named_parameters():
@@ -71,11 +84,20 @@ def save_transformers_llama(directory: Path, tokenizer_dir: Path | None, *, tied
     return llama
 
 
-def make_run(root: Path, tokenizer_dir: Path, model_overrides: list[str], *, seed: int = 0,
-             step: int = 5) -> tuple[Path, dict]:  # fmt: skip
+def make_run(
+    root: Path, tokenizer_dir: Path, model_overrides: list[str], *, seed: int = 0, step: int = 5
+) -> tuple[Path, dict]:
     """A run directory as train.py leaves it (a train state with optimizer state), random weights and norms."""
-    config = config_lib.load(None, [*model_overrides, "model.compute_dtype=float32", f"data.tokenizer={tokenizer_dir}",
-                                    "data.seq_len=64", f"train.run_dir={root}"])  # fmt: skip
+    config = config_lib.load(
+        None,
+        [
+            *model_overrides,
+            "model.compute_dtype=float32",
+            f"data.tokenizer={tokenizer_dir}",
+            "data.seq_len=64",
+            f"train.run_dir={root}",
+        ],
+    )
     root.mkdir(parents=True)
     config_lib.dump(config, root / "config.yaml")
     model = model_lib.create_sharded_model(config.model, one_device_mesh(), seed=seed)
@@ -89,9 +111,19 @@ def make_run(root: Path, tokenizer_dir: Path, model_overrides: list[str], *, see
     return root, params
 
 
-CUSTOM = ["model.size=custom", f"model.vocab_size={VOCAB}", "model.hidden=48", "model.mlp=80", "model.layers=3",
-          "model.heads=6", "model.kv_heads=2", "model.head_dim=10", "model.rope_base=2000", "model.init_std=0.2",
-          "model.norm_eps=1e-6"]  # fmt: skip
+CUSTOM = [
+    "model.size=custom",
+    f"model.vocab_size={VOCAB}",
+    "model.hidden=48",
+    "model.mlp=80",
+    "model.layers=3",
+    "model.heads=6",
+    "model.kv_heads=2",
+    "model.head_dim=10",
+    "model.rope_base=2000",
+    "model.init_std=0.2",
+    "model.norm_eps=1e-6",
+]
 
 
 def assert_same_params(a: dict, b: dict) -> None:
@@ -112,8 +144,14 @@ def test_import_of_a_transformers_llama_gives_its_logits(tmp_path, tokenizer_dir
     llama = save_transformers_llama(tmp_path, tokenizer_dir, tied=tied, shard=shard)
     assert (tmp_path / hf.INDEX_JSON).is_file() == bool(shard)
     model, cfg, context = hf.import_llama(tmp_path, one_device_mesh())
-    assert (cfg.size, cfg.kv_heads, cfg.head_size, cfg.rope_base, cfg.norm_eps, context) == ("custom", 2, 12, 500.0,
-                                                                                            1e-5, 96)  # fmt: skip
+    assert (cfg.size, cfg.kv_heads, cfg.head_size, cfg.rope_base, cfg.norm_eps, context) == (
+        "custom",
+        2,
+        12,
+        500.0,
+        1e-5,
+        96,
+    )
     assert (cfg.param_dtype, cfg.compute_dtype) == ("float32", "float32")  # the checkpoint's dtype
     got, expected = our_logits(model), torch_logits(llama)
     assert np.abs(expected).max() > 1.0  # weights large enough for the comparison to mean something
@@ -258,8 +296,11 @@ def test_an_exported_300m_checkpoint_gives_transformers_the_same_logits(tmp_path
 def dataclasses_replace_tokenizer(config, tokenizer_dir, run):
     import dataclasses
 
-    return dataclasses.replace(config, data=dataclasses.replace(config.data, tokenizer=str(tokenizer_dir)),
-                               train=dataclasses.replace(config.train, run_dir=str(run)))  # fmt: skip
+    return dataclasses.replace(
+        config,
+        data=dataclasses.replace(config.data, tokenizer=str(tokenizer_dir)),
+        train=dataclasses.replace(config.train, run_dir=str(run)),
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -295,8 +336,11 @@ def test_weights_that_do_not_match_the_config_are_refused(tmp_path, tokenizer_di
     config_json = tmp_path / "config.json"
     original = json.loads(config_json.read_text())
     config_json.write_text(json.dumps({**original, "num_key_value_heads": 4}))
-    with pytest.raises(hf.HFError, match=r"weight model.layers.0.self_attn.k_proj.weight in .*model.safetensors "
-                                         r"has shape \[24, 32\], but .*config.json implies \[48, 32\]"):
+    with pytest.raises(
+        hf.HFError,
+        match=r"weight model.layers.0.self_attn.k_proj.weight in .*model.safetensors "
+        r"has shape \[24, 32\], but .*config.json implies \[48, 32\]",
+    ):
         hf.read_llama(tmp_path)
     config_json.write_text(json.dumps({**original, "num_hidden_layers": 3}))
     with pytest.raises(hf.HFError, match=r"weights missing from model.safetensors in .*: model.layers.2"):
@@ -311,8 +355,11 @@ def test_a_missing_tokenizer_is_refused(tmp_path, tokenizer_dir):
     with pytest.raises(hf.HFError, match=r"no tokenizer in .*llama: .*tokenizer.json does not exist"):
         hf.load_tokenizer(tmp_path / "llama")
     run, _ = make_run(tmp_path / "trained", tmp_path / "nowhere", ["model.size=tiny", f"model.vocab_size={VOCAB}"])
-    with pytest.raises(hf.HFError, match=r"nowhere/tokenizer.json does not exist \(named by data.tokenizer of "
-                                         r".*trained/config.yaml"):
+    with pytest.raises(
+        hf.HFError,
+        match=r"nowhere/tokenizer.json does not exist \(named by data.tokenizer of "
+        r".*trained/config.yaml",
+    ):
         hf.export_run(run, tmp_path / "out")
 
 

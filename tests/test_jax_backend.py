@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from generation.backends import BackendError, Request, Sampling, create_backend
-from generation.backends import jax_backend
+from generation.backends import BackendError, Request, Sampling, create_backend, jax_backend
 from generation.demo import ensure_demo_stores
 from megadoc_jax import checkpoint, decode, hf, optim, sharding
 from megadoc_jax import config as config_lib
@@ -32,10 +31,19 @@ SAVED_STEP = 3
 def make_run_dir(root: Path, seed: int) -> Path:
     """A run directory as train.py leaves it: config.yaml + checkpoints/STEP of {'step','params','opt_state'}."""
     tokenizer = ensure_demo_stores(root.parent / "demo")["tokenizer"]
-    config = config_lib.load(None, [
-        "model.size=tiny", "model.vocab_size=2048", "model.compute_dtype=float32", "model.init_std=0.3",
-        f"data.tokenizer={tokenizer}", "data.seq_len=256", f"train.run_dir={root}", f"train.seed={seed}",
-    ])  # fmt: skip
+    config = config_lib.load(
+        None,
+        [
+            "model.size=tiny",
+            "model.vocab_size=2048",
+            "model.compute_dtype=float32",
+            "model.init_std=0.3",
+            f"data.tokenizer={tokenizer}",
+            "data.seq_len=256",
+            f"train.run_dir={root}",
+            f"train.seed={seed}",
+        ],
+    )
     run = Path(config.train.run_dir)
     run.mkdir()
     config_lib.dump(config, run / "config.yaml")
@@ -110,23 +118,49 @@ def test_missing_checkpoint_and_foreign_model_are_refused(tmp_path, run_dir):
 
 def test_generate_command_end_to_end(run_dir, backend, tmp_path):
     docs = tmp_path / "docs.jsonl"
-    docs.write_text("".join(json.dumps({"id": f"d{i}", "text": f"Document {i} is about lists and dicts."}) + "\n"
-                            for i in range(3)))  # fmt: skip
+    docs.write_text(
+        "".join(json.dumps({"id": f"d{i}", "text": f"Document {i} is about lists and dicts."}) + "\n" for i in range(3))
+    )
     template = tmp_path / "chat.jinja"
     template.write_text(CHAT_TEMPLATE)
     argv = [
-        "generate", "--backend", "jax", "--model", str(run_dir), "--input", str(docs),
-        "--output", str(tmp_path / "out"),
-        "-G", "2", "--max-new-tokens", "10", "--chat-template", str(template), "--no-progress",
-        "--backend-option", "devices=1", "--backend-option", "batch_size=4", "--flag-policy", "all=keep",
-    ]  # fmt: skip
+        "generate",
+        "--backend",
+        "jax",
+        "--model",
+        str(run_dir),
+        "--input",
+        str(docs),
+        "--output",
+        str(tmp_path / "out"),
+        "-G",
+        "2",
+        "--max-new-tokens",
+        "10",
+        "--chat-template",
+        str(template),
+        "--no-progress",
+        "--backend-option",
+        "devices=1",
+        "--backend-option",
+        "batch_size=4",
+        "--flag-policy",
+        "all=keep",
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO)}  # "jax" is in the backends' lazy table: no import needed
-    done = subprocess.run([sys.executable, "-m", "generation", *argv], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "generation", *argv], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     merge_argv = ["merge", str(tmp_path / "out"), "--merged", str(tmp_path / "m")]
-    merged = subprocess.run([sys.executable, "-m", "generation", *merge_argv],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    merged = subprocess.run(
+        [sys.executable, "-m", "generation", *merge_argv],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert merged.returncode == 0, merged.stderr[-3000:]
     lines = [json.loads(line) for line in (tmp_path / "m" / "generations.jsonl").read_text().splitlines()]
     assert [(x["doc_id"], x["sample"]) for x in lines] == [(f"d{i}", k) for i in range(3) for k in range(2)]
@@ -140,9 +174,18 @@ def test_hugging_face_llama_import_matches_transformers(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    hf_config = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                            rope_theta=500.0, eos_token_id=1, bos_token_id=1)  # fmt: skip
+    hf_config = LlamaConfig(
+        vocab_size=300,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        rope_theta=500.0,
+        eos_token_id=1,
+        bos_token_id=1,
+    )
     llama = LlamaForCausalLM(hf_config).eval()
     llama.save_pretrained(str(tmp_path), safe_serialization=True)
     demo.train_tokenizer(["a few words of text " * 20], tmp_path, vocab_size=300)
@@ -194,10 +237,19 @@ def test_ensemble_generate_command_records_every_member(run_dir, second_run_dir,
     docs.write_text(json.dumps({"id": "d0", "text": "A document about sets and tuples."}) + "\n")
     template = tmp_path / "chat.jinja"
     template.write_text(CHAT_TEMPLATE)
-    settings = generate.GenerationSettings(samples=2, max_new_tokens=8, flag_policy=generate.parse_flag_policy("all=keep"))
-    summary = generate.run(settings, [docs], [run_dir, second_run_dir], tmp_path / "out", backend="jax",
-                           backend_options={"devices": 1, "batch_size": 2}, chat_template=template,
-                           progress=False)  # fmt: skip
+    settings = generate.GenerationSettings(
+        samples=2, max_new_tokens=8, flag_policy=generate.parse_flag_policy("all=keep")
+    )
+    summary = generate.run(
+        settings,
+        [docs],
+        [run_dir, second_run_dir],
+        tmp_path / "out",
+        backend="jax",
+        backend_options={"devices": 1, "batch_size": 2},
+        chat_template=template,
+        progress=False,
+    )
     assert summary["samples"] == 2
     provenance = json.loads((tmp_path / "out" / "worker-00000-of-00001" / "provenance.json").read_text())
     members = provenance["identity"]["model"]["ensemble"]

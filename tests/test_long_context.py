@@ -24,10 +24,17 @@ LR = 0.5  # plain SGD: the parameter change is exactly -LR x gradient
 
 
 def _tiny_config(attention: str) -> config_lib.Config:
-    return config_lib.load(None, [
-        "model.size=tiny", "model.compute_dtype=float32", f"model.attention={attention}",
-        "data.seq_len=32", "data.document_masking=true", "train.batch_size=4",
-    ])  # fmt: skip
+    return config_lib.load(
+        None,
+        [
+            "model.size=tiny",
+            "model.compute_dtype=float32",
+            f"model.attention={attention}",
+            "data.seq_len=32",
+            "data.document_masking=true",
+            "train.batch_size=4",
+        ],
+    )
 
 
 def _batch(cfg: config_lib.Config) -> dict[str, np.ndarray]:
@@ -43,8 +50,13 @@ def _batch(cfg: config_lib.Config) -> dict[str, np.ndarray]:
         for doc, (start, stop) in enumerate(zip([0, *bounds], [*bounds, end])):
             segment_ids[row, start:stop] = doc + 1
             positions[row, start:stop] = np.arange(stop - start)
-    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "positions": positions,
-            "segment_ids": segment_ids, "loss_mask": (segment_ids > 0).astype(np.float32)}  # fmt: skip
+    return {
+        "inputs": tokens[:, :-1],
+        "targets": tokens[:, 1:],
+        "positions": positions,
+        "segment_ids": segment_ids,
+        "loss_mask": (segment_ids > 0).astype(np.float32),
+    }
 
 
 def _one_step(cfg, mesh):
@@ -93,10 +105,16 @@ def test_long_context_configs(name, length):
 def test_300m_at_32k_compiles_for_tpu_and_fits_a_v5e(attention, context):
     from megadoc_jax import aot
 
-    cfg = config_lib.load(CONFIGS / "300m_32k.yaml", [
-        f"model.attention={attention}", f"mesh.context={context}", f"mesh.fsdp={4 // context}",
-        "mesh.data=1", "train.batch_size=1",
-    ])  # fmt: skip
+    cfg = config_lib.load(
+        CONFIGS / "300m_32k.yaml",
+        [
+            f"model.attention={attention}",
+            f"mesh.context={context}",
+            f"mesh.fsdp={4 // context}",
+            "mesh.data=1",
+            "train.batch_size=1",
+        ],
+    )
     mesh = sharding.make_mesh(cfg.mesh.sizes(4), devices=aot.tpu_topology_devices("v5e:2x2"))
     start = time.perf_counter()
     setup = step_lib.train_setup(cfg, mesh, total_steps=1000)
@@ -105,10 +123,16 @@ def test_300m_at_32k_compiles_for_tpu_and_fits_a_v5e(attention, context):
         compiled = step.lower(setup.abstract_state, step_lib.abstract_batch(mesh, cfg)).compile()
     memory = compiled.memory_analysis()
     # Donated state: the outputs reuse the arguments' buffers (alias), so they count once.
-    per_device = (memory.temp_size_in_bytes + memory.argument_size_in_bytes + memory.output_size_in_bytes
-                  - memory.alias_size_in_bytes)  # fmt: skip
-    print(f"{attention} C={context}: temp {memory.temp_size_in_bytes / 2**30:.2f} GiB, "
-          f"with arguments {per_device / 2**30:.2f} GiB per device, {time.perf_counter() - start:.0f} s")  # fmt: skip
+    per_device = (
+        memory.temp_size_in_bytes
+        + memory.argument_size_in_bytes
+        + memory.output_size_in_bytes
+        - memory.alias_size_in_bytes
+    )
+    print(
+        f"{attention} C={context}: temp {memory.temp_size_in_bytes / 2**30:.2f} GiB, "
+        f"with arguments {per_device / 2**30:.2f} GiB per device, {time.perf_counter() - start:.0f} s"
+    )
     assert {d.platform for d in mesh.devices.flat} == {"tpu"}
     assert 0 < per_device < 15 * 2**30  # a v5e chip has 16 GiB of HBM (15.75 usable)
     # Both compile to Pallas kernels: splash alone, and splash as ring attention's block kernel.

@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from processes import kill_when
 
 from generation import __main__ as cli
 from generation import megadoc_export, megadocs
@@ -20,13 +21,15 @@ from generation.megadoc_export import PROGRESS_FILE, MegadocExportError, StreamO
 from generation.megadoc_spool import SPOOL_DIR, ensure_spool
 from generation.megadocs import BACK, FRONT, NODOC, SIMPLE, STRETCHED, Separators
 from megadoc_jax.data.store import SegmentKind, StoreReader, TokenizerInfo
-from processes import kill_when
 
 REPO = Path(__file__).resolve().parents[1]
 O, R, T, S = SegmentKind.ORIGINAL, SegmentKind.REPHRASE, SegmentKind.RATIONALE, SegmentKind.SEPARATOR
 EOS = 0
-SEP_IDS = {"between": np.array([5], np.int32), "rationale_open": np.array([6], np.int32),
-           "rationale_close": np.array([7], np.int32)}  # fmt: skip
+SEP_IDS = {
+    "between": np.array([5], np.int32),
+    "rationale_open": np.array([6], np.int32),
+    "rationale_close": np.array([7], np.int32),
+}
 NO_SEP_IDS = {name: np.zeros(0, np.int32) for name in SEP_IDS}
 
 
@@ -48,8 +51,14 @@ REPHRASES = [(1, arr(20, 21)), (2, arr(30))]
 
 STITCHED_CASES = {
     # (method, separators, G): (tokens, runs)
-    (BACK, True, 2): ([10, 11, 12, 5, 20, 21, 5, 30, EOS], [(O, 0, 3), (S, 0, 1), (R, 1, 2), (S, 0, 1), (R, 2, 1), (S, 0, 1)]),
-    (FRONT, True, 2): ([20, 21, 5, 30, 5, 10, 11, 12, EOS], [(R, 1, 2), (S, 0, 1), (R, 2, 1), (S, 0, 1), (O, 0, 3), (S, 0, 1)]),
+    (BACK, True, 2): (
+        [10, 11, 12, 5, 20, 21, 5, 30, EOS],
+        [(O, 0, 3), (S, 0, 1), (R, 1, 2), (S, 0, 1), (R, 2, 1), (S, 0, 1)],
+    ),
+    (FRONT, True, 2): (
+        [20, 21, 5, 30, 5, 10, 11, 12, EOS],
+        [(R, 1, 2), (S, 0, 1), (R, 2, 1), (S, 0, 1), (O, 0, 3), (S, 0, 1)],
+    ),
     (NODOC, True, 2): ([20, 21, 5, 30, EOS], [(R, 1, 2), (S, 0, 1), (R, 2, 1), (S, 0, 1)]),
     (BACK, False, 2): ([10, 11, 12, 20, 21, 30, EOS], [(O, 0, 3), (R, 1, 2), (R, 2, 1), (S, 0, 1)]),
     (FRONT, False, 2): ([20, 21, 30, 10, 11, 12, EOS], [(R, 1, 2), (R, 2, 1), (O, 0, 3), (S, 0, 1)]),
@@ -57,7 +66,7 @@ STITCHED_CASES = {
     (BACK, True, 1): ([10, 11, 12, 5, 20, 21, EOS], [(O, 0, 3), (S, 0, 1), (R, 1, 2), (S, 0, 1)]),
     (FRONT, True, 1): ([20, 21, 5, 10, 11, 12, EOS], [(R, 1, 2), (S, 0, 1), (O, 0, 3), (S, 0, 1)]),
     (NODOC, False, 1): ([20, 21, EOS], [(R, 1, 2), (S, 0, 1)]),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("method, with_separators, G", list(STITCHED_CASES))
@@ -85,8 +94,18 @@ def test_stretched_layout_token_by_token():
     rationales = [(1, arr(40, 41)), (2, arr(50))]
     tokens, runs = build(STRETCHED, original, rationales, 2)
     assert tokens == [10, 11, 6, 40, 41, 7, 12, 13, 6, 50, 7, 14, 15, 16, EOS]
-    assert runs == [(O, 0, 2), (S, 0, 1), (T, 1, 2), (S, 0, 1), (O, 0, 2), (S, 0, 1), (T, 2, 1), (S, 0, 1),
-                    (O, 0, 3), (S, 0, 1)]  # fmt: skip
+    assert runs == [
+        (O, 0, 2),
+        (S, 0, 1),
+        (T, 1, 2),
+        (S, 0, 1),
+        (O, 0, 2),
+        (S, 0, 1),
+        (T, 2, 1),
+        (S, 0, 1),
+        (O, 0, 3),
+        (S, 0, 1),
+    ]
     tokens, runs = build(STRETCHED, original, rationales, 2, NO_SEP_IDS)
     assert tokens == [10, 11, 40, 41, 12, 13, 50, 14, 15, 16, EOS]
     assert runs == [(O, 0, 2), (T, 1, 2), (O, 0, 2), (T, 2, 1), (O, 0, 3), (S, 0, 1)]
@@ -102,8 +121,19 @@ def test_stretched_short_original_has_empty_chunks_and_merged_separators():
     # 2 tokens in G+1 = 4 chunks: bounds 0, 0, 1, 1, 2 -> chunks [], [10], [], [11]
     tokens, runs = build(STRETCHED, arr(10, 11), [(1, arr(40)), (2, arr(50)), (3, arr(60))], 3)
     assert tokens == [6, 40, 7, 10, 6, 50, 7, 6, 60, 7, 11, EOS]
-    assert runs == [(S, 0, 1), (T, 1, 1), (S, 0, 1), (O, 0, 1), (S, 0, 1), (T, 2, 1), (S, 0, 2), (T, 3, 1),
-                    (S, 0, 1), (O, 0, 1), (S, 0, 1)]  # fmt: skip
+    assert runs == [
+        (S, 0, 1),
+        (T, 1, 1),
+        (S, 0, 1),
+        (O, 0, 1),
+        (S, 0, 1),
+        (T, 2, 1),
+        (S, 0, 2),
+        (T, 3, 1),
+        (S, 0, 1),
+        (O, 0, 1),
+        (S, 0, 1),
+    ]
 
 
 def test_layout_refusals():
@@ -147,10 +177,20 @@ def test_misplaced_rationales_compares_character_splits():
 
 
 def test_metadata_summarises_generations_and_records_separators():
-    meta = megadocs.document_metadata("d1", BACK, 3, [1, 3], ["stop", "length"], ["m", "m"], ["wiki-v1", ""], Separators())
-    assert meta == {"source_id": "d1", "method": BACK, "G": 3, "samples": [1, 3], "finish_reason": "length,stop",
-                    "finish_reasons": ["stop", "length"], "generator": "m", "prompt_version": "wiki-v1",
-                    "separators": {"between": "\n\n"}}  # fmt: skip
+    meta = megadocs.document_metadata(
+        "d1", BACK, 3, [1, 3], ["stop", "length"], ["m", "m"], ["wiki-v1", ""], Separators()
+    )
+    assert meta == {
+        "source_id": "d1",
+        "method": BACK,
+        "G": 3,
+        "samples": [1, 3],
+        "finish_reason": "length,stop",
+        "finish_reasons": ["stop", "length"],
+        "generator": "m",
+        "prompt_version": "wiki-v1",
+        "separators": {"between": "\n\n"},
+    }
     simple = megadocs.document_metadata("d1", SIMPLE, 3, [], [], [], [], Separators())
     assert simple == {"source_id": "d1", "method": SIMPLE, "G": 3, "samples": []}
 
@@ -167,8 +207,15 @@ def test_plan_build_uses_what_exists_and_counts_the_missing():
     assert plan.sources.tolist() == [0, 1, 2, 3]
     assert [plan.numbers(i).tolist() for i in range(4)] == [[1, 2, 3], [1, 3], [], [2]]  # never beyond G
     assert plan.with_original.tolist() == [True] * 4
-    assert plan.counts == {"sources": 4, "sources_complete": 1, "sources_incomplete": 3, "generations_missing": 6,
-                           "generations_used": 6, "skipped_incomplete": 0, "skipped_empty": 0}  # fmt: skip
+    assert plan.counts == {
+        "sources": 4,
+        "sources_complete": 1,
+        "sources_incomplete": 3,
+        "generations_missing": 6,
+        "generations_used": 6,
+        "skipped_incomplete": 0,
+        "skipped_empty": 0,
+    }
 
 
 def test_plan_skip_leaves_incomplete_sources_out_and_nodoc_skips_empty():
@@ -188,7 +235,9 @@ def test_plan_error_names_the_source():
 
 def test_simple_plan_is_a_seeded_permutation_of_every_piece():
     plan = megadocs.plan_stream(SIMPLE, 3, AVAILABLE, seed=7)
-    units = sorted((int(plan.sources[i]), int(plan.numbers(i)[0]) if plan.numbers(i).size else 0) for i in range(len(plan)))
+    units = sorted(
+        (int(plan.sources[i]), int(plan.numbers(i)[0]) if plan.numbers(i).size else 0) for i in range(len(plan))
+    )
     assert units == [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0), (1, 1), (1, 3), (2, 0), (3, 0), (3, 2)]
     assert all(plan.with_original[i] == (plan.numbers(i).size == 0) for i in range(len(plan)))
     again = megadocs.plan_stream(SIMPLE, 3, AVAILABLE, seed=7)
@@ -226,19 +275,33 @@ SOURCES = [{"id": "d1", "text": "o1 o2 o3 o4 o5"}, {"id": "d2", "text": "o6 o7 o
 
 
 def generation(doc_id, task, sample, text, G=2, **extra):
-    return {"doc_id": doc_id, "task": task, "sample": sample, "G": G, "text": text, "finish_reason": "stop",
-            "generator": "tiny", "prompt_version": f"{task}-v1", **extra}  # fmt: skip
+    return {
+        "doc_id": doc_id,
+        "task": task,
+        "sample": sample,
+        "G": G,
+        "text": text,
+        "finish_reason": "stop",
+        "generator": "tiny",
+        "prompt_version": f"{task}-v1",
+        **extra,
+    }
 
 
 GENERATIONS = [
-    generation("d1", "rephrase", 0, "a1 a2"), generation("d1", "rephrase", 1, "a3"),
-    generation("d2", "rephrase", 1, "b1 b2 b3"), generation("d2", "rephrase", 0, "b4", finish_reason="length"),
+    generation("d1", "rephrase", 0, "a1 a2"),
+    generation("d1", "rephrase", 1, "a3"),
+    generation("d2", "rephrase", 1, "b1 b2 b3"),
+    generation("d2", "rephrase", 0, "b4", finish_reason="length"),
     generation(3, "rephrase", 0, "c1"),  # sample 1 missing
     # d1 "o1 o2 o3 o4 o5": 3 chunks o1 | o2 o3 | o4 o5; split characters 3 and 9
-    generation("d1", "rationale", 0, "x1 x2", split_char=3), generation("d1", "rationale", 1, "y1", split_char=9),
-    generation("d2", "rationale", 0, "x3", split_char=0), generation("d2", "rationale", 1, "y2", split_char=6),
-    generation(3, "rationale", 0, "x4"), generation(3, "rationale", 1, "y3"),
-]  # fmt: skip
+    generation("d1", "rationale", 0, "x1 x2", split_char=3),
+    generation("d1", "rationale", 1, "y1", split_char=9),
+    generation("d2", "rationale", 0, "x3", split_char=0),
+    generation("d2", "rationale", 1, "y2", split_char=6),
+    generation(3, "rationale", 0, "x4"),
+    generation(3, "rationale", 1, "y3"),
+]
 SEPARATORS = Separators(between=" || ", rationale_open="<t>", rationale_close="</t>")
 ALL_STREAMS = [(m, 2) for m in megadocs.METHODS]
 
@@ -267,9 +330,11 @@ EXPECTED_D1 = {
     BACK: ("o1 o2 o3 o4 o5 || a1 a2 || a3 <eos>", [(O, 0, 5), (S, 0, 1), (R, 1, 2), (S, 0, 1), (R, 2, 1), (S, 0, 1)]),
     FRONT: ("a1 a2 || a3 || o1 o2 o3 o4 o5 <eos>", [(R, 1, 2), (S, 0, 1), (R, 2, 1), (S, 0, 1), (O, 0, 5), (S, 0, 1)]),
     NODOC: ("a1 a2 || a3 <eos>", [(R, 1, 2), (S, 0, 1), (R, 2, 1), (S, 0, 1)]),
-    STRETCHED: ("o1 <t> x1 x2 </t> o2 o3 <t> y1 </t> o4 o5 <eos>",
-                [(O, 0, 1), (S, 0, 1), (T, 1, 2), (S, 0, 1), (O, 0, 2), (S, 0, 1), (T, 2, 1), (S, 0, 1), (O, 0, 2), (S, 0, 1)]),
-}  # fmt: skip
+    STRETCHED: (
+        "o1 <t> x1 x2 </t> o2 o3 <t> y1 </t> o4 o5 <eos>",
+        [(O, 0, 1), (S, 0, 1), (T, 1, 2), (S, 0, 1), (O, 0, 2), (S, 0, 1), (T, 2, 1), (S, 0, 1), (O, 0, 2), (S, 0, 1)],
+    ),
+}
 
 
 def test_streams_round_trip_through_stores(tmp_path, inputs, tokenizer_dir):
@@ -282,14 +347,30 @@ def test_streams_round_trip_through_stores(tmp_path, inputs, tokenizer_dir):
         assert stores[method][0].metadata["source_id"] == "d1"
     assert as_words(stores[BACK][2]) == ("o9 o1 || c1 <eos>", [(O, 0, 2), (S, 0, 1), (R, 1, 1), (S, 0, 1)])
     assert stores[BACK][1].metadata == {
-        "source_id": "d2", "method": BACK, "G": 2, "samples": [1, 2], "finish_reason": "length,stop",
-        "finish_reasons": ["length", "stop"], "generator": "tiny", "prompt_version": "rephrase-v1",
+        "source_id": "d2",
+        "method": BACK,
+        "G": 2,
+        "samples": [1, 2],
+        "finish_reason": "length,stop",
+        "finish_reasons": ["length", "stop"],
+        "generator": "tiny",
+        "prompt_version": "rephrase-v1",
         "separators": {"between": " || "},
-    }  # fmt: skip
+    }
     assert stores[STRETCHED][0].metadata["separators"] == {"rationale_open": "<t>", "rationale_close": "</t>"}
     simple = sorted(as_words(d)[0] for d in stores[SIMPLE])
-    assert simple == sorted(["o1 o2 o3 o4 o5 <eos>", "o6 o7 o8 <eos>", "o9 o1 <eos>", "a1 a2 <eos>", "a3 <eos>",
-                             "b4 <eos>", "b1 b2 b3 <eos>", "c1 <eos>"])  # fmt: skip
+    assert simple == sorted(
+        [
+            "o1 o2 o3 o4 o5 <eos>",
+            "o6 o7 o8 <eos>",
+            "o9 o1 <eos>",
+            "a1 a2 <eos>",
+            "a3 <eos>",
+            "b4 <eos>",
+            "b1 b2 b3 <eos>",
+            "c1 <eos>",
+        ]
+    )
     by_method = {r["method"]: r for r in reports}
     assert by_method[BACK]["plan"]["sources_incomplete"] == 1 and by_method[BACK]["plan"]["generations_missing"] == 1
     assert by_method[BACK]["tokens_by_kind"] == {"original": 10, "rephrase": 8, "rationale": 0, "separator": 8}
@@ -306,8 +387,15 @@ def test_one_megadocs_run_per_out_directory(tmp_path, inputs, tokenizer_dir):
     (tmp_path / "out").mkdir()
     with lock_exclusive(tmp_path / "out" / megadoc_export.LOCK_FILE):  # held as by another run
         with pytest.raises(MegadocExportError, match=rf"{tmp_path}/out: another megadocs run holds .megadocs.lock"):
-            build_megadocs([sources], [gens], tokenizer_dir, tmp_path / "out", [(BACK, 2)],
-                           StreamOptions(progress=False), workers=0)  # fmt: skip
+            build_megadocs(
+                [sources],
+                [gens],
+                tokenizer_dir,
+                tmp_path / "out",
+                [(BACK, 2)],
+                StreamOptions(progress=False),
+                workers=0,
+            )
     assert not (tmp_path / "out" / f"{BACK}-G2").exists()
 
 
@@ -324,8 +412,10 @@ def test_a_new_method_is_one_table_entry(tmp_path, inputs, tokenizer_dir, monkey
     (report,) = build_megadocs([sources], [gens], tokenizer_dir, tmp_path / "out", [(toy.name, 2)], options, workers=0)
     documents = read_store(Path(report["store"]), tokenizer_dir)
     assert report["stream"] == "stitched-reversed-G2" and len(documents) == len(SOURCES)
-    assert as_words(documents[0]) == ("a3 || a1 a2 || o1 o2 o3 o4 o5 <eos>",
-                                      [(R, 2, 1), (S, 0, 1), (R, 1, 2), (S, 0, 1), (O, 0, 5), (S, 0, 1)])  # fmt: skip
+    assert as_words(documents[0]) == (
+        "a3 || a1 a2 || o1 o2 o3 o4 o5 <eos>",
+        [(R, 2, 1), (S, 0, 1), (R, 1, 2), (S, 0, 1), (O, 0, 5), (S, 0, 1)],
+    )
     assert documents[0].metadata["separators"] == {"between": " || "}
     assert documents[0].metadata["method"] == toy.name
 
@@ -350,8 +440,15 @@ def test_missing_policy_skip_and_error_through_the_builder(tmp_path, inputs, tok
     assert report["documents"] == 2 and report["plan"]["skipped_incomplete"] == 1
     assert [d.metadata["source_id"] for d in read_store(Path(report["store"]), tokenizer_dir)] == ["d1", "d2"]
     with pytest.raises(megadocs.MissingGenerationsError, match="'3'"):
-        build_megadocs([sources], [gens], tokenizer_dir, tmp_path / "err", [(BACK, 2)],
-                       StreamOptions(separators=SEPARATORS, missing="error", progress=False), workers=0)  # fmt: skip
+        build_megadocs(
+            [sources],
+            [gens],
+            tokenizer_dir,
+            tmp_path / "err",
+            [(BACK, 2)],
+            StreamOptions(separators=SEPARATORS, missing="error", progress=False),
+            workers=0,
+        )
     with pytest.raises(MegadocExportError, match="rationale generations made for G=4.*G in \\[2\\]"):
         build_megadocs([sources], [gens], tokenizer_dir, tmp_path / "g4", [(STRETCHED, 4)], skip, workers=0)
 
@@ -363,11 +460,17 @@ def test_missing_policy_skip_and_error_through_the_builder(tmp_path, inputs, tok
 
 def test_generation_problems_are_counted_with_locations(tmp_path, inputs):
     sources, _ = inputs
-    gens = write_jsonl(tmp_path / "problems.jsonl", [
-        generation("d1", "rephrase", 0, "a1"), generation("nope", "rephrase", 0, "a2"),
-        generation("d1", "rephrase", 0, "a3"), generation("d2", "rephrase", 0, "  "), "",
-        json.dumps(generation("d2", "rephrase", 2, "x")).replace('"x"', '"\\ud800"'),
-    ])  # fmt: skip
+    gens = write_jsonl(
+        tmp_path / "problems.jsonl",
+        [
+            generation("d1", "rephrase", 0, "a1"),
+            generation("nope", "rephrase", 0, "a2"),
+            generation("d1", "rephrase", 0, "a3"),
+            generation("d2", "rephrase", 0, "  "),
+            "",
+            json.dumps(generation("d2", "rephrase", 2, "x")).replace('"x"', '"\\ud800"'),
+        ],
+    )
     table = pa.Table.from_pylist([generation("d2", "rephrase", 1, "b1"), generation("d1", "rephrase", 0, "a4")])
     pq.write_table(table, tmp_path / "more.parquet")
     spool = ensure_spool(tmp_path / "out", [sources], [gens, tmp_path / "more.parquet"])
@@ -376,20 +479,34 @@ def test_generation_problems_are_counted_with_locations(tmp_path, inputs):
     assert report["generation_problems"] == {"orphan": 1, "duplicate": 2, "empty": 1, "invalid_utf8": 1}
     assert report["generation_examples"]["invalid_utf8"] == [f"{gens}:6: character 0"]
     assert report["generation_examples"]["orphan"] == [f"{gens}:2: id 'nope'"]
-    assert sorted(report["generation_examples"]["duplicate"]) == sorted([f"{gens}:3", f"{tmp_path / 'more.parquet'} row 1"])
+    assert sorted(report["generation_examples"]["duplicate"]) == sorted(
+        [f"{gens}:3", f"{tmp_path / 'more.parquet'} row 1"]
+    )
     group = spool.group("rephrase", 0)
     assert [n.tolist() for n in group.available()] == [[1], [2], []]
     assert spool.generation_text(int(group.entries(0, np.array([1]))[0])) == b"a1"  # the first read is kept
 
 
-@pytest.mark.parametrize("record, message", [
-    ("{not json", r"gen.jsonl:1: not a JSON record"),
-    ([1, 2], r"gen.jsonl:1: a JSON list"),
-    ({"doc_id": "d1", "task": "rephrase", "sample": 0, "finish_reason": "stop"}, r"gen.jsonl:1: field 'text' is None"),
-    ({"doc_id": "d1", "task": "summary", "sample": 0}, r"field 'task' is 'summary'"),
-    ({"doc_id": "d1", "task": "rationale", "sample": 2, "G": 2, "text": "x", "finish_reason": "stop"}, r"sample 2 out of range for G=2"),
-    ({"doc_id": None, "task": "rephrase", "sample": 0, "text": "x", "finish_reason": "stop"}, r"field 'doc_id' is None"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "record, message",
+    [
+        ("{not json", r"gen.jsonl:1: not a JSON record"),
+        ([1, 2], r"gen.jsonl:1: a JSON list"),
+        (
+            {"doc_id": "d1", "task": "rephrase", "sample": 0, "finish_reason": "stop"},
+            r"gen.jsonl:1: field 'text' is None",
+        ),
+        ({"doc_id": "d1", "task": "summary", "sample": 0}, r"field 'task' is 'summary'"),
+        (
+            {"doc_id": "d1", "task": "rationale", "sample": 2, "G": 2, "text": "x", "finish_reason": "stop"},
+            r"sample 2 out of range for G=2",
+        ),
+        (
+            {"doc_id": None, "task": "rephrase", "sample": 0, "text": "x", "finish_reason": "stop"},
+            r"field 'doc_id' is None",
+        ),
+    ],
+)
 def test_bad_generation_records_stop_with_their_location(tmp_path, inputs, record, message):
     sources, _ = inputs
     gens = write_jsonl(tmp_path / "gen.jsonl", [record if isinstance(record, str) else json.dumps(record)])
@@ -433,8 +550,12 @@ def many_inputs(tmp_path: Path, count: int) -> tuple[Path, Path]:
     rng = np.random.default_rng(0)
     vocab = [w for w in WORDS if w[0] in "oab"]
     sources = [{"id": f"s{i}", "text": " ".join(rng.choice(vocab, int(rng.integers(3, 30))))} for i in range(count)]
-    gens = [generation(s["id"], "rephrase", k, " ".join(rng.choice(vocab, int(rng.integers(1, 20)))), G=4)
-            for s in sources for k in range(4) if int(s["id"][1:]) % 7 or k < 2]  # fmt: skip
+    gens = [
+        generation(s["id"], "rephrase", k, " ".join(rng.choice(vocab, int(rng.integers(1, 20)))), G=4)
+        for s in sources
+        for k in range(4)
+        if int(s["id"][1:]) % 7 or k < 2
+    ]
     return write_jsonl(tmp_path / "many.jsonl", sources), write_jsonl(tmp_path / "many_gen.jsonl", gens)
 
 
@@ -470,20 +591,38 @@ def test_interrupted_build_resumes_to_the_same_store(tmp_path, tokenizer_dir, mo
         assert resumed[0]["resumed_at_document"] > progress["documents"] > 0
     for a, b in zip(resumed, fresh):
         assert (a["content_hash"], a["documents"], a["tokens"], a["tokens_by_kind"]) == (
-            b["content_hash"], b["documents"], b["tokens"], b["tokens_by_kind"])  # fmt: skip
+            b["content_hash"],
+            b["documents"],
+            b["tokens"],
+            b["tokens_by_kind"],
+        )
     again = build_megadocs([sources], [gens], tokenizer_dir, tmp_path / "out", streams, options, workers=0)
     assert [r["content_hash"] for r in again] == [r["content_hash"] for r in fresh]  # finished: nothing rebuilt
     with pytest.raises(MegadocExportError, match="already finished, with other inputs or settings"):
-        build_megadocs([sources], [gens], tokenizer_dir, tmp_path / "out", streams[:1],
-                       StreamOptions(separators=SEPARATORS, seed=1, progress=False), workers=0)  # fmt: skip
+        build_megadocs(
+            [sources],
+            [gens],
+            tokenizer_dir,
+            tmp_path / "out",
+            streams[:1],
+            StreamOptions(separators=SEPARATORS, seed=1, progress=False),
+            workers=0,
+        )
 
 
 def test_unfinished_build_refuses_other_settings(tmp_path, tokenizer_dir, monkeypatch):
     sources, gens = many_inputs(tmp_path, 40)
     monkeypatch.setattr(megadocs, "build_document", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("stop")))
     with pytest.raises(RuntimeError):
-        build_megadocs([sources], [gens], tokenizer_dir, tmp_path / "out", [(BACK, 4)],
-                       StreamOptions(separators=SEPARATORS, progress=False), workers=0)  # fmt: skip
+        build_megadocs(
+            [sources],
+            [gens],
+            tokenizer_dir,
+            tmp_path / "out",
+            [(BACK, 4)],
+            StreamOptions(separators=SEPARATORS, progress=False),
+            workers=0,
+        )
     monkeypatch.undo()
     other = StreamOptions(separators=Separators(between=" a1 "), progress=False)
     with pytest.raises(MegadocExportError, match=r"other settings \(separators\)"):
@@ -493,9 +632,27 @@ def test_unfinished_build_refuses_other_settings(tmp_path, tokenizer_dir, monkey
 @pytest.mark.slow
 def test_kill_9_mid_build_then_rerun_matches_uninterrupted(tmp_path, tokenizer_dir):
     sources, gens = many_inputs(tmp_path, 800)
-    args = ["--sources", str(sources), "--generations", str(gens), "--tokenizer", str(tokenizer_dir),
-            "--methods", "stitched-back", "--G", "4", "--workers", "0", "--batch-texts", "20", "--separator", " || ",
-            "--flush-tokens", "2000", "--no-progress"]  # fmt: skip
+    args = [
+        "--sources",
+        str(sources),
+        "--generations",
+        str(gens),
+        "--tokenizer",
+        str(tokenizer_dir),
+        "--methods",
+        "stitched-back",
+        "--G",
+        "4",
+        "--workers",
+        "0",
+        "--batch-texts",
+        "20",
+        "--separator",
+        " || ",
+        "--flush-tokens",
+        "2000",
+        "--no-progress",
+    ]
     store = tmp_path / "out" / "stitched-back-G4"
     command = [sys.executable, "-m", "generation", "megadocs", *args, "--out", str(tmp_path / "out")]
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -519,10 +676,36 @@ def test_kill_9_mid_build_then_rerun_matches_uninterrupted(tmp_path, tokenizer_d
 
 def test_cli_separators_summary_and_errors(tmp_path, inputs, tokenizer_dir, capsys):
     sources, gens = inputs
-    base = ["--sources", str(sources), "--generations", str(gens), "--tokenizer", str(tokenizer_dir), "--workers", "0",
-            "--no-progress", "--G", "2", "--rationale-open", "<t>", "--rationale-close", "</t>"]  # fmt: skip
-    code = cli.main(["megadocs", *base, "--out", str(tmp_path / "a"), "--methods", "stitched-front",
-                               "--separator", "\\n||\\n", "--keep-spool"])  # fmt: skip
+    base = [
+        "--sources",
+        str(sources),
+        "--generations",
+        str(gens),
+        "--tokenizer",
+        str(tokenizer_dir),
+        "--workers",
+        "0",
+        "--no-progress",
+        "--G",
+        "2",
+        "--rationale-open",
+        "<t>",
+        "--rationale-close",
+        "</t>",
+    ]
+    code = cli.main(
+        [
+            "megadocs",
+            *base,
+            "--out",
+            str(tmp_path / "a"),
+            "--methods",
+            "stitched-front",
+            "--separator",
+            "\\n||\\n",
+            "--keep-spool",
+        ]
+    )
     assert code == 0
     assert "stitched-front-G2: 3 documents" in capsys.readouterr().out
     (front,) = [read_store(tmp_path / "a" / "stitched-front-G2", tokenizer_dir)[0]]

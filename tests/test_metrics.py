@@ -13,8 +13,8 @@ from tensorboardX.crc32c import crc32c
 from tensorboardX.proto import event_pb2
 
 from megadoc_jax import hardware, metrics
-from megadoc_jax.model import count_parameters
 from megadoc_jax.config import ModelConfig
+from megadoc_jax.model import count_parameters
 
 GIB = 2**30
 
@@ -83,8 +83,15 @@ def test_train_flops_matches_xla_count_of_a_reference_decoder():
     cfg = ModelConfig(hidden=64, mlp=192, layers=1, heads=4, kv_heads=2, vocab_size=256)
     B, L, D, F, hd = 2, 64, cfg.hidden, cfg.mlp, cfg.head_size
     f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)  # noqa: E731
-    layer = dict(q=f32(D, cfg.heads * hd), k=f32(D, cfg.kv_heads * hd), v=f32(D, cfg.kv_heads * hd),
-                 o=f32(cfg.heads * hd, D), gate=f32(D, F), up=f32(D, F), down=f32(F, D))
+    layer = dict(
+        q=f32(D, cfg.heads * hd),
+        k=f32(D, cfg.kv_heads * hd),
+        v=f32(D, cfg.kv_heads * hd),
+        o=f32(cfg.heads * hd, D),
+        gate=f32(D, F),
+        up=f32(D, F),
+        down=f32(F, D),
+    )
     params = dict(embed=f32(cfg.vocab_size, D), layers=[layer] * cfg.layers, unembed=f32(D, cfg.vocab_size))
     tokens = jax.ShapeDtypeStruct((B, L), jnp.int32)
     grad_fn = jax.jit(jax.grad(_reference_decoder_loss), static_argnums=2)
@@ -193,20 +200,28 @@ def test_mfu_arithmetic():
     # 262144 tokens / 2 s = 131072 tokens/s; 131072 * 1e9 / 4 = 3.2768e13 FLOP/s per device;
     # MFU = 3.2768e13 / 1.97e14 = 0.166335...
     out = metrics.throughput_scalars(
-        tokens=64 * 4096, seconds=2.0, flops_per_token=1e9, num_devices=4,
+        tokens=64 * 4096,
+        seconds=2.0,
+        flops_per_token=1e9,
+        num_devices=4,
         peak_flops_per_device=hardware.peak_flops_per_device("TPU v5 lite"),
     )
-    assert out == {"tokens_per_s": 131_072, "tflops_per_device": pytest.approx(32.768),
-                   "mfu": pytest.approx(3.2768e13 / 1.97e14)}
+    assert out == {
+        "tokens_per_s": 131_072,
+        "tflops_per_device": pytest.approx(32.768),
+        "mfu": pytest.approx(3.2768e13 / 1.97e14),
+    }
 
 
 def test_mfu_is_absent_without_a_peak_and_bad_input_is_refused():
-    out = metrics.throughput_scalars(tokens=100, seconds=0.5, flops_per_token=10.0, num_devices=2,
-                                     peak_flops_per_device=None)
+    out = metrics.throughput_scalars(
+        tokens=100, seconds=0.5, flops_per_token=10.0, num_devices=2, peak_flops_per_device=None
+    )
     assert out == {"tokens_per_s": 200.0, "tflops_per_device": 1e-9}
     with pytest.raises(ValueError, match="seconds"):
-        metrics.throughput_scalars(tokens=1, seconds=0.0, flops_per_token=1.0, num_devices=1,
-                                   peak_flops_per_device=None)
+        metrics.throughput_scalars(
+            tokens=1, seconds=0.0, flops_per_token=1.0, num_devices=1, peak_flops_per_device=None
+        )
 
 
 class _FakeDevice:
@@ -273,13 +288,18 @@ def test_metrics_writer_writes_jsonl_and_tensorboard(tmp_path):
     log = metrics.read_metrics(tmp_path)
     assert log.unreadable_lines == []
     assert [(r["step"], r["train/loss"], r["train/lr"]) for r in log.records] == [
-        (1, 3.0, 0.5), (2, 2.0, 1.0), (3, 1.0, 1.5)
+        (1, 3.0, 0.5),
+        (2, 2.0, 1.0),
+        (3, 1.0, 1.5),
     ]
     lines = (tmp_path / metrics.JSONL_NAME).read_text().splitlines()
     assert all(isinstance(json.loads(line), dict) for line in lines)
     events = _read_event_scalars(tmp_path / metrics.TENSORBOARD_DIR)
-    assert sorted(e for e in events if e[1] == "train/loss") == [(1, "train/loss", 3.0), (2, "train/loss", 2.0),
-                                                                  (3, "train/loss", 1.0)]
+    assert sorted(e for e in events if e[1] == "train/loss") == [
+        (1, "train/loss", 3.0),
+        (2, "train/loss", 2.0),
+        (3, "train/loss", 1.0),
+    ]
     assert len(events) == 6
 
 
@@ -317,8 +337,15 @@ def test_metrics_writer_disabled_writes_nothing(tmp_path):
 
 
 def test_progress_line():
-    values = {"loss": 3.45123, "z_loss": 0.0, "grad_norm": 0.8123, "learning_rate": 2.95e-3,
-              "tokens_per_s": 12_345.0, "mfu": 0.4121, "step_time_s": 4.25}
+    values = {
+        "loss": 3.45123,
+        "z_loss": 0.0,
+        "grad_norm": 0.8123,
+        "learning_rate": 2.95e-3,
+        "tokens_per_s": 12_345.0,
+        "mfu": 0.4121,
+        "step_time_s": 4.25,
+    }
     line = metrics.progress_line(120, 1000, values)
     # ETA: 880 steps left at 4.25 s = 3740 s = 1h02m.
     assert line == "step  120/1000 | loss 3.4512 | gnorm 0.812 | lr 2.95e-03 | 12.3k tok/s | MFU 41.2% | ETA 1h02m"
@@ -327,5 +354,8 @@ def test_progress_line():
 
 def test_format_duration():
     assert [metrics.format_duration(s) for s in (45, 200, 3725, 2 * 86400 + 3 * 3600)] == [
-        "45s", "3m20s", "1h02m", "2d03h"
+        "45s",
+        "3m20s",
+        "1h02m",
+        "2d03h",
     ]

@@ -185,9 +185,7 @@ def test_eval_store_too_small(stores):
 
 
 def test_store_vocabulary_larger_than_the_model(stores):
-    config = make_config(
-        {"real": (stores["real"], 1.0)}, data=dict(seq_len=SEQ_LEN), model=dict(vocab_size=VOCAB - 1)
-    )
+    config = make_config({"real": (stores["real"], 1.0)}, data=dict(seq_len=SEQ_LEN), model=dict(vocab_size=VOCAB - 1))
     expected = r"model.vocab_size: 99 is smaller .* 100 of the store .*real \(data.streams\[0\].store\)"
     with pytest.raises(ConfigError, match=expected):
         pipeline.TrainData(config)

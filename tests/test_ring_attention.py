@@ -140,7 +140,9 @@ def test_ring_query_tiles_match_reference(monkeypatch, segments):
 
 # splash as ring's block kernel (Pallas interpret mode on CPU): chunks of 128 tokens, the kernel's
 # smallest block, so L = 256 x C.
-@pytest.mark.parametrize("context, segments, causal", [(2, True, True), (4, True, True), (4, False, True), (2, True, False)])
+@pytest.mark.parametrize(
+    "context, segments, causal", [(2, True, True), (4, True, True), (4, False, True), (2, True, False)]
+)
 def test_ring_with_splash_blocks_matches_reference(monkeypatch, context, segments, causal):
     monkeypatch.setattr(ring_blocks, "BLOCK_KERNEL", "splash")
     _assert_close(*_run("ring", context, segments, causal=causal, length=256 * context), rtol=1e-5)

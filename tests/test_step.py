@@ -16,23 +16,35 @@ from megadoc_jax import step as step_lib
 def tiny_config(*overrides: str) -> config_lib.Config:
     return config_lib.load(
         None,
-        ["model.size=tiny", "model.compute_dtype=float32", "data.seq_len=16", "train.batch_size=8",
-         "train.z_loss=1e-4", "data.document_masking=true", *overrides],
+        [
+            "model.size=tiny",
+            "model.compute_dtype=float32",
+            "data.seq_len=16",
+            "train.batch_size=8",
+            "train.z_loss=1e-4",
+            "data.document_masking=true",
+            *overrides,
+        ],
     )
 
 
 def random_batch(config: config_lib.Config, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    b, l = config.train.batch_size, config.data.seq_len
-    tokens = rng.integers(0, config.model.vocab_size, (b, l + 1), dtype=np.int32)
-    segment_ids = np.cumsum(rng.random((b, l)) < 0.1, axis=1, dtype=np.int32) + 1
-    loss_mask = (rng.random((b, l)) < 0.8).astype(np.float32)  # uneven token counts per microbatch
-    positions = np.tile(np.arange(l, dtype=np.int32), (b, 1))
-    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "positions": positions,
-            "segment_ids": segment_ids, "loss_mask": loss_mask}
+    b, length = config.train.batch_size, config.data.seq_len
+    tokens = rng.integers(0, config.model.vocab_size, (b, length + 1), dtype=np.int32)
+    segment_ids = np.cumsum(rng.random((b, length)) < 0.1, axis=1, dtype=np.int32) + 1
+    loss_mask = (rng.random((b, length)) < 0.8).astype(np.float32)  # uneven token counts per microbatch
+    positions = np.tile(np.arange(length, dtype=np.int32), (b, 1))
+    return {
+        "inputs": tokens[:, :-1],
+        "targets": tokens[:, 1:],
+        "positions": positions,
+        "segment_ids": segment_ids,
+        "loss_mask": loss_mask,
+    }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def initial_model(model_config: config_lib.ModelConfig):
     """(graphdef, params) of a freshly initialised decoder; built once per model config (init compiles)."""
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1, "context": 1}, jax.devices()[:1])
@@ -69,7 +81,9 @@ def test_document_masking_changes_the_loss_only_when_enabled():
     batch = random_batch(tiny_config())
     *_, masked = one_step(tiny_config(), batch)
     *_, unmasked = one_step(tiny_config("data.document_masking=false"), batch)
-    *_, unmasked_one_doc = one_step(tiny_config("data.document_masking=false"), {**batch, "segment_ids": np.ones_like(batch["segment_ids"])})
+    *_, unmasked_one_doc = one_step(
+        tiny_config("data.document_masking=false"), {**batch, "segment_ids": np.ones_like(batch["segment_ids"])}
+    )
     assert abs(float(masked["loss"]) - float(unmasked["loss"])) > 1e-6
     np.testing.assert_allclose(unmasked["loss"], unmasked_one_doc["loss"], rtol=1e-6)
 
@@ -79,7 +93,9 @@ def test_sharded_step_matches_one_device():
     batch = random_batch(config, seed=1)
     *_, expected = one_step(config, batch)
 
-    mesh = sharding.make_mesh(config_lib.validate_for_devices(config_lib.load(None, ["mesh.fsdp=2", "mesh.tensor=2"]), 8))
+    mesh = sharding.make_mesh(
+        config_lib.validate_for_devices(config_lib.load(None, ["mesh.fsdp=2", "mesh.tensor=2"]), 8)
+    )
     setup = step_lib.train_setup(config, mesh, 10)
     state = step_lib.initial_state(setup, config, mesh)
     layout = step_lib.batch_sharding(mesh, config)

@@ -319,12 +319,11 @@ def test_data_written_past_the_commit_record_is_discarded(
 
 def test_exception_in_with_block_drops_buffer_and_resume_continues(tmp_path: Path) -> None:
     documents = make_documents(12, seed=9)
-    with pytest.raises(RuntimeError):
-        with StoreWriter(tmp_path / "s", TOKENIZER) as writer:
-            writer.append(documents[:5])
-            writer.flush()
-            writer.append(documents[5:8])
-            raise RuntimeError("input broke")
+    with pytest.raises(RuntimeError), StoreWriter(tmp_path / "s", TOKENIZER) as writer:
+        writer.append(documents[:5])
+        writer.flush()
+        writer.append(documents[5:8])
+        raise RuntimeError("input broke")
     with StoreWriter(tmp_path / "s", TOKENIZER) as writer:
         assert writer.num_committed == 5
         writer.append(documents[5:])

@@ -19,11 +19,11 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from processes import wait_until
 
+from generation import demo
 from megadoc_jax import config as config_lib
 from megadoc_jax import train
-from generation import demo
-from processes import wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS = 12
@@ -116,7 +116,12 @@ def run_train_process(overrides: list[str], devices: int, env: dict | None = Non
     }
     return subprocess.Popen(
         [sys.executable, "-m", "megadoc_jax.train", "--config", str(REPO / "configs" / "tiny.yaml"), *overrides],
-        env=environment, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen,
+        env=environment,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **popen,
     )
 
 
@@ -167,7 +172,9 @@ def test_sigterm_saves_and_exits_then_resumes(demo_data, tmp_path):
 
 def test_non_finite_step_stops_and_keeps_last_good_checkpoint(demo_data, tmp_path):
     # An absurd learning rate overflows fp32 within a few steps.
-    config = tiny_config(demo_data, tmp_path, "mesh.data=1", "optim.lr=1e30", "optim.clip_norm=0", "train.checkpoint_every=1")
+    config = tiny_config(
+        demo_data, tmp_path, "mesh.data=1", "optim.lr=1e30", "optim.clip_norm=0", "train.checkpoint_every=1"
+    )
     result = train.run(config, devices=jax.devices()[:1])
     assert result.exit_code == 3
     assert result.step < STEPS
@@ -185,7 +192,9 @@ def free_port() -> int:
 def test_two_process_distributed_run_matches_one_process(demo_data, tmp_path, eight_device_run):
     eight, _ = eight_device_run
     coordinator = f"127.0.0.1:{free_port()}"
-    overrides = tiny_overrides(demo_data, tmp_path, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "train.checkpoint_every=6")
+    overrides = tiny_overrides(
+        demo_data, tmp_path, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "train.checkpoint_every=6"
+    )
     processes = [
         run_train_process(
             overrides,

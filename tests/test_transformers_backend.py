@@ -5,6 +5,7 @@ process and resume, and the whole path from documents to a token store.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -16,9 +17,9 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="the transformers backend needs torch: pip install 'megadoc-jax[torch]'")
 
+from processes import kill_when  # noqa: E402
 from test_generate import merged_lines, write_docs  # noqa: E402
 from test_prompts import make_generator_dir  # noqa: E402
-from processes import kill_when  # noqa: E402
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from generation.backends import BackendError, Request, Sampling, create_backend  # noqa: E402
@@ -34,10 +35,16 @@ def make_tiny_llama(path: Path) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=1024, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.eos_token_id,
-    )  # fmt: skip
+    )
     LlamaForCausalLM(config).save_pretrained(str(path))
     return path
 
@@ -107,10 +114,8 @@ def test_models_load_from_local_directories_and_run_no_shipped_code(model_dir, t
     config = json.loads((shipped / "config.json").read_text())
     config["auto_map"] = {"AutoModelForCausalLM": "modeling_shipped.ShippedModel"}
     (shipped / "config.json").write_text(json.dumps(config))
-    try:
+    with contextlib.suppress(Exception):  # refusing to load is fine too; running the shipped code is not
         create_backend("transformers", shipped)
-    except Exception:  # refusing to load is fine too; running the shipped code is not
-        pass
     assert not marker.exists()
 
 
@@ -118,14 +123,40 @@ def test_kill_9_mid_run_then_resume_matches_an_uninterrupted_run(model_dir, tmp_
     docs = write_docs(tmp_path / "docs.jsonl", count=8)
     common = ["--samples", "2", "--max-new-tokens", "6", "--chunk-documents", "1", "--backend-option", "batch_size=4"]
     settings = GenerationSettings(samples=2, max_new_tokens=6, chunk_documents=1)
-    run(settings, [docs], model_dir, tmp_path / "clean", backend="transformers",
-        backend_options={"batch_size": 4}, progress=False)  # fmt: skip
+    run(
+        settings,
+        [docs],
+        model_dir,
+        tmp_path / "clean",
+        backend="transformers",
+        backend_options={"batch_size": 4},
+        progress=False,
+    )
     out = tmp_path / "killed"
     ledger = worker_dir(out, 0, 1) / LEDGER
-    command = [sys.executable, "-m", "generation", "generate", "--input", str(docs), "--model",
-               str(model_dir), "--output", str(out), "--backend", "transformers", "--no-progress", *common]  # fmt: skip
-    process = subprocess.Popen(command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "generation",
+        "generate",
+        "--input",
+        str(docs),
+        "--model",
+        str(model_dir),
+        "--output",
+        str(out),
+        "--backend",
+        "transformers",
+        "--no-progress",
+        *common,
+    ]
+    process = subprocess.Popen(
+        command,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     # Killed in the third chunk: generating, writing its part or its ledger line.
     two_chunks = lambda: ledger.exists() and ledger.read_bytes().count(b"\n") >= 2  # noqa: E731
     kill_when(process, two_chunks, timeout=240, what="the worker")
@@ -133,8 +164,9 @@ def test_kill_9_mid_run_then_resume_matches_an_uninterrupted_run(model_dir, tmp_
     assert not (worker_dir(out, 0, 1) / SUMMARY).exists(), "killed too late: the worker had finished"
     committed_before_resume = ledger.read_bytes().count(b"\n")
     assert 2 <= committed_before_resume < 8
-    summary = run(settings, [docs], model_dir, out, backend="transformers", backend_options={"batch_size": 4},
-                  progress=False)  # fmt: skip
+    summary = run(
+        settings, [docs], model_dir, out, backend="transformers", backend_options={"batch_size": 4}, progress=False
+    )
     assert summary["documents"] == 8 and summary["samples"] == 16
     assert merged_lines(tmp_path / "clean", tmp_path / "m1") == merged_lines(out, tmp_path / "m2")
     sessions = json.loads((worker_dir(out, 0, 1) / "provenance.json").read_text())["sessions"]
@@ -152,8 +184,15 @@ def test_end_to_end_into_a_token_store(model_dir, tmp_path):
     summary = run(settings, [docs], model_dir, tmp_path / "gen", backend="transformers", progress=False)
     assert summary["kept"] == 8
     merged_lines(tmp_path / "gen", tmp_path / "merged")
-    build_megadocs([docs], [tmp_path / "merged"], model_dir, tmp_path / "stores", [("stitched-back", 2)],
-                   StreamOptions(progress=False), workers=0)  # fmt: skip
+    build_megadocs(
+        [docs],
+        [tmp_path / "merged"],
+        model_dir,
+        tmp_path / "stores",
+        [("stitched-back", 2)],
+        StreamOptions(progress=False),
+        workers=0,
+    )
     reader = StoreReader.open(next((tmp_path / "stores").glob("stitched-back*")))
     assert reader.num_documents == 4
     document = reader.document(0)

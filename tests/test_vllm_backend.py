@@ -115,8 +115,13 @@ def backend(model_dir, **options) -> VllmBackend:
 
 
 def test_engine_arguments_prefix_caching_and_knobs(model_dir):
-    options = VllmOptions(max_num_seqs=256, max_num_batched_tokens=8192, gpu_memory_utilization=0.8,
-                          max_model_len=2048, tensor_parallel_size=2)  # fmt: skip
+    options = VllmOptions(
+        max_num_seqs=256,
+        max_num_batched_tokens=8192,
+        gpu_memory_utilization=0.8,
+        max_model_len=2048,
+        tensor_parallel_size=2,
+    )
     args = engine_arguments(model_dir, options, trust_remote_code=False)
     assert args["enable_prefix_caching"] is True and args["trust_remote_code"] is False
     assert args["model"] == args["tokenizer"] == str(model_dir)

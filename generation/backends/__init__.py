@@ -25,8 +25,9 @@ import dataclasses
 import hashlib
 import importlib
 import typing
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, ClassVar
 
 # Finish reasons as vLLM names them: "stop" (EOS or a stop token), "length" (max_new_tokens reached).
 from megadoc_jax.data.store import FINISH_LENGTH, FINISH_STOP  # noqa: F401  (re-exported for the backends)

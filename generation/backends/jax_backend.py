@@ -21,8 +21,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import flax
 import jax
@@ -51,8 +52,9 @@ class JaxBackend(Backend):
     Options = JaxOptions
     supports_ensembles = True
 
-    def __init__(self, model_dir: Path | Sequence[Path], options: JaxOptions | None = None, *,
-                 trust_remote_code: bool = False):  # fmt: skip
+    def __init__(
+        self, model_dir: Path | Sequence[Path], options: JaxOptions | None = None, *, trust_remote_code: bool = False
+    ):
         """model_dir: one model, or several (an ensemble: every step samples the mean of the members'
         logits). Members may differ in shape but must share the tokenizer; the first one's tokenizer,
         chat template and EOS are used, and the context length is the shortest member's (unless the
@@ -108,8 +110,9 @@ class JaxBackend(Backend):
             candidates = [model_dir] + ([Path(run_tokenizer)] if run_tokenizer else [])
             found = next((d for d in candidates if (d / hf.TOKENIZER_JSON).is_file()), None)
             if found is None:
-                raise BackendError(f"backend jax: no tokenizer.json in {model_dir} nor in the run's data.tokenizer "
-                                   f"{run_tokenizer!r}")  # fmt: skip
+                raise BackendError(
+                    f"backend jax: no tokenizer.json in {model_dir} nor in the run's data.tokenizer {run_tokenizer!r}"
+                )
             tokenizer = hf.load_tokenizer(found)
         except (checkpoint.CheckpointError, hf.HFError) as e:
             raise BackendError(f"backend jax: {e}") from e
@@ -145,9 +148,14 @@ class JaxBackend(Backend):
             width = -(-max(len(p) for p in prompts) // bucket) * bucket
             with jax.set_mesh(self.mesh):
                 generated = self.sampler.generate(
-                    list(prompts) + [prompts[0]] * filler, seeds + [0] * filler, config, sampling.max_new_tokens,
-                    width=width, padding=self.options.padding, input_sharding=self.row_sharding,
-                )  # fmt: skip
+                    list(prompts) + [prompts[0]] * filler,
+                    seeds + [0] * filler,
+                    config,
+                    sampling.max_new_tokens,
+                    width=width,
+                    padding=self.options.padding,
+                    input_sharding=self.row_sharding,
+                )
             for (i, k, _), sample in zip(batch, generated):
                 results[i][k] = Completion(sample.token_ids, sample.finish_reason)
         return results  # type: ignore[return-value]

@@ -15,8 +15,8 @@ Models load from a local directory only (local_files_only); trust_remote_code on
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import transformers

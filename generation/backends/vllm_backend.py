@@ -25,8 +25,9 @@ import dataclasses
 import importlib
 import os
 import types
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from generation.backends import Backend, BackendError, Completion, Devices, Request, Sampling
 

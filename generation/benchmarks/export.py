@@ -91,28 +91,40 @@ def main() -> None:
         info, tokenizer_json = export_module.export_tokenizer(tokenizer_dir)  # transformers imported before timing
         texts = write_corpus(root / "corpus.jsonl", args.tokens, tokenizer_json, info.eos_id)
         size_mb = (root / "corpus.jsonl").stat().st_size / 1e6
-        print(f"corpus: {len(texts):,} documents, {size_mb:.1f} MB JSONL; workers={args.workers} "
-              f"batch_size={args.batch_size} cpus={os.cpu_count()}")  # fmt: skip
+        print(
+            f"corpus: {len(texts):,} documents, {size_mb:.1f} MB JSONL; workers={args.workers} "
+            f"batch_size={args.batch_size} cpus={os.cpu_count()}"
+        )
 
         best = {"bare": (0.0, 0.0), "export": (0.0, 0.0)}  # (tokens per wall second, per CPU second)
         for repeat in range(args.repeats):
-            tokens, wall, cpu = timed(bare_tokenization, texts, tokenizer_json, info.eos_id, args.workers,
-                                      args.batch_size)  # fmt: skip
+            tokens, wall, cpu = timed(
+                bare_tokenization, texts, tokenizer_json, info.eos_id, args.workers, args.batch_size
+            )
             report, export_wall, export_cpu = timed(
-                export_module.export, [root / "corpus.jsonl"], tokenizer_dir, root / f"store{repeat}",
-                workers=args.workers, batch_size=args.batch_size, progress=False,
-            )  # fmt: skip
+                export_module.export,
+                [root / "corpus.jsonl"],
+                tokenizer_dir,
+                root / f"store{repeat}",
+                workers=args.workers,
+                batch_size=args.batch_size,
+                progress=False,
+            )
             if report["tokens"] != tokens:
                 raise RuntimeError(f"export wrote {report['tokens']} tokens, bare tokenization gave {tokens}")
             for name, seconds, cpu_s in (("bare", wall, cpu), ("export", export_wall, export_cpu)):
                 rates = (tokens / seconds, tokens / cpu_s)
                 best[name] = (max(best[name][0], rates[0]), max(best[name][1], rates[1]))
-                print(f"{name:6} run {repeat}: {tokens:,} tokens, {seconds:.2f} s wall = {rates[0]:,.0f} tokens/s, "
-                      f"{cpu_s:.2f} s CPU = {rates[1]:,.0f} tokens/CPU-s")  # fmt: skip
+                print(
+                    f"{name:6} run {repeat}: {tokens:,} tokens, {seconds:.2f} s wall = {rates[0]:,.0f} tokens/s, "
+                    f"{cpu_s:.2f} s CPU = {rates[1]:,.0f} tokens/CPU-s"
+                )
         for i, unit in enumerate(("tokens/s (wall)", "tokens/CPU-s")):
             bare, export = best["bare"][i], best["export"][i]
-            print(f"best {unit}: bare {bare:,.0f}, export {export:,.0f}, ratio export/bare {export / bare:.2f} "
-                  "(goal >= 0.8)")  # fmt: skip
+            print(
+                f"best {unit}: bare {bare:,.0f}, export {export:,.0f}, ratio export/bare {export / bare:.2f} "
+                "(goal >= 0.8)"
+            )
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@
 Input: --sources documents of the demo corpus (megadoc_jax.data.demo: Python's own documentation,
 repeated with distinct ids) as JSONL, and a generation file in the format of generation/merge.py: for
 source i, rephrase k is the text of another demo document and rationale k its first 1,500 characters
-(real English text of realistic length; no generator runs here). The demo tokenizer (byte-level BPE) is trained on the fly.
+(real English text of realistic length; no generator runs here). The demo tokenizer (byte-level BPE) is
+trained on the fly.
 
 Per method, both sides tokenize exactly the texts that method's stream holds (originals and rephrases
 1..G, or originals and rationales 1..G):
@@ -33,9 +34,9 @@ import tempfile
 from pathlib import Path
 
 from generation import megadocs
+from generation.benchmarks.export import bare_tokenization, timed
 from generation.export import default_workers, export_tokenizer
 from generation.megadoc_export import DEFAULT_BATCH_TEXTS, StreamOptions, build_megadocs
-from generation.benchmarks.export import bare_tokenization, timed
 from megadoc_jax.data import demo
 
 RATIONALE_CHARS = 1500
@@ -50,16 +51,26 @@ def write_inputs(root: Path, num_sources: int, G: int) -> tuple[Path, Path, dict
     documents = demo.demo_documents()
     n = len(documents)
     texts: dict[str, list[str]] = {"rephrase": [], "rationale": []}
-    with open(root / "sources.jsonl", "w", encoding="utf-8") as sources, \
-         open(root / "generations.jsonl", "w", encoding="utf-8") as generations:  # fmt: skip
+    with (
+        open(root / "sources.jsonl", "w", encoding="utf-8") as sources,
+        open(root / "generations.jsonl", "w", encoding="utf-8") as generations,
+    ):
         for i in range(num_sources):
             doc_id = f"{i // n}/{documents[i % n]['id']}"
             sources.write(json.dumps({"id": doc_id, "text": documents[i % n]["text"]}) + "\n")
             for k in range(G):
                 other = documents[(i + 1 + k) % n]["text"]
                 for task, text in (("rephrase", other), ("rationale", other[:RATIONALE_CHARS])):
-                    record = {"doc_id": doc_id, "task": task, "sample": k, "G": G, "text": text,
-                              "finish_reason": "stop", "generator": "demo-texts", "prompt_version": "benchmark"}  # fmt: skip
+                    record = {
+                        "doc_id": doc_id,
+                        "task": task,
+                        "sample": k,
+                        "G": G,
+                        "text": text,
+                        "finish_reason": "stop",
+                        "generator": "demo-texts",
+                        "prompt_version": "benchmark",
+                    }
                     generations.write(json.dumps(record) + "\n")
                     texts[task].append(text)
     return root / "sources.jsonl", root / "generations.jsonl", texts
@@ -80,9 +91,12 @@ def main() -> None:
         tokenizer_dir = demo.train_demo_tokenizer(root / "tokenizer")
         info, tokenizer_json = export_tokenizer(tokenizer_dir)  # transformers imported before timing
         sources_path, generations_path, generated = write_inputs(root, args.sources, args.G)
-        originals = [json.loads(line)["text"] for line in open(sources_path, encoding="utf-8")]
-        print(f"{args.sources} sources, G={args.G}, workers={args.workers}, batch_texts={args.batch_texts}, "
-              f"cpus={os.cpu_count()}, tokenizer: demo BPE {info.vocab_size}")  # fmt: skip
+        with open(sources_path, encoding="utf-8") as lines:
+            originals = [json.loads(line)["text"] for line in lines]
+        print(
+            f"{args.sources} sources, G={args.G}, workers={args.workers}, batch_texts={args.batch_texts}, "
+            f"cpus={os.cpu_count()}, tokenizer: demo BPE {info.vocab_size}"
+        )
         for method in args.methods.split(","):
             spec = megadocs.method_spec(method)
             texts = originals * spec.with_original + generated[spec.task]
@@ -93,23 +107,41 @@ def main() -> None:
                 )
                 tokens = counted - len(texts)  # bare_tokenization counts an EOS per text
                 (report,), wall, cpu = timed(
-                    build_megadocs, [sources_path], [generations_path], tokenizer_dir, root / f"{method}-{repeat}",
-                    [(method, args.G)], StreamOptions(batch_texts=args.batch_texts, progress=False), workers=args.workers,
-                )  # fmt: skip
+                    build_megadocs,
+                    [sources_path],
+                    [generations_path],
+                    tokenizer_dir,
+                    root / f"{method}-{repeat}",
+                    [(method, args.G)],
+                    StreamOptions(batch_texts=args.batch_texts, progress=False),
+                    workers=args.workers,
+                )
                 kinds = report["tokens_by_kind"]
                 if kinds["original"] + kinds["rephrase"] + kinds["rationale"] != tokens:
-                    raise RuntimeError(f"{method}: megadocs stored {kinds} text tokens, bare tokenization gave {tokens}")
-                for key, seconds in (("bare wall", bare_wall), ("bare cpu", bare_cpu), ("megadocs wall", wall),
-                                     ("megadocs cpu", cpu), ("stream wall", report["seconds"])):  # fmt: skip
+                    raise RuntimeError(
+                        f"{method}: megadocs stored {kinds} text tokens, bare tokenization gave {tokens}"
+                    )
+                for key, seconds in (
+                    ("bare wall", bare_wall),
+                    ("bare cpu", bare_cpu),
+                    ("megadocs wall", wall),
+                    ("megadocs cpu", cpu),
+                    ("stream wall", report["seconds"]),
+                ):
                     best[key] = max(best[key], tokens / seconds)
-                print(f"{method:14s} run {repeat}: {tokens:,} text tokens ({report['tokens']:,} stored); bare "
-                      f"{bare_wall:.2f} s wall {bare_cpu:.2f} s cpu; megadocs {wall:.2f} s wall (stream alone "
-                      f"{report['seconds']:.2f} s) {cpu:.2f} s cpu")  # fmt: skip
-            print(f"{method:14s} best tokens/s: bare {best['bare wall']:,.0f} wall, {best['bare cpu']:,.0f} cpu; "
-                  f"megadocs {best['megadocs wall']:,.0f} wall, {best['megadocs cpu']:,.0f} cpu, stream alone "
-                  f"{best['stream wall']:,.0f} wall | ratio megadocs/bare: wall {best['megadocs wall'] / best['bare wall']:.2f}, "
-                  f"cpu {best['megadocs cpu'] / best['bare cpu']:.2f}, stream alone wall "
-                  f"{best['stream wall'] / best['bare wall']:.2f} (goal >= 0.8)")  # fmt: skip
+                print(
+                    f"{method:14s} run {repeat}: {tokens:,} text tokens ({report['tokens']:,} stored); bare "
+                    f"{bare_wall:.2f} s wall {bare_cpu:.2f} s cpu; megadocs {wall:.2f} s wall (stream alone "
+                    f"{report['seconds']:.2f} s) {cpu:.2f} s cpu"
+                )
+            print(
+                f"{method:14s} best tokens/s: bare {best['bare wall']:,.0f} wall, {best['bare cpu']:,.0f} cpu; "
+                f"megadocs {best['megadocs wall']:,.0f} wall, {best['megadocs cpu']:,.0f} cpu, stream alone "
+                f"{best['stream wall']:,.0f} wall | ratio megadocs/bare: "
+                f"wall {best['megadocs wall'] / best['bare wall']:.2f}, "
+                f"cpu {best['megadocs cpu'] / best['bare cpu']:.2f}, stream alone wall "
+                f"{best['stream wall'] / best['bare wall']:.2f} (goal >= 0.8)"
+            )
 
 
 if __name__ == "__main__":

@@ -44,7 +44,6 @@ from megadoc_jax.attention.layout import CONTEXT_AXIS, context_size
 from megadoc_jax.attention.registry import register_backend
 from megadoc_jax.attention.ring_blocks import NEG, block_mask, scores, varying_like
 
-
 # --------------------------------------------------------------------------------------------------
 # Token indices on each device
 # --------------------------------------------------------------------------------------------------
@@ -113,9 +112,7 @@ def _visible_part(source, device, causal: bool, full_fn, first_kv_fn, second_q_f
     (source == device) is the local causal block, computed whole."""
     if not causal:
         return full_fn()
-    return jax.lax.cond(
-        source == device, full_fn, lambda: jax.lax.cond(source < device, first_kv_fn, second_q_fn)
-    )
+    return jax.lax.cond(source == device, full_fn, lambda: jax.lax.cond(source < device, first_kv_fn, second_q_fn))
 
 
 def _ring_forward(q, k, v, seg, causal: bool, context: int, blocks):
@@ -183,9 +180,17 @@ def _ring_backward(q, k, v, seg, out, lse, do, causal: bool, context: int, block
             keys = (k_s, v_s, k_idx, seg_s)
             half = lambda x: x[:, chunk:]
             dq_b, dk_b, dv_b = blocks.backward(
-                half(q), half(do), half(out), half(lse), half(delta), q_idx[chunk:], seg_2, keys, causal,
+                half(q),
+                half(do),
+                half(out),
+                half(lse),
+                half(delta),
+                q_idx[chunk:],
+                seg_2,
+                keys,
+                causal,
                 diagonal=False,
-            )  # fmt: skip
+            )
             return dq + jnp.concatenate([jnp.zeros_like(dq_b), dq_b], axis=1), dk_s + dk_b, dv_s + dv_b
 
         dq, dk_s, dv_s = _visible_part(source, device, causal, full, first_kv, second_q)
@@ -281,8 +286,10 @@ def _per_device(fn, arg_kinds: str, out_kinds: str, *args, check_vma: bool = Tru
 
     def local(*local_args):
         groups = local_args[arg_kinds.index("k")].shape[2]  # kv heads on this device
-        grouped = {"q": lambda x: x.reshape(*x.shape[:2], groups, -1, x.shape[3]),
-                   "l": lambda x: x.reshape(*x.shape[:2], groups, -1)}  # fmt: skip
+        grouped = {
+            "q": lambda x: x.reshape(*x.shape[:2], groups, -1, x.shape[3]),
+            "l": lambda x: x.reshape(*x.shape[:2], groups, -1),
+        }
         inputs = [grouped.get(kind, lambda x: x)(x) for kind, x in zip(arg_kinds, local_args)]
         outputs = fn(*inputs)
         flat = {"q": lambda x: x.reshape(*x.shape[:2], -1, x.shape[4]), "l": lambda x: x.reshape(*x.shape[:2], -1)}

@@ -24,8 +24,7 @@ def zigzag_order(length: int, context: int) -> np.ndarray:
     """int32 [length]: original token index at each position of the load-balanced layout."""
     if length % (2 * context):
         raise ValueError(
-            f"zig-zag layout: sequence length {length} (data.seq_len) must be divisible by "
-            f"2 x context = {2 * context}"
+            f"zig-zag layout: sequence length {length} (data.seq_len) must be divisible by 2 x context = {2 * context}"
         )
     chunk = length // (2 * context)
     chunks = [(d, 2 * context - 1 - d) for d in range(context)]

@@ -9,7 +9,8 @@ the model is built (megadoc_jax/attention/__init__.py imports the built-in ones)
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Mapping, Protocol
+from collections.abc import Callable, Mapping
+from typing import Protocol
 
 import jax
 import numpy as np

@@ -122,8 +122,12 @@ def tiled_forward(acc, q, q_idx, q_seg, keys, causal: bool):
             acc_t, q_t, q_idx_t, q_seg_t = t
             return block_forward(acc_t, q_t, q_idx_t, q_seg_t, (k_r, v_r, k_idx, k_seg_r), causal)
 
-        tiles = (jax.tree.map(lambda x: _tiles(x, n), acc_r), _tiles(q_r, n), q_idx.reshape(n, -1),
-                 None if q_seg_r is None else _tiles(q_seg_r, n))  # fmt: skip
+        tiles = (
+            jax.tree.map(lambda x: _tiles(x, n), acc_r),
+            _tiles(q_r, n),
+            q_idx.reshape(n, -1),
+            None if q_seg_r is None else _tiles(q_seg_r, n),
+        )
         return jax.tree.map(lambda x: _untile(x)[0], jax.lax.map(tile, tiles))
 
     return jax.lax.map(row, (acc, q, q_seg, k, v, k_seg))

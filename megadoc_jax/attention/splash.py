@@ -35,14 +35,20 @@ def block_sizes(q_len: int, kv_len: int | None = None) -> splash_kernel.BlockSiz
             f"{SPLASH_BLOCK} or multiples of {MIN_SPLASH_BLOCK}"
         )
     return splash_kernel.BlockSizes(
-        block_q=block_q, block_kv=block_kv, block_kv_compute=block_kv,
-        block_q_dkv=block_q, block_kv_dkv=block_kv, block_kv_dkv_compute=block_kv,
-        block_q_dq=block_q, block_kv_dq=block_kv,
-    )  # fmt: skip
+        block_q=block_q,
+        block_kv=block_kv,
+        block_kv_compute=block_kv,
+        block_q_dkv=block_q,
+        block_kv_dkv=block_kv,
+        block_kv_dkv_compute=block_kv,
+        block_q_dq=block_q,
+        block_kv_dq=block_kv,
+    )
 
 
-def _splash_kernel(q_len: int, group: int, causal: bool, interpret: bool, kv_len: int | None = None,
-                   save_residuals: bool = False):  # fmt: skip
+def _splash_kernel(
+    q_len: int, group: int, causal: bool, interpret: bool, kv_len: int | None = None, save_residuals: bool = False
+):
     """Multi-query kernel for `group` query heads sharing one kv head (the mask is static). Built per
     trace, not cached: it holds arrays that would leak from one trace into another."""
     shape = (q_len, q_len if kv_len is None else kv_len)
@@ -70,7 +76,7 @@ def _segments(q_seg_BxQ, k_seg_BxS) -> tuple:
     return () if q_seg_BxQ is None else (q_seg_BxQ, k_seg_BxS)
 
 
-def _ids(*seg) -> "splash_kernel.SegmentIds | None":
+def _ids(*seg) -> splash_kernel.SegmentIds | None:
     return splash_kernel.SegmentIds(q=seg[0], kv=seg[1]) if seg else None
 
 
@@ -81,8 +87,9 @@ def _on_platform(run, interpret: bool | None):
     return jax.lax.platform_dependent(tpu=lambda: run(False), default=lambda: run(True))
 
 
-def _splash_mqa(q_BxQxGxRxK, k_BxSxGxK, v_BxSxGxK, q_seg_BxQ, k_seg_BxS, causal: bool,
-                interpret: bool | None, save_residuals: bool):  # fmt: skip
+def _splash_mqa(
+    q_BxQxGxRxK, k_BxSxGxK, v_BxSxGxK, q_seg_BxQ, k_seg_BxS, causal: bool, interpret: bool | None, save_residuals: bool
+):
     """The multi-query kernel over every batch row and kv head: out [B, G, R, Q, K] in q's dtype, plus the
     logsumexp [B, G, R, Q] when save_residuals (then not differentiable; otherwise autodiff uses the
     kernel's own backward)."""
@@ -142,15 +149,18 @@ def splash_fits_block(chunk: int) -> bool:
     return chunk % MIN_SPLASH_BLOCK == 0
 
 
-def splash_block_forward(q_BxQxGxRxK, k_BxSxGxK, v_BxSxGxK, q_seg_BxQ, k_seg_BxS, causal: bool,
-                         interpret: bool | None = None):  # fmt: skip
+def splash_block_forward(
+    q_BxQxGxRxK, k_BxSxGxK, v_BxSxGxK, q_seg_BxQ, k_seg_BxS, causal: bool, interpret: bool | None = None
+):
     """(out [B, Q, G, R, K], logsumexp [B, Q, G, R]) of one block, normalised within it; returned in fp32
     (the output as the kernel wrote it, in the input dtype)."""
     out_BxGxRxQxK, (lse_BxGxRxQ,) = _splash_mqa(
         q_BxQxGxRxK, k_BxSxGxK, v_BxSxGxK, q_seg_BxQ, k_seg_BxS, causal, interpret, save_residuals=True
     )
-    return (out_BxGxRxQxK.transpose(0, 3, 1, 2, 4).astype(jnp.float32),
-            lse_BxGxRxQ.transpose(0, 3, 1, 2).astype(jnp.float32))  # fmt: skip
+    return (
+        out_BxGxRxQxK.transpose(0, 3, 1, 2, 4).astype(jnp.float32),
+        lse_BxGxRxQ.transpose(0, 3, 1, 2).astype(jnp.float32),
+    )
 
 
 def _collapsed(mask_info):
@@ -161,8 +171,18 @@ def _collapsed(mask_info):
     return mask_info._replace(partial_mask_blocks=blocks.reshape(-1, *blocks.shape[-2:]))
 
 
-def splash_block_backward(q_BxQxGxRxK, k_BxSxGxK, v_BxSxGxK, q_seg_BxQ, k_seg_BxS, out_BxQxGxRxK,
-                          lse_BxQxGxR, do_BxQxGxRxK, causal: bool, interpret: bool | None = None):  # fmt: skip
+def splash_block_backward(
+    q_BxQxGxRxK,
+    k_BxSxGxK,
+    v_BxSxGxK,
+    q_seg_BxQ,
+    k_seg_BxS,
+    out_BxQxGxRxK,
+    lse_BxQxGxR,
+    do_BxQxGxRxK,
+    causal: bool,
+    interpret: bool | None = None,
+):
     """(dq, dk, dv) of one block from the ring's final output and logsumexp (see above); returned in fp32
     (as the kernel wrote them, in the input dtypes)."""
     b, q_len, groups, group, size = q_BxQxGxRxK.shape
@@ -179,9 +199,17 @@ def splash_block_backward(q_BxQxGxRxK, k_BxSxGxK, v_BxSxGxK, q_seg_BxQ, k_seg_Bx
         def one_kv_head(q_RxQxK, k_SxK, v_SxK, ids, out_RxQxK, lse_RxQ, do_RxQxK):
             residuals = (q_RxQxK, k_SxK, v_SxK, ids, None, out_RxQxK, lse_RxQ, dq_info, dkv_info)
             grads = splash_kernel._splash_attention_bwd(
-                False, options["mask_value"], True, options["block_sizes"], None,
-                options["mask_function"], None, interpret, residuals, do_RxQxK,
-            )  # fmt: skip
+                False,
+                options["mask_value"],
+                True,
+                options["block_sizes"],
+                None,
+                options["mask_function"],
+                None,
+                interpret,
+                residuals,
+                do_RxQxK,
+            )
             return grads[3:6]  # dq, dk, dv
 
         def one_row(q_GxRxQxK, k_GxSxK, v_GxSxK, out_GxRxQxK, lse_GxRxQ, do_GxRxQxK, *seg):

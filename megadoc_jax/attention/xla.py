@@ -33,9 +33,9 @@ def masked_attention(
     b, t, heads, size = q_BxTxHxK.shape
     kv_heads = k_BxSxGxK.shape[2]
     q_BxTxGxRxK = q_BxTxHxK.reshape(b, t, kv_heads, heads // kv_heads, size)
-    scores_BxGxRxTxS = jnp.einsum(
-        "btgrk,bsgk->bgrts", q_BxTxGxRxK, k_BxSxGxK, preferred_element_type=jnp.float32
-    ) * (size**-0.5)
+    scores_BxGxRxTxS = jnp.einsum("btgrk,bsgk->bgrts", q_BxTxGxRxK, k_BxSxGxK, preferred_element_type=jnp.float32) * (
+        size**-0.5
+    )
     if mask_BxTxS is not None:
         # A finite minimum instead of -inf: a fully masked row gives a uniform distribution, not NaN.
         scores_BxGxRxTxS = jnp.where(mask_BxTxS[:, None, None], scores_BxGxRxTxS, jnp.finfo(jnp.float32).min)

@@ -49,6 +49,7 @@ def compare(lengths: list[int], repeats: int, heads: int = 12, head_size: int = 
         q, k, v = (jax.random.normal(key, (1, length, heads, head_size), jnp.bfloat16) for key in keys)
         results, times = {}, {}
         for impl in ("xla", "cudnn"):
+
             def loss(q, k, v, impl=impl):
                 out = attention_lib.attention(q, k, v, causal=True, impl=impl)
                 return out.astype(jnp.float32).sum(), out
@@ -65,30 +66,46 @@ def compare(lengths: list[int], repeats: int, heads: int = 12, head_size: int = 
         rel = lambda a, b: float(np.abs(a - b).max() / np.abs(b).max())
         out_err = rel(results["cudnn"][0], results["xla"][0])
         grad_err = max(rel(a, b) for a, b in zip(results["cudnn"][1], results["xla"][1]))
-        print(f"{length:>7} {times['xla'] * 1e3:9.2f} {times['cudnn'] * 1e3:9.2f} "
-              f"{times['xla'] / times['cudnn']:9.2f} {out_err:9.2e} {grad_err:9.2e}")  # fmt: skip
+        print(
+            f"{length:>7} {times['xla'] * 1e3:9.2f} {times['cudnn'] * 1e3:9.2f} "
+            f"{times['xla'] / times['cudnn']:9.2f} {out_err:9.2e} {grad_err:9.2e}"
+        )
 
 
 def _step_runs(length: int) -> bool:
-    cfg = config_lib.load(None, [
-        "model.size=300m", "model.attention=cudnn", "model.remat=full", f"data.seq_len={length}",
-        "train.batch_size=1", "mesh.data=1",
-    ])  # fmt: skip
+    cfg = config_lib.load(
+        None,
+        [
+            "model.size=300m",
+            "model.attention=cudnn",
+            "model.remat=full",
+            f"data.seq_len={length}",
+            "train.batch_size=1",
+            "mesh.data=1",
+        ],
+    )
     graphdef, params = nnx.split(Decoder(cfg.model, rngs=nnx.Rngs(0)))
     params = nnx.to_pure_dict(params)
     tx = optax.adamw(1e-3)
     step = jax.jit(step_lib.make_train_step(graphdef, tx, optax.constant_schedule(1e-3), cfg), donate_argnums=(0,))
     tokens = jnp.zeros((1, length), jnp.int32)
-    batch = {"inputs": tokens, "targets": tokens, "positions": jnp.arange(length)[None],
-             "segment_ids": tokens + 1, "loss_mask": jnp.ones((1, length), jnp.float32)}  # fmt: skip
+    batch = {
+        "inputs": tokens,
+        "targets": tokens,
+        "positions": jnp.arange(length)[None],
+        "segment_ids": tokens + 1,
+        "loss_mask": jnp.ones((1, length), jnp.float32),
+    }
     try:
         state, metrics = step(step_lib.init_state(params, tx), batch)
         ok = bool(np.isfinite(float(metrics["loss"])))
     except Exception as e:  # RESOURCE_EXHAUSTED at compile or run time
         print(f"  {length}: {type(e).__name__}: {str(e).splitlines()[0][:100]}")
         return False
-    print(f"  {length}: one step ran, loss {float(metrics['loss']):.3f}, peak "
-          f"{jax.devices()[0].memory_stats().get('peak_bytes_in_use', 0) / 2**30:.1f} GiB")  # fmt: skip
+    print(
+        f"  {length}: one step ran, loss {float(metrics['loss']):.3f}, peak "
+        f"{jax.devices()[0].memory_stats().get('peak_bytes_in_use', 0) / 2**30:.1f} GiB"
+    )
     return ok
 
 

@@ -35,12 +35,15 @@ CONTEXTS = (1, 2, 4, 8)
 IMPLS = ("ring", "all_gather")
 
 
-def _attention_temp(impl: str, mesh, length: int, heads: int, head_size: int, rows: int,
-                    segments: bool) -> tuple[int, bool]:  # fmt: skip
+def _attention_temp(
+    impl: str, mesh, length: int, heads: int, head_size: int, rows: int, segments: bool
+) -> tuple[int, bool]:
     shape = (rows, length, heads, head_size)
     layout = sharding.named_sharding(mesh, ("batch", "seq", "heads", "head_dim"), shape)
     q = k = v = jax.ShapeDtypeStruct(shape, jnp.bfloat16, sharding=layout)
-    seg = jax.ShapeDtypeStruct(shape[:2], jnp.int32, sharding=sharding.named_sharding(mesh, ("batch", "seq"), shape[:2]))
+    seg = jax.ShapeDtypeStruct(
+        shape[:2], jnp.int32, sharding=sharding.named_sharding(mesh, ("batch", "seq"), shape[:2])
+    )
 
     def loss(q, k, v, seg):
         out = attention_lib.attention(q, k, v, segment_ids_BxL=seg if segments else None, impl=impl)
@@ -102,11 +105,17 @@ def main() -> None:
         for impl in IMPLS:
             for c in CONTEXTS:
                 mesh = sharding.make_mesh({"data": 8 // c, "context": c}, devices=devices)
-                cfg = config_lib.load(None, [
-                    f"model.size={args.model}", f"model.attention={impl}", "model.remat=full",
-                    f"data.seq_len={args.seq}", f"train.batch_size={8 // c}",
-                    f"data.document_masking={str(args.document_masking).lower()}",
-                ])  # fmt: skip
+                cfg = config_lib.load(
+                    None,
+                    [
+                        f"model.size={args.model}",
+                        f"model.attention={impl}",
+                        "model.remat=full",
+                        f"data.seq_len={args.seq}",
+                        f"train.batch_size={8 // c}",
+                        f"data.document_masking={str(args.document_masking).lower()}",
+                    ],
+                )
                 m, segments = cfg.model, args.document_masking
                 attention[(impl, c)] = _attention_temp(impl, mesh, args.seq, m.heads, m.head_size, 8 // c, segments)
                 if not args.no_step:

@@ -58,15 +58,24 @@ def main() -> None:
         for size in args.sizes:
             config = config_lib.load(
                 Path(__file__).resolve().parents[2] / "configs" / f"{size}.yaml",
-                [f"data.streams=[{{name: real, store: {store}, weight: 1.0}}]", f"train.steps={args.steps}",
-                 f"train.batch_size={batch}", "train.log_every=10", "train.checkpoints=false", "train.eval_every=0",
-                 f"train.run_dir={Path(tmp) / size}", *args.overrides],
+                [
+                    f"data.streams=[{{name: real, store: {store}, weight: 1.0}}]",
+                    f"train.steps={args.steps}",
+                    f"train.batch_size={batch}",
+                    "train.log_every=10",
+                    "train.checkpoints=false",
+                    "train.eval_every=0",
+                    f"train.run_dir={Path(tmp) / size}",
+                    *args.overrides,
+                ],
             )
             result = train.run(config)
             last = [h for h in result.history if "loss" in h][-1]
             mfu = f"{100 * last['mfu']:.1f}%" if "mfu" in last else "n/a (no peak FLOP/s known for this device)"
-            print(f"{size}: {last['tokens_per_s']:,.0f} tokens/s, {last['tflops_per_device']:.1f} TFLOP/s per "
-                  f"device, MFU {mfu}, step {1e3 * last['step_time_s']:.0f} ms, loss {last['loss']:.3f}")
+            print(
+                f"{size}: {last['tokens_per_s']:,.0f} tokens/s, {last['tflops_per_device']:.1f} TFLOP/s per "
+                f"device, MFU {mfu}, step {1e3 * last['step_time_s']:.0f} ms, loss {last['loss']:.3f}"
+            )
 
 
 if __name__ == "__main__":

@@ -124,8 +124,10 @@ def main() -> None:
 
         tokens = batch * length
         print(f"batch {batch} x {length} tokens, {args.steps} steps; ms per batch, M tokens/s, overhead over bare")
-        for regime, cache_bytes in (("streaming: stores larger than the reader cache", STREAMING_CACHE_BYTES),
-                                    ("resident: stores decoded in the reader cache", DEFAULT_CACHE_BYTES)):
+        for regime, cache_bytes in (
+            ("streaming: stores larger than the reader cache", STREAMING_CACHE_BYTES),
+            ("resident: stores decoded in the reader cache", DEFAULT_CACHE_BYTES),
+        ):
             # Fresh readers of this cache size for both sides (the reader picks its mode when opened).
             bare_stores[:] = [StoreReader.open(path, cache_bytes=cache_bytes) for path in (real, synth)]
             for source in sources:
@@ -138,8 +140,10 @@ def main() -> None:
             for name, data in pipelines.items():
                 seconds = seconds_per_call(data.batch, args.steps)
                 throughput = tokens / seconds / 1e6
-                print(f"    {'pipeline ' + name:<26} {seconds * 1e3:8.2f} ms  {throughput:8.1f} M tokens/s  "
-                      f"{seconds / bare - 1:+7.1%}")
+                print(
+                    f"    {'pipeline ' + name:<26} {seconds * 1e3:8.2f} ms  {throughput:8.1f} M tokens/s  "
+                    f"{seconds / bare - 1:+7.1%}"
+                )
         padding = ", ".join(f"{s.name} {s.padding_fraction:.1%}" for s in pipelines["document"].plan.streams)
         print(f"  document rows padding: {padding} (goal for concat: < +20% over bare)")
 
@@ -148,8 +152,10 @@ def main() -> None:
     for seq_len in (4096, 65_536):
         start = time.perf_counter()
         plan = pack_documents(offsets, seq_len, (0,))
-        print(f"packing plan: {offsets.size - 1:,} documents into {plan.num_rows:,} rows of {seq_len} in "
-              f"{time.perf_counter() - start:.2f} s (padding {plan.padding_fraction:.1%})")
+        print(
+            f"packing plan: {offsets.size - 1:,} documents into {plan.num_rows:,} rows of {seq_len} in "
+            f"{time.perf_counter() - start:.2f} s (padding {plan.padding_fraction:.1%})"
+        )
 
 
 if __name__ == "__main__":

@@ -22,8 +22,8 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -119,8 +119,10 @@ def compare(args: argparse.Namespace, root: Path, documents: list[Document], tok
         results["resident, warm"].append(measure(lambda s: resident.read_windows(s, args.length)))
 
     print(f"store: {tokens_T.size:,} tokens, {len(documents):,} documents, layout {StoreLayout().to_dict()}")
-    print(f"write: {write_speed / 1e6:.1f} M tokens/s; {args.windows} windows of {args.length} tokens in batches of "
-          f"{args.batch}; median of {args.repeats}; page cache warm")
+    print(
+        f"write: {write_speed / 1e6:.1f} M tokens/s; {args.windows} windows of {args.length} tokens in batches of "
+        f"{args.batch}; median of {args.repeats}; page cache warm"
+    )
     memmap_speed = statistics.median(results["memmap"])
     for name, speeds in results.items():
         speed = statistics.median(speeds)
@@ -163,11 +165,15 @@ def sweep(args: argparse.Namespace, root: Path, documents: list[Document], token
             resident_speeds[i].append(measure(lambda s: resident.read_windows(s, args.length)))
 
     memmap_speed = statistics.median(memmap_speeds)
-    print(f"{tokens_T.size:,} tokens; {args.windows} windows of {args.length}, batches of {args.batch}; "
-          f"median of {args.repeats} round-robin rounds; page cache warm; memmap {memmap_speed / 1e6:.1f} M tokens/s")
+    print(
+        f"{tokens_T.size:,} tokens; {args.windows} windows of {args.length}, batches of {args.batch}; "
+        f"median of {args.repeats} round-robin rounds; page cache warm; memmap {memmap_speed / 1e6:.1f} M tokens/s"
+    )
     print("streaming: cache_bytes=0, a tensorstore read per window; resident: windows sliced from cached chunks")
-    print(f"{'chunk':>8} {'shard':>9} {'codec':>6} {'files':>6} {'write Mtok/s':>13} {'MiB':>6} "
-          f"{'stream Mtok/s':>13} {'ratio':>6} {'resident Mtok/s':>15} {'ratio':>6}")
+    print(
+        f"{'chunk':>8} {'shard':>9} {'codec':>6} {'files':>6} {'write Mtok/s':>13} {'MiB':>6} "
+        f"{'stream Mtok/s':>13} {'ratio':>6} {'resident Mtok/s':>15} {'ratio':>6}"
+    )
     for layout, (path, write_speed), streamed, residents in zip(layouts, built, stream_speeds, resident_speeds):
         token_files = path / "input_ids" / "data"
         stream_speed, resident_speed = statistics.median(streamed), statistics.median(residents)

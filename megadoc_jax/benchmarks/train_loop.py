@@ -69,13 +69,23 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as run_dir:
-        config = config_lib.load(DEMO_CONFIG, [
-            f"train.steps={args.steps}", f"train.log_every={args.log_every}", "train.checkpoints=false",
-            "train.eval_every=0", f"train.run_dir={run_dir}", "data.eval_stores={}", *args.overrides,
-        ])
+        config = config_lib.load(
+            DEMO_CONFIG,
+            [
+                f"train.steps={args.steps}",
+                f"train.log_every={args.log_every}",
+                "train.checkpoints=false",
+                "train.eval_every=0",
+                f"train.run_dir={run_dir}",
+                "data.eval_stores={}",
+                *args.overrides,
+            ],
+        )
         config = demo.resolve_demo_paths(config)
-        print(f"config: model {config.model.size}, batch {config.train.batch_size} x {config.data.seq_len}, "
-              f"{args.steps} steps on {jax.device_count()} x {jax.devices()[0].device_kind}")
+        print(
+            f"config: model {config.model.size}, batch {config.train.batch_size} x {config.data.seq_len}, "
+            f"{args.steps} steps on {jax.device_count()} x {jax.devices()[0].device_kind}"
+        )
         loop = loop_step_seconds(config)
         bare = bare_step_seconds(config, args.steps)
     print(f"bare jitted step: {bare * 1e3:.1f} ms/step")

@@ -29,8 +29,8 @@ import importlib.util
 import json
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from megadoc_jax import config as config_lib
 from megadoc_jax.config import MODEL_SIZES
@@ -52,13 +52,50 @@ DEMO_FORMAT = 1
 
 # Pure-Python modules with substantial English docstrings; fixed so the corpus is deterministic.
 DOCSTRING_MODULES = (
-    "argparse", "ast", "base64", "bisect", "calendar", "collections", "contextlib", "csv",
-    "dataclasses", "datetime", "decimal", "difflib", "email.message", "enum", "fractions", "functools",
-    "gettext", "heapq", "http.client", "inspect", "ipaddress", "json", "logging", "pathlib", "pickle",
-    "pprint", "queue", "random", "re", "shlex", "shutil", "statistics", "string", "subprocess",
-    "tarfile", "tempfile", "textwrap", "threading", "typing", "unittest.case", "urllib.parse", "uuid",
+    "argparse",
+    "ast",
+    "base64",
+    "bisect",
+    "calendar",
+    "collections",
+    "contextlib",
+    "csv",
+    "dataclasses",
+    "datetime",
+    "decimal",
+    "difflib",
+    "email.message",
+    "enum",
+    "fractions",
+    "functools",
+    "gettext",
+    "heapq",
+    "http.client",
+    "inspect",
+    "ipaddress",
+    "json",
+    "logging",
+    "pathlib",
+    "pickle",
+    "pprint",
+    "queue",
+    "random",
+    "re",
+    "shlex",
+    "shutil",
+    "statistics",
+    "string",
+    "subprocess",
+    "tarfile",
+    "tempfile",
+    "textwrap",
+    "threading",
+    "typing",
+    "unittest.case",
+    "urllib.parse",
+    "uuid",
     "zipfile",
-)  # fmt: skip
+)
 
 _SECTION_HEADING = re.compile(r"\n(?=[^\n]+\n=+\n)")  # a line followed by a line of '='
 _PARAGRAPH_BREAK = re.compile(r"\n\s*\n")
@@ -82,7 +119,7 @@ def demo_documents() -> list[dict[str, str]]:
     return documents
 
 
-@functools.lru_cache(maxsize=None)  # parsing the sources takes about a second; they do not change
+@functools.cache  # parsing the sources takes about a second; they do not change
 def _module_text(module_name: str) -> str:
     """Docstrings read from the module's source (not from the imported module, which other libraries
     may patch): the module's, then each public top-level function and class with its public methods."""
@@ -232,7 +269,7 @@ def resolve_demo_paths(config: config_lib.Config) -> config_lib.Config:
     def resolve(path: str, key: str) -> str:
         if not path.startswith(DEMO_PREFIX):
             return path
-        name = path[len(DEMO_PREFIX):]
+        name = path[len(DEMO_PREFIX) :]
         if name not in paths:
             raise config_lib.ConfigError(f"{key}: unknown demo path {path!r}; known: {sorted(paths)}")
         _check_built(root, COMPLETE_MARKER, f"{key}: {path}")

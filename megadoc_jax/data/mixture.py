@@ -26,7 +26,7 @@ import dataclasses
 import functools
 import hashlib
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -22,7 +22,7 @@ inside a row (segment ids) and positions restart at 0 in each.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -70,7 +70,7 @@ class StoreLayout:
                 raise ValueError(f"StoreLayout.{name}: {getattr(self, name)!r} not in {CODECS}")
 
     @classmethod
-    def levanter(cls) -> "StoreLayout":
+    def levanter(cls) -> StoreLayout:
         """Levanter's own JaggedArrayStore chunking, so that its JaggedArrayStore.open accepts input_ids/."""
         return cls(tokens_chunk=1 << 18, tokens_shard=1 << 27, tokens_codec="blosc", codec_level=5)
 
@@ -78,7 +78,7 @@ class StoreLayout:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "StoreLayout":
+    def from_dict(cls, raw: dict[str, Any]) -> StoreLayout:
         return cls(**raw)
 
 

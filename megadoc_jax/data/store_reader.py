@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import tensorstore as ts
@@ -74,7 +75,7 @@ class StoreReader:
         tokenizer: TokenizerInfo | None = None,
         *,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
-    ) -> "StoreReader":
+    ) -> StoreReader:
         """Open a finished store; refuse an unfinished one, another tokenizer's, or a newer format."""
         path = Path(path)
         manifest_path = path / fmt.MANIFEST_FILE
@@ -187,7 +188,8 @@ class StoreReader:
         if length <= chunk:  # a window touches at most two chunks
             needed = np.unique(np.concatenate([first_chunk_N, last_chunk_N]))
         else:
-            needed = np.unique(np.concatenate([np.arange(f, l + 1) for f, l in zip(first_chunk_N, last_chunk_N)]))
+            spans = [np.arange(first, last + 1) for first, last in zip(first_chunk_N, last_chunk_N)]
+            needed = np.unique(np.concatenate(spans))
         chunks = self._chunks(needed.tolist())
         rows = zip(starts_N.tolist(), first_chunk_N.tolist(), last_chunk_N.tolist())
         for row, (start, first, last) in enumerate(rows):

@@ -97,7 +97,7 @@ class TokenizerInfo:
     )
 
     @classmethod
-    def from_directory(cls, path: str | os.PathLike) -> "TokenizerInfo":
+    def from_directory(cls, path: str | os.PathLike) -> TokenizerInfo:
         """Identity of a Hugging Face tokenizer directory: sha256 over its tokenizer files' bytes."""
         root = Path(path)
         if not (root / "tokenizer.json").is_file():
@@ -125,7 +125,7 @@ class TokenizerInfo:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "TokenizerInfo":
+    def from_dict(cls, raw: dict[str, Any]) -> TokenizerInfo:
         return cls(name=raw["name"], hash=raw["hash"], vocab_size=raw["vocab_size"], eos_id=raw["eos_id"])
 
 

@@ -19,7 +19,8 @@ merged. This module is numpy only.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Protocol, Sequence
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -108,7 +109,7 @@ class Rows:
         }
 
     @classmethod
-    def merge(cls, parts: Sequence[tuple[np.ndarray, "Rows"]], num_rows: int) -> "Rows":
+    def merge(cls, parts: Sequence[tuple[np.ndarray, Rows]], num_rows: int) -> Rows:
         """One Rows from parts that each fill the given rows (a partition of range(num_rows))."""
         if len(parts) == 1:  # one stream: its rows are all rows, in order
             return parts[0][1]
@@ -125,7 +126,10 @@ class Rows:
         run_starts_R = np.concatenate(run_starts)
         order_R = np.argsort(run_starts_R, kind="stable")
         return cls(
-            inputs_NxL, targets_NxL, run_starts_R[order_R], np.concatenate(run_segments)[order_R],
+            inputs_NxL,
+            targets_NxL,
+            run_starts_R[order_R],
+            np.concatenate(run_segments)[order_R],
             parts[0][1].restart_positions,
         )
 

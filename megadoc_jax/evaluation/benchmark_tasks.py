@@ -111,7 +111,7 @@ def _winogrande(doc: Mapping[str, Any]) -> Prompt:
     sentence = doc["sentence"]
     blank = sentence.index("_")  # partial evaluation: the options fill the blank in the context
     if doc["answer"] not in ("1", "2"):
-        raise ValueError(f"answer is {doc['answer']!r}, expected \"1\" or \"2\"")
+        raise ValueError(f'answer is {doc["answer"]!r}, expected "1" or "2"')
     answer = {"1": 0, "2": 1}[doc["answer"]]
     choices = (sentence[:blank] + doc["option1"], sentence[:blank] + doc["option2"])
     return Prompt(None, choices, answer, target=sentence[blank + 1 :].strip())
@@ -122,30 +122,58 @@ TASKS: dict[str, BenchmarkTask] = {
     t.name: t
     for t in (
         BenchmarkTask("arc_easy", "allenai/ai2_arc", "ARC-Easy", "test", "train", "test", _ARC_FIELDS, _arc),
+        BenchmarkTask("arc_challenge", "allenai/ai2_arc", "ARC-Challenge", "test", "train", "test", _ARC_FIELDS, _arc),
         BenchmarkTask(
-            "arc_challenge", "allenai/ai2_arc", "ARC-Challenge", "test", "train", "test", _ARC_FIELDS, _arc
+            "piqa",
+            "baber/piqa",
+            None,
+            "validation",
+            "train",
+            None,
+            {"goal": "str", "sol1": "str", "sol2": "str", "label": "int"},
+            _piqa,
         ),
         BenchmarkTask(
-            "piqa", "baber/piqa", None, "validation", "train", None,
-            {"goal": "str", "sol1": "str", "sol2": "str", "label": "int"}, _piqa,
+            "sciq",
+            "allenai/sciq",
+            None,
+            "test",
+            "train",
+            "test",
+            {
+                "question": "str",
+                "distractor1": "str",
+                "distractor2": "str",
+                "distractor3": "str",
+                "correct_answer": "str",
+                "support": "str",
+            },
+            _sciq,
         ),
         BenchmarkTask(
-            "sciq", "allenai/sciq", None, "test", "train", "test",
-            {"question": "str", "distractor1": "str", "distractor2": "str", "distractor3": "str",
-             "correct_answer": "str", "support": "str"}, _sciq,
-        ),
-        BenchmarkTask(
-            "hellaswag", "Rowan/hellaswag", None, "validation", "train", None,
+            "hellaswag",
+            "Rowan/hellaswag",
+            None,
+            "validation",
+            "train",
+            None,
             {"activity_label": "str", "ctx_a": "str", "ctx_b": "str", "endings": "list[str]", "label": "digits"},
             _hellaswag,
         ),
         BenchmarkTask(
-            "winogrande", "allenai/winogrande", "winogrande_xl", "validation", "train", None,
-            {"sentence": "blank", "option1": "str", "option2": "str", "answer": "str"}, _winogrande,
-            metrics=("acc",), multiple_input=True,
+            "winogrande",
+            "allenai/winogrande",
+            "winogrande_xl",
+            "validation",
+            "train",
+            None,
+            {"sentence": "blank", "option1": "str", "option2": "str", "answer": "str"},
+            _winogrande,
+            metrics=("acc",),
+            multiple_input=True,
         ),
     )
-}  # fmt: skip
+}
 PAPER_TASKS = ("arc_easy", "piqa", "sciq")  # the paper's benchmark figure: mean zero-shot acc of these
 
 
@@ -169,7 +197,7 @@ def _field_error(value: Any, kind: str) -> str | None:
         return None if ok else f"is {type(value).__name__}, expected an integer"
     if kind == "digits":  # HellaSwag's label: a string of digits in the published data
         ok = (isinstance(value, str) and value.isdigit()) or (isinstance(value, int) and not isinstance(value, bool))
-        return None if ok else f"is {value!r}, expected a label such as \"0\""
+        return None if ok else f'is {value!r}, expected a label such as "0"'
     if kind == "list[str]":
         ok = isinstance(value, list) and value and all(isinstance(v, str) for v in value)
         return None if ok else "expected a non-empty list of strings"
@@ -340,9 +368,13 @@ def item_requests(task: BenchmarkTask, doc: Doc, prefix: str = "") -> ItemReques
 
 
 def task_requests(
-    task: BenchmarkTask, docs: Sequence[Doc], *, num_fewshot: int = 0,
-    fewshot_docs: Sequence[Doc] = (), seed: int = FEWSHOT_SEED,
-) -> list[ItemRequests]:  # fmt: skip
+    task: BenchmarkTask,
+    docs: Sequence[Doc],
+    *,
+    num_fewshot: int = 0,
+    fewshot_docs: Sequence[Doc] = (),
+    seed: int = FEWSHOT_SEED,
+) -> list[ItemRequests]:
     """Every item's requests, in item order (which is also the order few-shot examples are drawn in)."""
     if num_fewshot < 0:
         raise ValueError(f"num_fewshot must be >= 0, got {num_fewshot}")

@@ -67,19 +67,35 @@ class TaskResult:
     truncated: int = 0  # requests longer than the model's context, cut from the left as lm-eval does
 
     def summary(self) -> dict[str, Any]:
-        return {"n": len(self.items), "metrics": self.metrics, "stderr": self.stderr,
-                "requests": self.requests, "truncated": self.truncated}  # fmt: skip
+        return {
+            "n": len(self.items),
+            "metrics": self.metrics,
+            "stderr": self.stderr,
+            "requests": self.requests,
+            "truncated": self.truncated,
+        }
 
 
-def score_item(loglikelihoods: Sequence[float], is_greedy: Sequence[bool], choices: Sequence[str], gold: int,
-               metrics: Sequence[str] = ("acc", "acc_norm")) -> ItemScore:  # fmt: skip
+def score_item(
+    loglikelihoods: Sequence[float],
+    is_greedy: Sequence[bool],
+    choices: Sequence[str],
+    gold: int,
+    metrics: Sequence[str] = ("acc", "acc_norm"),
+) -> ItemScore:
     """lm-eval's multiple-choice process_results for one item."""
     lls = np.array(loglikelihoods, dtype=np.float64)
     pred = int(np.argmax(lls))  # numpy's argmax: the first maximum
     pred_norm = int(np.argmax(lls / np.array([float(len(c)) for c in choices])))  # characters, not bytes
     values = {"acc": 1.0 if pred == gold else 0.0, "acc_norm": 1.0 if pred_norm == gold else 0.0}
-    return ItemScore(tuple(float(x) for x in loglikelihoods), tuple(bool(g) for g in is_greedy), gold, pred,
-                     pred_norm, {m: values[m] for m in metrics})  # fmt: skip
+    return ItemScore(
+        tuple(float(x) for x in loglikelihoods),
+        tuple(bool(g) for g in is_greedy),
+        gold,
+        pred,
+        pred_norm,
+        {m: values[m] for m in metrics},
+    )
 
 
 def mean(values: Sequence[float]) -> float:
@@ -96,8 +112,9 @@ def mean_stderr(values: Sequence[float]) -> float:
 
 def aggregate(name: str, items: list[ItemScore], metrics: Sequence[str]) -> TaskResult:
     columns = {m: [item.metrics[m] for item in items] for m in metrics}
-    return TaskResult(name, {m: mean(v) for m, v in columns.items()}, {m: mean_stderr(v) for m, v in columns.items()},
-                      items)  # fmt: skip
+    return TaskResult(
+        name, {m: mean(v) for m, v in columns.items()}, {m: mean_stderr(v) for m, v in columns.items()}, items
+    )
 
 
 def unweighted_average(results: Sequence[TaskResult], metric: str = "acc") -> tuple[float, float]:
@@ -120,7 +137,7 @@ def score_requests(
             if request not in index:
                 index[request] = len(encoded)
                 encoded.append(encode_request(tokenizer, *request))
-    for ctx, cont in encoded:
+    for _, cont in encoded:
         if len(cont) > max_length:
             raise ValueError(f"a continuation of {len(cont)} tokens exceeds the model's context {max_length}")
     scores = loglikelihoods(encoded)
@@ -131,9 +148,16 @@ def score_requests(
 
 
 def evaluate_task(
-    name: str, docs_path: str | Path, tokenizer: Any, loglikelihoods: Loglikelihoods, *, max_length: int,
-    num_fewshot: int = 0, fewshot_path: str | Path | None = None, seed: int = FEWSHOT_SEED,
-) -> TaskResult:  # fmt: skip
+    name: str,
+    docs_path: str | Path,
+    tokenizer: Any,
+    loglikelihoods: Loglikelihoods,
+    *,
+    max_length: int,
+    num_fewshot: int = 0,
+    fewshot_path: str | Path | None = None,
+    seed: int = FEWSHOT_SEED,
+) -> TaskResult:
     """One task on one scored split file (and its few-shot split file when num_fewshot > 0)."""
     task = get_task(name)
     if num_fewshot and fewshot_path is None:
@@ -152,9 +176,15 @@ def evaluate_task(
 
 
 def evaluate_benchmarks(
-    tasks: Sequence[str], data_dir: str | Path, tokenizer: Any, loglikelihoods: Loglikelihoods, *,
-    max_length: int, num_fewshot: int = 0, seed: int = FEWSHOT_SEED,
-) -> dict[str, Any]:  # fmt: skip
+    tasks: Sequence[str],
+    data_dir: str | Path,
+    tokenizer: Any,
+    loglikelihoods: Loglikelihoods,
+    *,
+    max_length: int,
+    num_fewshot: int = 0,
+    seed: int = FEWSHOT_SEED,
+) -> dict[str, Any]:
     """Every task's figures and, when the paper's three tasks are among them, their average.
 
     {"tasks": {name: TaskResult.summary()}, "paper_average": {"tasks", "acc", "acc_stderr"} | None,
@@ -164,12 +194,22 @@ def evaluate_benchmarks(
         task = get_task(name)
         fewshot = split_file(data_dir, name, task.fewshot_split) if num_fewshot else None
         results[name] = evaluate_task(
-            name, split_file(data_dir, name, task.split), tokenizer, loglikelihoods, max_length=max_length,
-            num_fewshot=num_fewshot, fewshot_path=fewshot, seed=seed,
-        )  # fmt: skip
+            name,
+            split_file(data_dir, name, task.split),
+            tokenizer,
+            loglikelihoods,
+            max_length=max_length,
+            num_fewshot=num_fewshot,
+            fewshot_path=fewshot,
+            seed=seed,
+        )
     paper = None
     if all(t in results for t in PAPER_TASKS):
         acc, stderr = unweighted_average([results[t] for t in PAPER_TASKS], "acc")
         paper = {"tasks": list(PAPER_TASKS), "acc": acc, "acc_stderr": stderr}
-    return {"tasks": {n: r.summary() for n, r in results.items()}, "paper_average": paper,
-            "num_fewshot": num_fewshot, "fewshot_seed": seed}  # fmt: skip
+    return {
+        "tasks": {n: r.summary() for n, r in results.items()},
+        "paper_average": paper,
+        "num_fewshot": num_fewshot,
+        "fewshot_seed": seed,
+    }

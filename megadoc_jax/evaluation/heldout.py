@@ -10,7 +10,8 @@ token-weighted mean however the batches fall.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 from flax import nnx
@@ -52,16 +53,18 @@ class HeldOutLoss:
     ) -> None:
         local_sets = {  # small and fixed: read once, checked here
             name: eval_batches(
-                path, config, config.train.eval_batches, process_index=jax.process_index(),
-                process_count=jax.process_count(), tokenizer=tokenizer,
+                path,
+                config,
+                config.train.eval_batches,
+                process_index=jax.process_index(),
+                process_count=jax.process_count(),
+                tokenizer=tokenizer,
             )
             for name, path in config.data.eval_stores.items()
         }
         layout = step_lib.batch_sharding(mesh, config)
         self.mesh = mesh
-        self.sets = {
-            name: [step_lib.global_batch(b, layout) for b in batches] for name, batches in local_sets.items()
-        }
+        self.sets = {name: [step_lib.global_batch(b, layout) for b in batches] for name, batches in local_sets.items()}
         self._step = jax.jit(_loss_step(graphdef, config), in_shardings=(param_shardings, layout))
 
     def __call__(self, params: Any) -> dict[str, float]:

@@ -18,7 +18,8 @@ chunked over positions, so the full [B, L, V] logits never exist.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
