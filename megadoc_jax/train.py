@@ -1,9 +1,10 @@
 """Train a decoder on token stores: `python -m megadoc_jax.train [--config FILE] [key=value ...]`.
 
-With no arguments it runs configs/demo.yaml: a tiny model on the embedded demo store (built on first
-use), on CPU, in a few minutes; the loss falls and an evaluation loss is printed at the end.
+With no arguments it runs configs/demo.yaml: a tiny model on the embedded demo stores (built once by
+`python -m generation demo-data`; `make demo` runs both), on CPU, in a few minutes; the loss falls and an
+evaluation loss is printed at the end.
 
-    python -m megadoc_jax.train                                   # the demo
+    python -m generation demo-data && python -m megadoc_jax.train   # the demo
     python -m megadoc_jax.train --config configs/300m.yaml train.steps=100
     python -m megadoc_jax.train --config configs/300m.yaml --dry-run --topology v5e:4x4
 
