@@ -99,7 +99,7 @@ def process_batch(task: tuple[bool, str, str | None, list]) -> tuple[list, np.nd
 
 def export_tokenizer(tokenizer_dir: str | Path) -> tuple[TokenizerInfo, str]:
     """The store's tokenizer identity, and the fast tokenizer (hf.load_tokenizer) as JSON for the workers."""
-    from megadoc_jax import hf
+    from megadoc_jax import hf_tokenizer as hf
 
     info = TokenizerInfo.from_directory(tokenizer_dir)
     try:

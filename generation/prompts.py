@@ -159,7 +159,7 @@ def generator_tokenizer(
 ):
     """The generator's tokenizer (hf.load_tokenizer), which must have a chat template (its own or the file
     `chat_template`) and be a fast tokenizer."""
-    from megadoc_jax import hf  # imports JAX: only when a tokenizer is loaded
+    from megadoc_jax import hf_tokenizer as hf
 
     try:
         tokenizer = hf.load_tokenizer(model_dir, chat_template=chat_template, trust_remote_code=trust_remote_code)

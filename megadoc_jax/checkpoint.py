@@ -190,6 +190,8 @@ def _run_config_and_step(path: str | Path, step: int | None, compute_dtype: str 
     except config_lib.ConfigError as e:
         raise CheckpointError(f"{config_yaml}: {e}") from None
     if compute_dtype is not None:
+        if compute_dtype not in config_lib.DTYPES:
+            raise CheckpointError(f"compute dtype {compute_dtype!r} for {path}: expected one of {config_lib.DTYPES}")
         config = dataclasses.replace(config, model=dataclasses.replace(config.model, compute_dtype=compute_dtype))
     return config, step_dir(path, step)
 

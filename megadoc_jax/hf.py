@@ -1,4 +1,4 @@
-"""Hugging Face interop: Llama directories in and out of our Decoder, and the shared tokenizer loader.
+"""Hugging Face interop: Llama directories in and out of our Decoder (tokenizers: hf_tokenizer.py).
 
 - import: a Hugging Face Llama directory (config.json with model_type llama + *.safetensors, one file or
   sharded with model.safetensors.index.json) -> the Decoder and a real ModelConfig (size=custom) that
@@ -43,20 +43,12 @@ from flax import nnx
 from megadoc_jax import checkpoint
 from megadoc_jax import config as config_lib
 from megadoc_jax.config import Config, DataConfig, ModelConfig, TrainConfig
+from megadoc_jax.files import read_json
+from megadoc_jax.hf_tokenizer import TOKENIZER_JSON, HFError, copy_tokenizer, load_tokenizer
 
 CONFIG_JSON = "config.json"
 GENERATION_CONFIG_JSON = "generation_config.json"
 INDEX_JSON = "model.safetensors.index.json"
-TOKENIZER_JSON = "tokenizer.json"
-# Copied with a tokenizer when present (tokenizer.model is a sentencepiece protobuf, not a pickle).
-TOKENIZER_FILES = (
-    TOKENIZER_JSON,
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "tokenizer.model",
-)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 DEFAULT_SHARD_BYTES = 5 * 2**30  # export: one safetensors file up to this size, else shards + index
 # Buffers some checkpoints carry that the model recomputes; read past, never mapped.
@@ -67,47 +59,6 @@ NUMPY_DTYPES = {
     "bfloat16": np.dtype(ml_dtypes.bfloat16),
     "float16": np.dtype(np.float16),
 }
-
-
-class HFError(ValueError):
-    """A Hugging Face directory that cannot be imported or written; the message names the file."""
-
-
-# --------------------------------------------------------------------------------------------------
-# Tokenizers
-# --------------------------------------------------------------------------------------------------
-
-
-def load_tokenizer(directory: str | Path, *, chat_template: str | Path | None = None, trust_remote_code: bool = False):
-    """The Hugging Face tokenizer of a local directory (AutoTokenizer, local files only), with the chat
-    template of file `chat_template` if given."""
-    from transformers import AutoTokenizer
-
-    directory = Path(directory)
-    if not any((directory / name).is_file() for name in (TOKENIZER_JSON, "tokenizer_config.json")):
-        raise HFError(f"no tokenizer in {directory}: {directory / TOKENIZER_JSON} does not exist")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            str(directory), local_files_only=True, trust_remote_code=trust_remote_code
-        )
-    except (OSError, ValueError) as e:
-        raise HFError(f"cannot load the tokenizer in {directory}: {e}") from e
-    if chat_template is not None:
-        if not Path(chat_template).is_file():
-            raise HFError(f"chat template file {chat_template} does not exist")
-        tokenizer.chat_template = Path(chat_template).read_text()
-    return tokenizer
-
-
-def copy_tokenizer(source: str | Path, destination: Path) -> None:
-    """Copy the tokenizer files of `source` (which must hold tokenizer.json) into `destination`."""
-    source = Path(source)
-    if not (source / TOKENIZER_JSON).is_file():
-        raise HFError(f"no tokenizer: {source / TOKENIZER_JSON} does not exist")
-    destination.mkdir(parents=True, exist_ok=True)
-    for name in TOKENIZER_FILES:
-        if (source / name).is_file():
-            shutil.copyfile(source / name, destination / name)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -186,18 +137,6 @@ def _get(tree: dict[str, Any], path: str) -> Any:
 # --------------------------------------------------------------------------------------------------
 # config.json <-> ModelConfig
 # --------------------------------------------------------------------------------------------------
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise HFError(f"{path} does not exist")
-    try:
-        value = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise HFError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(value, dict):
-        raise HFError(f"{path}: expected a JSON object")
-    return value
 
 
 def llama_model_config(
@@ -285,7 +224,7 @@ def _safetensors_files(model_dir: Path) -> list[Path]:
     """The weight files: those of model.safetensors.index.json, else every *.safetensors."""
     index = model_dir / INDEX_JSON
     if index.is_file():
-        weight_map = read_json(index).get("weight_map")
+        weight_map = read_json(index, error=HFError).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise HFError(f"{index}: no weight_map")
         files = [model_dir / name for name in sorted(set(weight_map.values()))]
@@ -370,7 +309,7 @@ def read_llama(model_dir: str | Path, *, compute_dtype: str | None = None) -> Ll
 
     model_dir = Path(model_dir)
     config_json = model_dir / CONFIG_JSON
-    hf = read_json(config_json)
+    hf = read_json(config_json, error=HFError)
     cfg = llama_model_config(hf, config_json)  # refusals first; the dtypes are set from the tensors below
     files = _safetensors_files(model_dir)
     headers = _tensor_headers(files)
@@ -529,7 +468,7 @@ def export_run(
     dtype = dtype or cfg.param_dtype
     if dtype not in NUMPY_DTYPES:
         raise HFError(f"export dtype {dtype!r}: expected one of {sorted(NUMPY_DTYPES)}")
-    source = Path(tokenizer_dir or config.data.tokenizer)
+    source = run_tokenizer(run_dir, config, tokenizer_dir)
     if not (source / TOKENIZER_JSON).is_file():
         named_by = "--tokenizer" if tokenizer_dir else f"data.tokenizer of {checkpoint.find_run_config(run_dir)}"
         raise HFError(
@@ -548,6 +487,15 @@ def export_run(
     return out
 
 
+def run_tokenizer(run_dir: str | Path, config: Config, tokenizer_dir: str | Path | None) -> Path:
+    """The tokenizer directory for a run: `tokenizer_dir`, else the run's data.tokenizer (which must be set)."""
+    if tokenizer_dir:
+        return Path(tokenizer_dir)
+    if not config.data.tokenizer:
+        raise HFError(f"{run_dir}: config.yaml has no data.tokenizer; pass --tokenizer DIR")
+    return Path(config.data.tokenizer)
+
+
 def prepare_run_dir(run_dir: str | Path, tokenizer_dir: str | Path | None = None) -> Path:
     """Make a run directory a generator directory: a Llama-style config.json describing the run's model and
     the tokenizer files (from tokenizer_dir, default config.yaml's data.tokenizer) next to config.yaml. The
@@ -557,7 +505,7 @@ def prepare_run_dir(run_dir: str | Path, tokenizer_dir: str | Path | None = None
     if not config_yaml.is_file():
         raise HFError(f"{config_yaml} does not exist: {run_dir} is not a megadoc_jax run directory")
     config = config_lib.load(config_yaml)
-    source = Path(tokenizer_dir or config.data.tokenizer)
+    source = run_tokenizer(run_dir, config, tokenizer_dir)
     copy_tokenizer(source, run_dir)
     llama = llama_config_json(config.model, config.data.seq_len, load_tokenizer(source), config.model.param_dtype)
     llama["megadoc_jax"] = {"note": "weights are the orbax checkpoints of this run directory (config.yaml)"}

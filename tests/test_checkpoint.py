@@ -52,6 +52,8 @@ def test_loads_the_newest_or_a_given_step_onto_a_sharded_mesh(run):
     for a, b in zip(params_of(older.model), jax.tree.leaves(saved[2])):
         np.testing.assert_array_equal(a, b)
     assert checkpoint.load_run(root / "checkpoints" / "2", mesh).step == 2
+    with pytest.raises(checkpoint.CheckpointError, match=r"compute dtype 'float64' for .*: expected one of"):
+        checkpoint.load_run(root, mesh, compute_dtype="float64")
     host = checkpoint.load_run_params(root)
     assert host.step == 4 and all(isinstance(x, np.ndarray) for x in jax.tree.leaves(host.params))
     for a, b in zip(jax.tree.leaves(host.params), jax.tree.leaves(saved[4])):

@@ -370,3 +370,13 @@ def test_load_tokenizer_with_a_chat_template(tmp_path, tokenizer_dir):
     assert tokenizer.chat_template == template.read_text() and tokenizer.eos_token_id == EOS_ID
     with pytest.raises(hf.HFError, match="chat template file .*missing.jinja does not exist"):
         hf.load_tokenizer(tokenizer_dir, chat_template=tmp_path / "missing.jinja")
+
+
+def test_a_run_without_data_tokenizer_needs_one_named(tmp_path, tokenizer_dir, monkeypatch):
+    run, _ = make_run(tmp_path / "run", tokenizer_dir, ["model.size=tiny", f"model.vocab_size={VOCAB}"])
+    (run / "config.yaml").write_text((run / "config.yaml").read_text().replace(str(tokenizer_dir), "''"))
+    monkeypatch.chdir(tokenizer_dir)  # a tokenizer in the working directory must not be picked up
+    for call in (lambda: hf.export_run(run, tmp_path / "out"), lambda: hf.prepare_run_dir(run)):
+        with pytest.raises(hf.HFError, match=r"config.yaml has no data.tokenizer; pass --tokenizer DIR"):
+            call()
+    assert hf.export_run(run, tmp_path / "out", tokenizer_dir=tokenizer_dir) == tmp_path / "out"

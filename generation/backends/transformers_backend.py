@@ -22,7 +22,6 @@ import torch
 import transformers
 from transformers import (
     AutoModelForCausalLM,
-    AutoTokenizer,
     GenerationConfig,
     LogitsProcessor,
     LogitsProcessorList,
@@ -41,6 +40,7 @@ from generation.backends import (
     Request,
     Sampling,
 )
+from megadoc_jax import hf_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -76,7 +76,10 @@ class TransformersBackend(Backend):
         self.device = torch.device(self._device_name(self.options.device))
         dtype = self._dtype(self.options.dtype)
         load = dict(local_files_only=True, trust_remote_code=trust_remote_code)
-        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir), **load)
+        try:
+            self.tokenizer = hf_tokenizer.load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
+        except hf_tokenizer.HFError as e:
+            raise BackendError(f"backend transformers: {e}") from None
         self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, **load).to(self.device).eval()
         self.eos_ids = self._eos_ids()
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
