@@ -175,6 +175,9 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 0  # 0: only at the end
     eval_batches: int = 4
+    # At the end, also the held-out loss of unigram and bigram count models of the real stream's tokens
+    # (evaluation/count_models.py), printed next to eval/<name>/loss.
+    baselines: bool = False
     checkpoint_every: int = 0  # 0: only at the end
     keep_last: int = 2
     keep_every: int = 0  # also keep every M-th step's checkpoint; 0: none
@@ -457,6 +460,7 @@ def validate(config: Config) -> None:
     _require(t.steps >= 0, "train.steps", "must be >= 0")
     _require(t.log_every > 0, "train.log_every", "must be positive")
     _require(t.keep_last > 0, "train.keep_last", "must be positive")
+    _require(not t.baselines or bool(d.eval_stores), "train.baselines", "needs data.eval_stores (targets to score)")
 
     for axis in MESH_AXES:
         size = getattr(config.mesh, axis)

@@ -29,6 +29,7 @@ from megadoc_jax import config as config_lib
 from megadoc_jax import step as step_lib
 from megadoc_jax.data import demo, pipeline
 from megadoc_jax.data.store import TokenizerInfo
+from megadoc_jax.evaluation.count_models import heldout_baselines
 
 log = logging.getLogger("megadoc_jax.train")
 
@@ -222,6 +223,8 @@ def _run(config: config_lib.Config, devices: list[jax.Device], cleanup: contextl
             checkpointer.save(final_step, state)
         if config.data.eval_stores:
             losses = heldout(state["params"])
+            if config.train.baselines:  # what counting alone scores on the same targets, printed below
+                losses |= heldout_baselines(config, tokenizer)
             writer.write(final_step, losses)
             history.append({"step": final_step, **losses})
     return RunResult(exit_code=0 if finite else 3, step=final_step, history=history)
