@@ -208,7 +208,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             return value
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return _build(hint, value, key)
+        return build_dataclass(hint, value, key)
     if origin in (typing.Union, types.UnionType):
         errors = []
         for option in typing.get_args(hint):
@@ -251,7 +251,9 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported type {hint}")
 
 
-def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
+def build_dataclass(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
+    """A dataclass from a dict, every value type-checked; an unknown key or a wrong type names `prefix.key`.
+    The one coercer of the project: configs and generation backends' options are built with it."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - names)
@@ -309,7 +311,7 @@ def from_dict(raw: dict[str, Any]) -> Config:
     """Build and validate a Config from a nested dict (as read from YAML plus overrides)."""
     raw = dict(raw)
     raw["model"] = _expand_model_size(dict(raw.get("model") or {}))
-    config = _build(Config, raw, "")
+    config = build_dataclass(Config, raw, "")
     validate(config)
     return config
 
@@ -368,7 +370,7 @@ def _compose(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
         merged = _merge(merged, _compose(base, (*chain, path)))
     own = {key: value for key, value in raw.items() if key != BASE_KEY}
     try:
-        _build(Config, {**own, "model": own.get("model") or {}}, "")
+        build_dataclass(Config, {**own, "model": own.get("model") or {}}, "")
     except ConfigError as e:
         raise ConfigError(f"config file {path}: {e}") from None
     return _merge(merged, own)

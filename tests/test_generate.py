@@ -408,3 +408,16 @@ def test_summary_cost_per_device_kind():
     cost = summarize(entries)["cost"]
     assert cost["gpu_hours"] == 8.0 and cost["cpu_core_hours"] == 2.0
     assert cost["gpu_hours_per_billion_output_tokens"] == pytest.approx(8.0 / 1e-3)
+
+
+def test_backend_options_are_type_checked_by_the_config_coercer():
+    from generation.backends import build_options
+    from generation.backends.jax_backend import JaxOptions
+
+    assert build_options(JaxOptions, {"batch_size": 4, "dtype": "float32"}, "jax").batch_size == 4
+    with pytest.raises(BackendError, match=r"backend jax options.batch_size: expected an integer, got 'four'"):
+        build_options(JaxOptions, {"batch_size": "four"}, "jax")
+    with pytest.raises(BackendError, match=r"unknown key backend jax options.colour"):
+        build_options(JaxOptions, {"colour": 1}, "jax")
+    with pytest.raises(BackendError, match=r"backend vllm takes no options"):
+        build_options(None, {"x": 1}, "vllm")

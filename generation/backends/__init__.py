@@ -24,12 +24,12 @@ import abc
 import dataclasses
 import hashlib
 import importlib
-import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
 # Finish reasons as vLLM names them: "stop" (EOS or a stop token), "length" (max_new_tokens reached).
+from megadoc_jax import config as config_lib
 from megadoc_jax.data.store import FINISH_LENGTH, FINISH_STOP  # noqa: F401  (re-exported for the backends)
 
 
@@ -260,34 +260,13 @@ def generator_label(identity: dict[str, Any]) -> str:
 
 
 def build_options(options_cls: type | None, raw: dict[str, Any], backend: str) -> Any:
-    """The backend's Options dataclass from a dict; an unknown key or a wrong type names the option."""
+    """The backend's Options dataclass from a dict (config.build_dataclass: the project's one coercer); an
+    unknown key or a wrong type names the option."""
     if options_cls is None:
         if raw:
             raise BackendError(f"backend {backend} takes no options, got {sorted(raw)}")
         return None
-    fields = {f.name: f for f in dataclasses.fields(options_cls)}
-    hints = typing.get_type_hints(options_cls)
-    kwargs = {}
-    for key, value in raw.items():
-        if key not in fields:
-            raise BackendError(f"backend {backend}: unknown option {key!r}; known: {', '.join(sorted(fields))}")
-        kwargs[key] = _coerce_option(value, hints[key], f"backend {backend} option {key}")
-    return options_cls(**kwargs)
-
-
-def _coerce_option(value: Any, hint: Any, where: str) -> Any:
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif hint is str:
-        if isinstance(value, str):
-            return value
-    else:
-        return value
-    raise BackendError(f"{where}: expected {hint.__name__}, got {value!r}")
+    try:
+        return config_lib.build_dataclass(options_cls, raw, f"backend {backend} options")
+    except config_lib.ConfigError as e:
+        raise BackendError(str(e)) from None
