@@ -1,12 +1,53 @@
-"""Child processes in the kill -9 tests: wait until they have made progress, then kill them."""
+"""Child processes: Python processes on fake CPU devices (alone or as one of a jax.distributed job over gloo),
+and, for the kill -9 tests, waiting until they have made progress, then killing them."""
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def distributed_env(coordinator: str, num_processes: int, process_id: int) -> dict[str, str]:
+    """The environment that makes megadoc_jax.distributed.initialize_from_environment join a job."""
+    return {
+        "MEGADOC_COORDINATOR": coordinator,
+        "MEGADOC_NUM_PROCESSES": str(num_processes),
+        "MEGADOC_PROCESS_ID": str(process_id),
+    }
+
+
+def start_python(args: list[str], *, devices: int, env: dict | None = None, **popen) -> subprocess.Popen:
+    """`python ARGS` in the repository root on `devices` fake CPU devices, stdout and stderr piped together."""
+    environment = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        "PYTHONUNBUFFERED": "1",
+        **(env or {}),
+    }
+    return subprocess.Popen(
+        [sys.executable, *args],
+        env=environment,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **popen,
+    )
 
 
 def _output(process: subprocess.Popen) -> str:

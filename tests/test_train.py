@@ -10,16 +10,14 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from processes import wait_until
+from processes import distributed_env, free_port, start_python, wait_until
 
 from generation import demo
 from megadoc_jax import config as config_lib
@@ -107,22 +105,8 @@ def test_restore_onto_a_different_device_count(demo_data, tmp_path, eight_device
 
 
 def run_train_process(overrides: list[str], devices: int, env: dict | None = None, **popen) -> subprocess.Popen:
-    environment = {
-        **os.environ,
-        "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-        "PYTHONUNBUFFERED": "1",
-        **(env or {}),
-    }
-    return subprocess.Popen(
-        [sys.executable, "-m", "megadoc_jax.train", "--config", str(REPO / "configs" / "tiny.yaml"), *overrides],
-        env=environment,
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        **popen,
-    )
+    args = ["-m", "megadoc_jax.train", "--config", str(REPO / "configs" / "tiny.yaml"), *overrides]
+    return start_python(args, devices=devices, env=env, **popen)
 
 
 def logged_steps(run_dir: Path) -> list[int]:
@@ -182,12 +166,6 @@ def test_non_finite_step_stops_and_keeps_last_good_checkpoint(demo_data, tmp_pat
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_process_distributed_run_matches_one_process(demo_data, tmp_path, eight_device_run):
     eight, _ = eight_device_run
@@ -199,7 +177,7 @@ def test_two_process_distributed_run_matches_one_process(demo_data, tmp_path, ei
         run_train_process(
             overrides,
             devices=4,
-            env={"MEGADOC_COORDINATOR": coordinator, "MEGADOC_NUM_PROCESSES": "2", "MEGADOC_PROCESS_ID": str(i)},
+            env=distributed_env(coordinator, 2, i),
         )
         for i in range(2)
     ]
