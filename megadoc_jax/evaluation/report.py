@@ -107,9 +107,8 @@ def summary_lines(value: dict[str, Any]) -> list[str]:
         prefix = metric_prefix(r["store"], r["recipe"])
         bpb = f" | {prefix}/bpb {r['bpb']:.4f} ({r['bytes']:,} bytes)" if r["bpb"] is not None else ""
         stride = f", stride {r['stride']}" if r["stride"] else ""
-        lines.append(
-            f"{prefix}/loss {r['loss']:.4f} ({r['tokens']:,} tokens){bpb} [{r['recipe']}, windows of {r['seq_len']}{stride}]"
-        )
+        recipe = f"[{r['recipe']}, windows of {r['seq_len']}{stride}]"
+        lines.append(f"{prefix}/loss {r['loss']:.4f} ({r['tokens']:,} tokens){bpb} {recipe}")
         positions = "  ".join(
             f"[{b['from']},{'inf' if b['to'] is None else b['to']}) {b['loss']:.3f}" for b in r["by_position"]
         )
