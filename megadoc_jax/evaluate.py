@@ -176,6 +176,7 @@ def evaluate(options: Options, devices: list[jax.Device] | None = None) -> dict[
             desc=f"{name} {recipe}",
             disable=not (is_main and options.progress),
             file=sys.stderr,
+            mininterval=1.0,
         ) as bar:
             sums = score_batches(
                 scorer, params, batches, LossSums(config.data.seq_len, byte_lengths), progress=bar.update

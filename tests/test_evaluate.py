@@ -21,7 +21,7 @@ import yaml
 from flax import nnx
 from tokenizers import Tokenizer
 
-from megadoc_jax import checkpoint, metrics, sharding
+from megadoc_jax import checkpoint, hf, metrics, sharding
 from megadoc_jax import config as config_lib
 from megadoc_jax import evaluate as cli
 from megadoc_jax import model as model_lib
@@ -296,7 +296,8 @@ def full_logits_loss(run_dirs: list[Path], store_path: str, mode: str) -> float:
     inputs = np.array([w[0] for w in windows], np.int32)
     targets = np.array([w[1] for w in windows], np.int32)
     positions = np.broadcast_to(np.arange(SEQ_LEN - 1, dtype=np.int32), inputs.shape)
-    logits = [np.asarray(checkpoint.load_run(d, mesh).model(inputs, positions), np.float64) for d in run_dirs]
+    decoders = [hf.import_llama(d, mesh)[0] if d == HF_DIR else checkpoint.load_run(d, mesh).model for d in run_dirs]
+    logits = [np.asarray(decoder(inputs, positions), np.float64) for decoder in decoders]
     if mode == "mean_logits":
         log_probs = jax.nn.log_softmax(np.mean(logits, axis=0), axis=-1)
     else:
@@ -310,6 +311,11 @@ def test_an_ensemble_of_two_sizes_equals_the_reference_from_full_logits(tmp_path
     members = [str(runs["small"]), str(runs["wide"])]
     value = run_eval(tmp_path, members, stores={"plain": stores["plain"]}, recipes=("concat",), ensemble=mode)
     got = result(value, "plain", "concat")
+    if mode == "mean_logits":  # a run and a Hugging Face Llama directory in one ensemble
+        mixed = run_eval(tmp_path, [members[0], str(HF_DIR)], stores={"plain": stores["plain"]}, ensemble=mode)
+        want = full_logits_loss([runs["small"], HF_DIR], stores["plain"], mode)
+        np.testing.assert_allclose(result(mixed, "plain", "concat")["loss"], want, rtol=1e-5)
+        assert [m["kind"] for m in mixed["models"]] == ["run", "hf"]
     np.testing.assert_allclose(
         got["loss"], full_logits_loss([runs["small"], runs["wide"]], stores["plain"], mode), rtol=1e-5
     )
