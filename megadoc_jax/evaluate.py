@@ -2,7 +2,7 @@
 
     python -m megadoc_jax.evaluate --model runs/demo                       # its data.eval_stores, both recipes
     python -m megadoc_jax.evaluate --model runs/a:2000 --store iid=STORE --store arxiv=STORE2 --recipe concat
-    python -m megadoc_jax.evaluate --model runs/s0 --model runs/s1 --model HF_DIR --ensemble mean_logits
+    python -m megadoc_jax.evaluate --model runs/s0 --model runs/s1 --model HF_DIR --ensemble   # mean_logits
     python -m megadoc_jax.evaluate --model runs/a train.batch_size=32 mesh.context=4 model.attention=ring
 
 Several --model without --ensemble are evaluated one by one. Overrides set the evaluation's mesh, batch
@@ -67,7 +67,13 @@ class Options:
 def parse_args(argv: list[str] | None) -> Options:
     parser = argparse.ArgumentParser(prog="python -m megadoc_jax.evaluate", description=__doc__.split("\n")[0])
     parser.add_argument("--model", action="append", required=True, help="RUN_DIR[:STEP] or a Llama directory")
-    parser.add_argument("--ensemble", choices=models.ENSEMBLE_MODES, help="score the models as one ensemble")
+    parser.add_argument(
+        "--ensemble",
+        nargs="?",
+        const="mean_logits",
+        choices=models.ENSEMBLE_MODES,
+        help="score the models as one ensemble (alone: mean_logits, the paper's)",
+    )
     parser.add_argument("--store", action="append", default=[], help="NAME=PATH of a token store (repeatable)")
     parser.add_argument("--recipe", choices=[*loss_windows.RECIPES, "all"], default="all")
     parser.add_argument("--stride", type=int, help="document recipe: window stride (default: half the window)")
@@ -117,6 +123,8 @@ def evaluate(options: Options, devices: list[jax.Device] | None = None) -> dict[
     """One evaluation (one model, or the ensemble of options.models): returns the JSON record it writes."""
     devices = devices or jax.devices()
     is_main = jax.process_index() == 0
+    if len(options.models) > 1 and options.ensemble is None:
+        raise models.ModelError(f"{len(options.models)} models and no --ensemble mode: evaluate them one by one")
 
     # ============================================================================================
     # The evaluation's config and mesh: the first model's run config, the overrides on top.
@@ -149,8 +157,11 @@ def evaluate(options: Options, devices: list[jax.Device] | None = None) -> dict[
     byte_lengths, bpb_note = None, "no tokenizer directory (give --tokenizer): bits per byte not computed"
     if tokenizer_dir is not None:
         byte_lengths, bpb_note = token_byte_lengths(tokenizer_dir, config.model.vocab_size), None
-    plans = {(name, recipe): loss_windows.make_plan(recipe, store, config.data.seq_len, options.stride)
-             for name, store in stores.items() for recipe in options.recipes}  # fmt: skip
+    plans = {
+        (name, recipe): loss_windows.make_plan(recipe, store, config.data.seq_len, options.stride)
+        for name, store in stores.items()
+        for recipe in options.recipes
+    }
 
     # ============================================================================================
     # The losses: every (store, recipe), batch by batch, one batch in flight.
@@ -200,7 +211,7 @@ def evaluate(options: Options, devices: list[jax.Device] | None = None) -> dict[
     value = report.record(
         config=config_lib.to_dict(config),
         models=[m.describe() for m in members],
-        ensemble=options.ensemble if len(members) > 1 or options.ensemble else None,
+        ensemble=options.ensemble,
         stores={name: store_identity(store) for name, store in stores.items()},
         results=results,
         bpb_note=bpb_note,
@@ -307,7 +318,7 @@ def store_identity(store) -> dict[str, Any]:
 def output_path(options: Options, members: list[models.Member]) -> Path:
     first = members[0]
     directory = Path(options.out) if options.out else (first.path / "eval" if first.kind == "run" else Path("eval"))
-    name = f"step_{first.step}" if first.kind == "run" else first.path.name
+    name = f"{first.path.name}_step_{first.step}" if first.kind == "run" else first.path.name
     if len(members) > 1 or options.ensemble:
         name = f"ensemble_{options.ensemble}_{len(members)}_{name}"
     return directory / f"{name}.json"

@@ -321,7 +321,7 @@ def test_an_ensemble_of_two_sizes_equals_the_reference_from_full_logits(tmp_path
     )
     assert value["ensemble"] == {"mode": mode, "members": 2}
     assert [m["step"] for m in value["models"]] == [7, 7]
-    assert (tmp_path / f"ensemble_{mode}_2_step_7.json").is_file()
+    assert (tmp_path / f"ensemble_{mode}_2_small_step_7.json").is_file()
     single = [full_logits_loss([runs[k]], stores["plain"], mode) for k in ("small", "wide")]
     assert abs(got["loss"] - single[0]) > 1e-3 and abs(got["loss"] - single[1]) > 1e-3  # a real combination
 
@@ -352,9 +352,15 @@ def test_one_device_and_eight_with_ring_attention_give_the_same_numbers(tmp_path
     kwargs = dict(stores={"plain": stores["plain"], "mega": stores["mega"]})
     one = run_eval(tmp_path / "one", [str(runs["wide"])], **kwargs)
     eight = run_eval(
-        tmp_path / "eight", [str(runs["wide"])], "mesh.data=2", "mesh.fsdp=2", "mesh.context=2",
-        "model.attention=ring", devices=8, **kwargs,
-    )  # fmt: skip
+        tmp_path / "eight",
+        [str(runs["wide"])],
+        "mesh.data=2",
+        "mesh.fsdp=2",
+        "mesh.context=2",
+        "model.attention=ring",
+        devices=8,
+        **kwargs,
+    )
     assert eight["devices"]["mesh"] == {"data": 2, "fsdp": 2, "tensor": 1, "context": 2}
     for a, b in zip(figures(one), figures(eight)):
         assert (a["store"], a["recipe"], a["tokens"], a["bytes"]) == (b["store"], b["recipe"], b["tokens"], b["bytes"])
@@ -377,11 +383,15 @@ def test_a_rerun_in_a_new_process_gives_identical_numbers_and_appends_the_run_me
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     done = subprocess.run(
         [sys.executable, "-m", "megadoc_jax.evaluate", *args, "--out", str(tmp_path / "second")],
-        env=env, cwd=REPO, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     assert "eval/heldout/loss" in done.stdout
-    first, second = (json.loads((tmp_path / d / "step_7.json").read_text()) for d in ("first", "second"))
+    first, second = (json.loads((tmp_path / d / "run_step_7.json").read_text()) for d in ("first", "second"))
     assert figures(first) == figures(second)  # bit for bit
     records = metrics.read_metrics(run).records
     assert [r["step"] for r in records] == [7, 7]
@@ -425,3 +435,13 @@ def test_bad_input_exits_2_naming_the_path_or_key(tmp_path, capsys, stores, runs
     assert "data.seq_len" in long and "longer than the context" in long and small in long
     assert "model.hidden" in bad(capsys, "--model", small, plain, "model.hidden=16")
     assert "neither a megadoc_jax run" in bad(capsys, "--model", str(tmp_path), plain)
+
+
+def test_several_models_without_ensemble_are_evaluated_one_by_one(tmp_path, stores, runs):
+    args = ["--model", str(runs["small"]), "--model", f"{runs['wide']}:7", f"--store=plain={stores['plain']}"]
+    options = ["--recipe", "concat", "--out", str(tmp_path), "--no-run-metrics", "--no-progress"]
+    assert cli.main([*args, *options, f"data.seq_len={SEQ_LEN}", "train.batch_size=8"]) == 0
+    written = {p.name: json.loads(p.read_text()) for p in tmp_path.glob("*.json")}
+    assert set(written) == {"small_step_7.json", "wide_step_7.json"}
+    assert all(v["ensemble"] is None and len(v["models"]) == 1 for v in written.values())
+    assert not (runs["small"] / metrics.JSONL_NAME).exists()  # --no-run-metrics
