@@ -142,6 +142,7 @@ def runs(tmp_path_factory, stores) -> dict[str, Path]:
 
 
 def run_eval(tmp_path: Path, models: list[str], *overrides: str, devices: int = 1, **options) -> dict:
+    options.setdefault("run_metrics", False)  # the module's runs stay as they are
     opts = cli.Options(
         models=models,
         out=str(tmp_path),
