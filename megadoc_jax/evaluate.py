@@ -164,7 +164,7 @@ def evaluate(options: Options, devices: list[jax.Device] | None = None) -> dict[
     }
 
     # ============================================================================================
-    # The losses: every (store, recipe), batch by batch, one batch in flight.
+    # The losses: every (store, recipe), batch by batch, two batches in flight.
     # ============================================================================================
     scorer = RowScorer(
         [m.graphdef for m in members],

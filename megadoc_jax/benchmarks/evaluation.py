@@ -7,7 +7,7 @@ jitted like the train step and fed global batches already on the devices, timed 
 after a compiled warm-up. The evaluation side is the evaluate command's own path on a store of random
 documents: the concat recipe's windows read from the store (prefetch thread), placed on the mesh, per-token
 scores (evaluation.jit_ensemble_token_scores), read back and summed in float64 on the host with the
-position and segment figures, one batch in flight. Both count B x L positions per batch. Prints both
+position and segment figures, two batches in flight. Both count B x L positions per batch. Prints both
 rates and the ratio (goal: evaluation within 10% of the forward pass, ratio >= 0.9).
 
 Defaults: the demo model size (float32) at data.seq_len=128, train.batch_size=16, random parameters; any

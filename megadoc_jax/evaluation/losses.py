@@ -7,7 +7,7 @@ loop's periodic evaluation (heldout.py).
 
 RowScorer compiles evaluation.jit_ensemble_token_scores for [train.batch_size, data.seq_len] rows on the
 mesh (every process builds the whole global batch on the host and hands over its own rows), and returns
-every target's log-probability on every process. score_batches keeps one batch in flight while the host
+every target's log-probability on every process. score_batches keeps two batches in flight while the host
 prepares the next and adds up, on the host in float64 and in a fixed order (batch by batch, then numpy's
 summation over the fixed [B, L] array), the negative log-probabilities of the scored targets (weights:
 loss_mask): so the figures do not depend on the device count or mesh beyond the fp32 scores themselves,
@@ -22,6 +22,7 @@ rephrase k, rationale k, separator; the store's segment runs). Every figure carr
 
 from __future__ import annotations
 
+import collections
 import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -160,16 +161,17 @@ def score_batches(
     sums: LossSums,
     *,
     progress: Callable[[int], None] | None = None,
+    in_flight: int = 2,
 ) -> LossSums:
-    """Scores every batch and adds it to `sums`, one batch in flight while the next is prepared."""
-    pending: tuple[jax.Array, RowBatch] | None = None
+    """Scores every batch and adds it to `sums` in batch order, `in_flight` batches dispatched ahead of
+    the one being added up, so that the host's reads and sums overlap the devices' work."""
+    pending: collections.deque[tuple[jax.Array, RowBatch]] = collections.deque()
     for rows in batches:
-        log_prob = scorer(params, rows.batch)
-        if pending is not None:
-            _add(scorer, sums, *pending, progress)
-        pending = (log_prob, rows)
-    if pending is not None:
-        _add(scorer, sums, *pending, progress)
+        pending.append((scorer(params, rows.batch), rows))
+        if len(pending) > in_flight:
+            _add(scorer, sums, *pending.popleft(), progress)
+    while pending:
+        _add(scorer, sums, *pending.popleft(), progress)
     return sums
 
 
