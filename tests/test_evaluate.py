@@ -446,3 +446,17 @@ def test_several_models_without_ensemble_are_evaluated_one_by_one(tmp_path, stor
     assert set(written) == {"small_step_7.json", "wide_step_7.json"}
     assert all(v["ensemble"] is None and len(v["models"]) == 1 for v in written.values())
     assert not (runs["small"] / metrics.JSONL_NAME).exists()  # --no-run-metrics
+
+
+def test_an_ensemble_on_eight_devices_with_tensor_and_ring_context_axes_matches_one_device(tmp_path, stores, runs):
+    members = [str(runs["small"]), str(runs["wide"])]
+    kwargs = dict(stores={"mega": stores["mega"]}, ensemble="mean_probs")
+    one = run_eval(tmp_path / "one", members, **kwargs)
+    mesh = ("mesh.data=2", "mesh.tensor=2", "mesh.context=2", "model.attention=ring")
+    eight = run_eval(tmp_path / "eight", members, *mesh, devices=8, **kwargs)
+    for a, b in zip(figures(one), figures(eight)):
+        assert (a["tokens"], a["bytes"]) == (b["tokens"], b["bytes"])
+        np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
+        np.testing.assert_allclose(
+            [p["loss"] for p in a["by_segment"]], [p["loss"] for p in b["by_segment"]], rtol=1e-5
+        )
