@@ -23,11 +23,18 @@ The training objective is (loss_sum + z_loss_sum) / weight_sum.
 [B, L]) and, if asked, is_greedy_t = (argmax(logits_t) == target_t), the first maximum winning ties as
 in torch.argmax. These are the per-token numbers that evaluation builds on (losses by position or by
 segment, multiple-choice log-likelihoods); their masked sum is loss_sum up to fp32 summation order.
+
+Ensembles: `next_token_scores` also takes K members' hidden states and unembeddings (members may differ
+in width D, not in vocabulary) and scores their combination, chunk by chunk like one model:
+mean_logits (the paper's ensembles: softmax of the mean of the members' logits) or mean_probs (the mean
+of the members' probabilities). An ensemble of one is the model itself.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -37,12 +44,44 @@ from megadoc_jax.sharding import constrain
 DEFAULT_CHUNK_TOKENS = 256  # sequence positions per chunk: live logits are B_local x 256 x V fp32
 
 
+ENSEMBLE_MODES = ("mean_logits", "mean_probs")  # how an ensemble's members combine (next_token_scores)
+
+
+def _chunk_logits(unembeds: tuple[jax.Array, ...], xs: tuple[jax.Array, ...], ensemble: str) -> jax.Array:
+    """fp32 [B, C, V] scores of one chunk whose log-softmax is the (ensemble's) next-token distribution.
+
+    One member: its logits. mean_logits: the mean of the members' logits. mean_probs: log of the mean of
+    the members' probabilities, log(1/K sum_k softmax(logits_k)) (already normalised). Running sums in
+    member order, so at most two members' chunk logits are alive at once.
+    """
+    combined_BxCxV = None
+    for unembed_DxV, x_BxCxD in zip(unembeds, xs):
+        logits_BxCxV = jnp.einsum("bcd,dv->bcv", x_BxCxD.astype(jnp.float32), unembed_DxV.astype(jnp.float32))
+        logits_BxCxV = constrain(logits_BxCxV, ("batch", "seq", "vocab"))
+        if len(xs) == 1:
+            return logits_BxCxV
+        if ensemble == "mean_probs":
+            logits_BxCxV = logits_BxCxV - jax.nn.logsumexp(logits_BxCxV, axis=-1, keepdims=True)
+            combined_BxCxV = logits_BxCxV if combined_BxCxV is None else jnp.logaddexp(combined_BxCxV, logits_BxCxV)
+        else:
+            combined_BxCxV = logits_BxCxV if combined_BxCxV is None else combined_BxCxV + logits_BxCxV
+    shift = jnp.log(float(len(xs))) if ensemble == "mean_probs" else None
+    return combined_BxCxV - shift if shift is not None else combined_BxCxV / len(xs)
+
+
 def _chunk_token_scores(
-    unembed_DxV: jax.Array, x_BxCxD: jax.Array, targets_BxC: jax.Array, *, greedy: bool = False
+    unembeds: tuple[jax.Array, ...],
+    xs: tuple[jax.Array, ...],
+    targets_BxC: jax.Array,
+    *,
+    greedy: bool = False,
+    ensemble: str = "mean_logits",
 ) -> dict[str, jax.Array]:
-    """Per-token scores of one chunk: 'lse' and 'target_logit' (fp32 [B, C]), 'is_greedy' (bool) if asked."""
-    logits_BxCxV = jnp.einsum("bcd,dv->bcv", x_BxCxD.astype(jnp.float32), unembed_DxV.astype(jnp.float32))
-    logits_BxCxV = constrain(logits_BxCxV, ("batch", "seq", "vocab"))
+    """Per-token scores of one chunk: 'lse' and 'target_logit' (fp32 [B, C]), 'is_greedy' (bool) if asked.
+
+    unembeds / xs: one entry per ensemble member (one for a single model), combined by _chunk_logits.
+    """
+    logits_BxCxV = _chunk_logits(unembeds, xs, ensemble)
     scores = {
         "lse": jax.nn.logsumexp(logits_BxCxV, axis=-1),
         "target_logit": jnp.take_along_axis(logits_BxCxV, targets_BxC[..., None], axis=-1)[..., 0],
@@ -54,7 +93,7 @@ def _chunk_token_scores(
 
 def _chunk_sums(unembed_DxV: jax.Array, x_BxCxD: jax.Array, targets_BxC: jax.Array, mask_BxC: jax.Array) -> jax.Array:
     """[ce_sum, lse_squared_sum, weight_sum] (fp32 [3]) of one chunk."""
-    scores = _chunk_token_scores(unembed_DxV, x_BxCxD, targets_BxC)
+    scores = _chunk_token_scores((unembed_DxV,), (x_BxCxD,), targets_BxC)
     lse_BxC, target_logit_BxC = scores["lse"], scores["target_logit"]
     return jnp.stack(
         [
@@ -79,34 +118,50 @@ def _from_chunks(a_NxBxC: jax.Array, length: int) -> jax.Array:
     return constrain(a_BxL, ("batch", "seq"))
 
 
+def _members(x: jax.Array | Sequence[jax.Array]) -> tuple[jax.Array, ...]:
+    return (x,) if isinstance(x, jax.Array) else tuple(x)
+
+
 def _chunked(
     caller: str,
-    x_BxLxD: jax.Array,
-    unembed_DxV: jax.Array,
+    xs: tuple[jax.Array, ...],
+    unembeds: tuple[jax.Array, ...],
     targets_BxL: jax.Array,
     mask_BxL: jax.Array | None,
     chunk_tokens: int,
-) -> tuple[jax.Array, ...]:
-    """Checks the shapes, pads L to whole chunks and cuts x, targets (and mask) into strided chunks."""
-    if x_BxLxD.ndim != 3:
-        raise ValueError(f"{caller}: x must be [B, L, D], got {x_BxLxD.shape}")
-    b, length, d = x_BxLxD.shape
-    if unembed_DxV.ndim != 2 or unembed_DxV.shape[0] != d:
-        raise ValueError(f"{caller}: unembed {unembed_DxV.shape} must be [D={d}, V]")
-    if targets_BxL.shape != (b, length):
-        raise ValueError(f"{caller}: targets {targets_BxL.shape} must be [B, L] = {(b, length)}")
+) -> tuple[Any, ...]:
+    """Checks the shapes, pads L to whole chunks and cuts every x, targets (and mask) into strided chunks:
+    (xs chunked, targets chunked[, mask chunked])."""
+    if not xs or len(xs) != len(unembeds):
+        raise ValueError(f"{caller}: {len(xs)} hidden states for {len(unembeds)} unembeddings (one per member)")
+    b, length = targets_BxL.shape if targets_BxL.ndim == 2 else (None, None)
+    vocab = {w.shape[-1] for w in unembeds}
+    for k, (x_BxLxD, unembed_DxV) in enumerate(zip(xs, unembeds)):
+        member = f" (member {k})" if len(xs) > 1 else ""
+        if x_BxLxD.ndim != 3:
+            raise ValueError(f"{caller}: x{member} must be [B, L, D], got {x_BxLxD.shape}")
+        if unembed_DxV.ndim != 2 or unembed_DxV.shape[0] != x_BxLxD.shape[2]:
+            raise ValueError(f"{caller}: unembed{member} {unembed_DxV.shape} must be [D={x_BxLxD.shape[2]}, V]")
+        if targets_BxL.shape != x_BxLxD.shape[:2]:
+            raise ValueError(f"{caller}: targets {targets_BxL.shape} must be [B, L] = {x_BxLxD.shape[:2]}")
+    if len(vocab) > 1:
+        raise ValueError(f"{caller}: ensemble members have different vocabulary sizes {sorted(vocab)}")
     if mask_BxL is not None and mask_BxL.shape != (b, length):
         raise ValueError(f"{caller}: loss_mask {mask_BxL.shape} must be [B, L] = {(b, length)}")
     if chunk_tokens < 1:
         raise ValueError(f"{caller}: chunk_tokens must be positive, got {chunk_tokens}")
 
-    arrays = [x_BxLxD, targets_BxL] + ([] if mask_BxL is None else [mask_BxL])
     chunk = min(chunk_tokens, length)
     chunks = -(-length // chunk)
     padding = chunks * chunk - length
-    if padding:  # padded positions carry mask 0 and add nothing; their scores are dropped
-        arrays = [jnp.pad(a, [(0, 0), (0, padding)] + [(0, 0)] * (a.ndim - 2)) for a in arrays]
-    return tuple(_to_chunks(a, chunks) for a in arrays)
+
+    def cut(a: jax.Array) -> jax.Array:
+        if padding:  # padded positions carry mask 0 and add nothing; their scores are dropped
+            a = jnp.pad(a, [(0, 0), (0, padding)] + [(0, 0)] * (a.ndim - 2))
+        return _to_chunks(a, chunks)
+
+    rest = [targets_BxL] + ([] if mask_BxL is None else [mask_BxL])
+    return (tuple(cut(x) for x in xs), *(cut(a) for a in rest))
 
 
 def next_token_loss(
@@ -126,35 +181,41 @@ def next_token_loss(
         mask_BxL = jnp.ones(targets_BxL.shape, jnp.float32)
     else:
         mask_BxL = loss_mask_BxL.astype(jnp.float32)
-    inputs = _chunked("next_token_loss", x_BxLxD, unembed_DxV, targets_BxL, mask_BxL, chunk_tokens)
+    (x_NxBxCxD,), *inputs = _chunked("next_token_loss", (x_BxLxD,), (unembed_DxV,), targets_BxL, mask_BxL, chunk_tokens)
     chunk_sums = jax.checkpoint(_chunk_sums)
 
     def add_chunk(total_3: jax.Array, chunk_inputs: tuple[jax.Array, ...]) -> tuple[jax.Array, None]:
         return total_3 + chunk_sums(unembed_DxV, *chunk_inputs), None
 
-    total_3, _ = jax.lax.scan(add_chunk, jnp.zeros((3,), jnp.float32), inputs)
+    total_3, _ = jax.lax.scan(add_chunk, jnp.zeros((3,), jnp.float32), (x_NxBxCxD, *inputs))
     return {"loss_sum": total_3[0], "z_loss_sum": z_loss * total_3[1], "weight_sum": total_3[2]}
 
 
 def next_token_scores(
-    x_BxLxD: jax.Array,
-    unembed_DxV: jax.Array,
+    x_BxLxD: jax.Array | Sequence[jax.Array],
+    unembed_DxV: jax.Array | Sequence[jax.Array],
     targets_BxL: jax.Array,
     *,
     greedy: bool = False,
+    ensemble: str = "mean_logits",
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
 ) -> dict[str, jax.Array]:
     """Every token's 'log_prob' of its target (fp32 [B, L]) and, with greedy, 'is_greedy' (bool [B, L]).
 
     In the order of x's positions; no mask: the caller weights or selects tokens. See the module docstring.
+    An ensemble: x and unembed are sequences, one [B, L, D_k] / [D_k, V] per member (members may differ in
+    D), combined per `ensemble` (ENSEMBLE_MODES) chunk by chunk; the full [B, L, V] logits never exist.
     """
-    inputs = _chunked("next_token_scores", x_BxLxD, unembed_DxV, targets_BxL, None, chunk_tokens)
-    chunk_scores = jax.checkpoint(functools.partial(_chunk_token_scores, greedy=greedy))
+    if ensemble not in ENSEMBLE_MODES:
+        raise ValueError(f"next_token_scores: ensemble {ensemble!r} not in {ENSEMBLE_MODES}")
+    unembeds = _members(unembed_DxV)
+    xs, targets_NxBxC = _chunked("next_token_scores", _members(x_BxLxD), unembeds, targets_BxL, None, chunk_tokens)
+    chunk_scores = jax.checkpoint(functools.partial(_chunk_token_scores, greedy=greedy, ensemble=ensemble))
 
-    def score_chunk(carry: None, chunk_inputs: tuple[jax.Array, ...]) -> tuple[None, dict[str, jax.Array]]:
-        scores = chunk_scores(unembed_DxV, *chunk_inputs)
+    def score_chunk(carry: None, chunk_inputs: tuple[Any, jax.Array]) -> tuple[None, dict[str, jax.Array]]:
+        scores = chunk_scores(unembeds, *chunk_inputs)
         scores["log_prob"] = scores.pop("target_logit") - scores.pop("lse")
         return carry, scores
 
-    _, scores_NxBxC = jax.lax.scan(score_chunk, None, inputs)
+    _, scores_NxBxC = jax.lax.scan(score_chunk, None, (xs, targets_NxBxC))
     return {key: _from_chunks(value, targets_BxL.shape[1]) for key, value in scores_NxBxC.items()}

@@ -142,3 +142,72 @@ def test_is_greedy_breaks_ties_towards_the_first_maximum():
     targets = jnp.asarray([[3, 7, 0, 3]], jnp.int32)
     got = next_token_scores(x, w, targets, greedy=True, chunk_tokens=2)
     np.testing.assert_array_equal(got["is_greedy"], [[True, False, False, True]])
+
+
+# --------------------------------------------------------------------------------------------------
+# Ensembles: K members' hidden states and unembeddings, combined chunk by chunk
+# --------------------------------------------------------------------------------------------------
+
+
+def _members(seed: int = 3):
+    """Two members of different widths over one vocabulary, sharp enough that they disagree."""
+    rng = np.random.default_rng(seed)
+    xs = [jnp.asarray(rng.normal(size=(B, L, d)), jnp.float32) for d in (D, 24)]
+    ws = [jnp.asarray(rng.normal(size=(d, V)), jnp.float32) for d in (D, 24)]
+    return xs, ws, jnp.asarray(rng.integers(0, V, size=(B, L)), jnp.int32)
+
+
+def _reference(xs, ws, targets, mode):
+    """log p(target) of the ensemble from every member's full [B, L, V] logits, in float64."""
+    logits = [np.einsum("bld,dv->blv", np.float64(x), np.float64(w)) for x, w in zip(xs, ws)]
+    if mode == "mean_logits":
+        combined = np.mean(logits, axis=0)
+        log_probs = combined - np.asarray(jax.scipy.special.logsumexp(combined, axis=-1, keepdims=True))
+    else:
+        probs = [np.exp(lg - np.asarray(jax.scipy.special.logsumexp(lg, axis=-1, keepdims=True))) for lg in logits]
+        log_probs = np.log(np.mean(probs, axis=0))
+    picked = np.take_along_axis(log_probs, np.asarray(targets)[..., None], axis=-1)[..., 0]
+    return picked, np.argmax(log_probs, axis=-1) == np.asarray(targets)
+
+
+@pytest.mark.parametrize("mode", ["mean_logits", "mean_probs"])
+@pytest.mark.parametrize("chunk_tokens", [5, 64])
+def test_an_ensemble_of_two_matches_the_reference_from_full_logits(mode, chunk_tokens):
+    xs, ws, targets = _members()
+    scores = jax.jit(
+        lambda xs, ws: next_token_scores(xs, ws, targets, greedy=True, ensemble=mode, chunk_tokens=chunk_tokens)
+    )
+    got = scores(xs, ws)
+    want_log_prob, want_greedy = _reference(xs, ws, targets, mode)
+    np.testing.assert_allclose(got["log_prob"], want_log_prob, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(got["is_greedy"], want_greedy)
+    # Neither member alone, and the two modes differ: a real combination.
+    for x, w in zip(xs, ws):
+        assert np.abs(next_token_scores(x, w, targets)["log_prob"] - got["log_prob"]).max() > 1e-2
+    other = "mean_probs" if mode == "mean_logits" else "mean_logits"
+    assert np.abs(_reference(xs, ws, targets, other)[0] - want_log_prob).max() > 1e-2
+
+
+@pytest.mark.parametrize("mode", ["mean_logits", "mean_probs"])
+def test_an_ensemble_of_one_is_the_model(mode):
+    x, w, targets, _ = _data(4)
+    alone = next_token_scores(x, w, targets, greedy=True)
+    one = next_token_scores([x], [w], targets, greedy=True, ensemble=mode)
+    for key in alone:
+        np.testing.assert_array_equal(one[key], alone[key])
+
+
+def test_an_ensemble_keeps_at_most_two_chunks_of_logits_and_refuses_bad_members():
+    b, length, v, chunk = 2, 64, 1000, 8
+    xs = [jnp.ones((b, length, d)) for d in (8, 4, 6)]
+    ws = [jnp.ones((d, v)) for d in (8, 4, 6)]
+    targets = jnp.zeros((b, length), jnp.int32)
+    for mode in ("mean_logits", "mean_probs"):
+        jaxpr = jax.make_jaxpr(lambda xs, ws: next_token_scores(xs, ws, targets, ensemble=mode, chunk_tokens=chunk))
+        assert _largest_intermediate(jaxpr(xs, ws).jaxpr) == b * chunk * v
+    with pytest.raises(ValueError, match="different vocabulary sizes"):
+        next_token_scores(xs[:2], [ws[0], jnp.ones((4, v + 1))], targets)
+    with pytest.raises(ValueError, match="2 hidden states for 3 unembeddings"):
+        next_token_scores(xs[:2], ws, targets)
+    with pytest.raises(ValueError, match="ensemble 'max'"):
+        next_token_scores(xs, ws, targets, ensemble="max")

@@ -12,17 +12,20 @@ place where evaluation handles layouts). No mask is applied: callers weight or s
 chunked over positions, so the full [B, L, V] logits never exist.
 
 `jit_token_scores` compiles it sharded like the train step: rows over ('data', 'fsdp'), positions over
-'context', the parameters as they lie, the scores laid out like the batch.
+'context', the parameters as they lie, the scores laid out like the batch. `ensemble_token_scores` /
+`jit_ensemble_token_scores` do the same for an ensemble of decoders (mean of logits or of probabilities,
+combined inside loss.next_token_scores); token_scores is an ensemble of one.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from megadoc_jax import attention, sharding
@@ -54,11 +57,38 @@ def token_scores(graphdef: nnx.GraphDef, params: Any, batch: Batch, config: Conf
     batch holds 'inputs', 'targets', 'positions' and, with data.document_masking, 'segment_ids' ([B, L]);
     other [B, L] arrays (loss_mask, ...) may be there and are ignored. Call under the mesh (jax.set_mesh).
     """
-    model = nnx.merge(graphdef, params)
+    return ensemble_token_scores((graphdef,), (params,), batch, config, greedy=greedy)
+
+
+def ensemble_token_scores(
+    graphdefs: Sequence[nnx.GraphDef],
+    params: Sequence[Any],
+    batch: Batch,
+    config: Config,
+    *,
+    greedy: bool = False,
+    ensemble: str = "mean_logits",
+) -> Scores:
+    """token_scores of an ensemble: K decoders (any widths, one vocabulary) whose next-token distributions
+    combine per `ensemble` (loss.ENSEMBLE_MODES: mean_logits, the paper's, or mean_probs) inside the chunked
+    loss. Every member reads the batch in config.model.attention's token layout, so each member's own
+    attention backend must declare the same layout (checked)."""
+    models = [nnx.merge(g, p) for g, p in zip(graphdefs, params, strict=True)]
+    length = batch["inputs"].shape[-1]
+    want = attention.token_order(config.model.attention, length)
+    for k, model in enumerate(models):
+        order = attention.token_order(model.cfg.attention, length)
+        if (order is None) != (want is None) or (order is not None and not np.array_equal(order, want)):
+            raise ValueError(
+                f"ensemble member {k}: attention {model.cfg.attention!r} lays tokens out unlike "
+                f"model.attention={config.model.attention!r}; give all members one backend"
+            )
 
     def score(laid_out: Batch) -> Scores:
-        x_BxLxD = model.hidden_states(*step_lib.model_inputs(laid_out, config.data.document_masking))
-        return loss_lib.next_token_scores(x_BxLxD, model.unembed_DxV(), laid_out["targets"], greedy=greedy)
+        inputs = step_lib.model_inputs(laid_out, config.data.document_masking)
+        xs = [model.hidden_states(*inputs) for model in models]
+        unembeds = [model.unembed_DxV() for model in models]
+        return loss_lib.next_token_scores(xs, unembeds, laid_out["targets"], greedy=greedy, ensemble=ensemble)
 
     return _in_original_order(score, batch, config)
 
@@ -70,15 +100,29 @@ def jit_token_scores(
 
     The batch as step.global_batch places it (step.batch_sharding); the scores come back laid out the same way.
     """
+    scores = jit_ensemble_token_scores((graphdef,), (param_shardings,), mesh, config, greedy=greedy)
+    return lambda params, batch: scores((params,), batch)
+
+
+def jit_ensemble_token_scores(
+    graphdefs: Sequence[nnx.GraphDef],
+    param_shardings: Sequence[Any],
+    mesh: jax.sharding.Mesh,
+    config: Config,
+    *,
+    greedy: bool = False,
+    ensemble: str = "mean_logits",
+) -> Callable[[Sequence[Any], Batch], Scores]:
+    """ensemble_token_scores compiled like jit_token_scores: fn(params of each member, batch) -> scores."""
     layout = step_lib.batch_sharding(mesh, config)
     jitted = jax.jit(
-        functools.partial(token_scores, graphdef, config=config, greedy=greedy),
-        in_shardings=(param_shardings, layout),
+        functools.partial(ensemble_token_scores, tuple(graphdefs), config=config, greedy=greedy, ensemble=ensemble),
+        in_shardings=(tuple(param_shardings), layout),
         out_shardings=layout,
     )
 
-    def scores(params: Any, batch: Batch) -> Scores:
+    def scores(params: Sequence[Any], batch: Batch) -> Scores:
         with jax.set_mesh(mesh):  # the model's sharding constraints and the ring's shard_map read it
-            return jitted(params, batch)
+            return jitted(tuple(params), batch)
 
     return scores

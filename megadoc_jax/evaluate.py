@@ -1,0 +1,328 @@
+"""Evaluate checkpoints: held-out losses on token stores, of one model or of an ensemble.
+
+    python -m megadoc_jax.evaluate --model runs/demo                       # its data.eval_stores, both recipes
+    python -m megadoc_jax.evaluate --model runs/a:2000 --store iid=STORE --store arxiv=STORE2 --recipe concat
+    python -m megadoc_jax.evaluate --model runs/s0 --model runs/s1 --model HF_DIR --ensemble   # mean_logits
+    python -m megadoc_jax.evaluate --model runs/a train.batch_size=32 mesh.context=4 model.attention=ring
+
+Several --model without --ensemble are evaluated one by one. Overrides set the evaluation's mesh, batch
+(train.batch_size rows of data.seq_len), window length (data.seq_len, default: the shortest member's
+context) and model.attention / model.compute_dtype; the rest of the config is the first model's run.
+Each evaluation writes one JSON file (--out, default RUN_DIR/eval/) and prints a summary; a single run
+also gets its figures appended to the run's metrics at the checkpoint's step. docs/evaluation.md
+("Losses") has the recipes, the figures and the JSON format.
+
+The file reads top to bottom: arguments, the evaluation's config and mesh, models, stores, the losses,
+the output. Exit status 2 for bad input (the message names the path or key).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import jax
+from tqdm import tqdm
+
+from megadoc_jax import attention, checkpoint, distributed, hf, sharding
+from megadoc_jax import config as config_lib
+from megadoc_jax.data import pipeline
+from megadoc_jax.data.store import StoreError, TokenizerInfo
+from megadoc_jax.evaluation import loss_windows, models, report
+from megadoc_jax.evaluation.losses import LossSums, RowScorer, score_batches
+from megadoc_jax.evaluation.token_bytes import TokenBytesError, token_byte_lengths
+
+log = logging.getLogger("megadoc_jax.evaluate")
+
+BAD_INPUT = (
+    config_lib.ConfigError,
+    checkpoint.CheckpointError,
+    hf.HFError,
+    StoreError,
+    models.ModelError,
+    loss_windows.WindowError,
+    TokenBytesError,
+)
+MODEL_OVERRIDES = ("attention", "compute_dtype")  # the rest of model.* is the checkpoint's
+
+
+@dataclasses.dataclass
+class Options:
+    models: list[str]
+    ensemble: str | None = None  # None: each model on its own
+    stores: dict[str, str] = dataclasses.field(default_factory=dict)  # empty: the first run's data.eval_stores
+    recipes: tuple[str, ...] = loss_windows.RECIPES
+    stride: int | None = None  # document recipe; None: half the window
+    tokenizer: str | None = None
+    out: str | None = None
+    run_metrics: bool = True
+    progress: bool = True
+    overrides: list[str] = dataclasses.field(default_factory=list)
+
+
+def parse_args(argv: list[str] | None) -> Options:
+    parser = argparse.ArgumentParser(prog="python -m megadoc_jax.evaluate", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", action="append", required=True, help="RUN_DIR[:STEP] or a Llama directory")
+    parser.add_argument(
+        "--ensemble",
+        nargs="?",
+        const="mean_logits",
+        choices=models.ENSEMBLE_MODES,
+        help="score the models as one ensemble (alone: mean_logits, the paper's)",
+    )
+    parser.add_argument("--store", action="append", default=[], help="NAME=PATH of a token store (repeatable)")
+    parser.add_argument("--recipe", choices=[*loss_windows.RECIPES, "all"], default="all")
+    parser.add_argument("--stride", type=int, help="document recipe: window stride (default: half the window)")
+    parser.add_argument("--tokenizer", help="tokenizer directory (default: the model's), for bpb and checks")
+    parser.add_argument("--out", help="directory of the JSON file (default: RUN_DIR/eval, or ./eval)")
+    parser.add_argument("--no-run-metrics", action="store_true", help="do not append to the run's metrics")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("overrides", nargs="*", help="config overrides: mesh.*, train.batch_size, data.seq_len, ...")
+    args = parser.parse_args(argv)
+    stores = {}
+    for text in args.store:
+        name, sep, path = text.partition("=")
+        if not sep or not name or not path:
+            parser.error(f"--store {text!r}: expected NAME=PATH")
+        stores[name] = path
+    return Options(
+        models=args.model,
+        ensemble=args.ensemble,
+        stores=stores,
+        recipes=loss_windows.RECIPES if args.recipe == "all" else (args.recipe,),
+        stride=args.stride,
+        tokenizer=args.tokenizer,
+        out=args.out,
+        run_metrics=not args.no_run_metrics,
+        progress=not args.no_progress,
+        overrides=args.overrides,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    from megadoc_jax.train import log_to_console
+
+    log_to_console()
+    options = parse_args(argv)
+    try:
+        distributed.initialize_from_environment()
+        groups = [options.models] if options.ensemble else [[spec] for spec in options.models]
+        for specs in groups:
+            evaluate(dataclasses.replace(options, models=specs))
+    except BAD_INPUT as e:
+        print(f"evaluate: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def evaluate(options: Options, devices: list[jax.Device] | None = None) -> dict[str, Any]:
+    """One evaluation (one model, or the ensemble of options.models): returns the JSON record it writes."""
+    devices = devices or jax.devices()
+    is_main = jax.process_index() == 0
+    if len(options.models) > 1 and options.ensemble is None:
+        raise models.ModelError(f"{len(options.models)} models and no --ensemble mode: evaluate them one by one")
+
+    # ============================================================================================
+    # The evaluation's config and mesh: the first model's run config, the overrides on top.
+    # ============================================================================================
+    config = evaluation_config(options)
+    mesh = sharding.make_mesh(config_lib.validate_for_devices(config, len(devices)), devices)
+
+    # ============================================================================================
+    # Models, rebuilt with the evaluation's attention backend; one tokenizer for all.
+    # ============================================================================================
+    members = [
+        models.load_member(spec, mesh, attention=config.model.attention, compute_dtype=compute_dtype(options))
+        for spec in options.models
+    ]
+    tokenizer = models.check_ensemble(members)
+    config = fit_context(config, members, options, len(devices))
+    tokenizer_dir, tokenizer = chosen_tokenizer(options, members, tokenizer)
+
+    # ============================================================================================
+    # Stores: each checked against the tokenizer and the vocabulary before anything compiles.
+    # ============================================================================================
+    store_paths = options.stores or dict(config.data.eval_stores)
+    if not store_paths:
+        raise config_lib.ConfigError("--store: no stores given and the run has no data.eval_stores")
+    stores = {
+        name: pipeline.open_store(path, f"--store {name}", config, tokenizer) for name, path in store_paths.items()
+    }
+    if tokenizer is None:
+        pipeline.check_same_tokenizer(stores)
+    byte_lengths, bpb_note = None, "no tokenizer directory (give --tokenizer): bits per byte not computed"
+    if tokenizer_dir is not None:
+        byte_lengths, bpb_note = token_byte_lengths(tokenizer_dir, config.model.vocab_size), None
+    plans = {
+        (name, recipe): loss_windows.make_plan(recipe, store, config.data.seq_len, options.stride)
+        for name, store in stores.items()
+        for recipe in options.recipes
+    }
+
+    # ============================================================================================
+    # The losses: every (store, recipe), batch by batch, two batches in flight.
+    # ============================================================================================
+    scorer = RowScorer(
+        [m.graphdef for m in members],
+        [m.param_shardings for m in members],
+        mesh,
+        config,
+        ensemble=options.ensemble or "mean_logits",
+    )
+    params = [m.params for m in members]
+    batch_size = config.train.batch_size
+    results = []
+    for (name, recipe), plan in plans.items():
+        store = stores[name]
+        read = lambda b, plan=plan, store=store: plan.read_batch(store, b, batch_size)
+        batches = (rows for _, rows in pipeline.prefetched(read, range(plan.num_batches(batch_size)), 2))
+        with tqdm(
+            total=plan.scored_tokens,
+            unit="tok",
+            unit_scale=True,
+            desc=f"{name} {recipe}",
+            disable=not (is_main and options.progress),
+            file=sys.stderr,
+            mininterval=1.0,
+        ) as bar:
+            sums = score_batches(
+                scorer, params, batches, LossSums(config.data.seq_len, byte_lengths), progress=bar.update
+            )
+        results.append(
+            {
+                "store": name,
+                "recipe": recipe,
+                "seq_len": plan.seq_len,
+                "stride": plan.stride,
+                "windows": plan.num_windows,
+                "rows": plan.num_rows,
+                **sums.figures(),
+            }
+        )
+    # (Downstream benchmarks join here: one call adding their figures to `results`.)
+
+    # ============================================================================================
+    # Output: the JSON record, the console summary, the run's metrics.
+    # ============================================================================================
+    value = report.record(
+        config=config_lib.to_dict(config),
+        models=[m.describe() for m in members],
+        ensemble=options.ensemble,
+        stores={name: store_identity(store) for name, store in stores.items()},
+        results=results,
+        bpb_note=bpb_note,
+        devices={"count": len(devices), "kind": devices[0].device_kind, "mesh": dict(mesh.shape)},
+    )
+    path = output_path(options, members)
+    if is_main:
+        report.write(path, value)
+        for line in report.summary_lines(value):
+            log.info("%s", line)
+        log.info("wrote %s", path)
+        if options.run_metrics and len(members) == 1 and members[0].kind == "run":
+            scalars = {k: v for r in results for k, v in report.metric_scalars(r).items()}
+            report.append_to_run_metrics(members[0].path, members[0].step, scalars)
+    return value
+
+
+# --------------------------------------------------------------------------------------------------
+# The pieces, in the order used above
+# --------------------------------------------------------------------------------------------------
+
+
+def compute_dtype(options: Options) -> str | None:
+    raw = config_lib.apply_overrides({}, list(options.overrides))
+    return (raw.get("model") or {}).get("compute_dtype")
+
+
+def evaluation_config(options: Options) -> config_lib.Config:
+    """The first model's run config (a Llama directory: the defaults with its model), overrides applied;
+    overrides of model.* other than MODEL_OVERRIDES are refused (the model is the checkpoint's)."""
+    path, _ = models.parse_model_spec(options.models[0])
+    run_config = checkpoint.find_run_config(path) if path.exists() else None
+    if run_config is not None:
+        raw = config_lib.to_dict(config_lib.load(run_config))
+    elif (path / hf.CONFIG_JSON).is_file():
+        llama = hf.llama_model_config(hf.read_json(path / hf.CONFIG_JSON), path / hf.CONFIG_JSON)
+        raw = config_lib.to_dict(config_lib.Config(model=llama))
+        raw["data"]["seq_len"] = int(hf.read_json(path / hf.CONFIG_JSON).get("max_position_embeddings") or 2048)
+    else:
+        raise models.not_a_model(options.models[0], path)
+    given = config_lib.apply_overrides({}, list(options.overrides))
+    for key in given.get("model") or {}:
+        if key not in MODEL_OVERRIDES:
+            raise config_lib.ConfigError(
+                f"model.{key}: the model is the checkpoint's; only model.{' and model.'.join(MODEL_OVERRIDES)} "
+                "may be set for an evaluation"
+            )
+    raw = config_lib.apply_overrides(raw, list(options.overrides))
+    raw["train"]["microbatches"] = 1
+    raw["data"]["document_masking"] = True  # rows carry their windows as segments (loss_windows.py)
+    return config_lib.from_dict(raw)
+
+
+def fit_context(config: config_lib.Config, members: list[models.Member], options: Options, devices: int):
+    """data.seq_len: as given (refused if longer than any member's context), else the shortest context;
+    the first member's model (with the evaluation's backend) as config.model; the mesh checked for both."""
+    given = config_lib.apply_overrides({}, list(options.overrides))
+    shortest = min(m.context_length for m in members)
+    seq_len = config.data.seq_len if "seq_len" in (given.get("data") or {}) else shortest
+    for member in members:
+        if seq_len > member.context_length:
+            raise config_lib.ConfigError(
+                f"data.seq_len: a window of {seq_len} tokens is longer than the context of --model {member.spec} "
+                f"({member.context_length}: its run's data.seq_len or config.json max_position_embeddings)"
+            )
+    config = dataclasses.replace(
+        config,
+        model=members[0].model_config,
+        data=dataclasses.replace(config.data, seq_len=seq_len),
+    )
+    sizes = config_lib.validate_for_devices(config, devices)
+    for member in members:
+        config_lib.validate_for_devices(dataclasses.replace(config, model=member.model_config), devices)
+    attention.check_mesh(config.model.attention, seq_len, sizes)
+    return config
+
+
+def chosen_tokenizer(
+    options: Options, members: list[models.Member], tokenizer: TokenizerInfo | None
+) -> tuple[Path | None, TokenizerInfo | None]:
+    """--tokenizer (which must be the members' if they name one), else the first member's that has one."""
+    if options.tokenizer is None:
+        found = next((m for m in members if m.tokenizer_dir is not None), None)
+        return (found.tokenizer_dir if found else None), tokenizer
+    given = TokenizerInfo.from_directory(options.tokenizer)
+    if tokenizer is not None and given.hash != tokenizer.hash:
+        raise models.ModelError(
+            f"--tokenizer {options.tokenizer}: hash {given.hash} differs from the models' tokenizer ({tokenizer.hash})"
+        )
+    return Path(options.tokenizer), given
+
+
+def store_identity(store) -> dict[str, Any]:
+    manifest = store.manifest
+    return {
+        "path": str(Path(store.path).absolute()),
+        "documents": store.num_documents,
+        "tokens": store.num_tokens,
+        "content_hash": manifest.get("content_hash"),
+        "tokenizer": manifest.get("tokenizer"),
+    }
+
+
+def output_path(options: Options, members: list[models.Member]) -> Path:
+    first = members[0]
+    directory = Path(options.out) if options.out else (first.path / "eval" if first.kind == "run" else Path("eval"))
+    name = f"{first.path.name}_step_{first.step}" if first.kind == "run" else first.path.name
+    if len(members) > 1 or options.ensemble:
+        name = f"ensemble_{options.ensemble}_{len(members)}_{name}"
+    return directory / f"{name}.json"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
