@@ -14,6 +14,8 @@ PYTEST_ARGS ?=
 demo: $(VENV)/.installed
 	$(BIN)/python -m generation demo-data
 	$(BIN)/python -m megadoc_jax.train
+	$(BIN)/python -m megadoc_jax.evaluate --model runs/demo --store heldout=demo:heldout \
+		--store stitched=demo:stitched --benchmarks tests/data/benchmarks --tasks arc_easy,piqa,sciq
 
 test: $(VENV)/.installed-dev
 	$(BIN)/ruff check .

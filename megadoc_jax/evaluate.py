@@ -4,13 +4,16 @@
     python -m megadoc_jax.evaluate --model runs/a:2000 --store iid=STORE --store arxiv=STORE2 --recipe concat
     python -m megadoc_jax.evaluate --model runs/s0 --model runs/s1 --model HF_DIR --ensemble   # mean_logits
     python -m megadoc_jax.evaluate --model runs/a train.batch_size=32 mesh.context=4 model.attention=ring
+    python -m megadoc_jax.evaluate --model runs/a --benchmarks BENCH_DIR model.compute_dtype=float32
 
 Several --model without --ensemble are evaluated one by one. Overrides set the evaluation's mesh, batch
 (train.batch_size rows of data.seq_len), window length (data.seq_len, default: the shortest member's
 context) and model.attention / model.compute_dtype; the rest of the config is the first model's run.
 Each evaluation writes one JSON file (--out, default RUN_DIR/eval/) and prints a summary; a single run
 also gets its figures appended to the run's metrics at the checkpoint's step. docs/evaluation.md
-("Losses") has the recipes, the figures and the JSON format.
+("Losses") has the recipes, the figures and the JSON format. --benchmarks DIR adds the zero-shot (or
+--num-fewshot k) multiple-choice benchmarks whose item files DIR holds (DIR/<task>/<split>.jsonl|.parquet),
+scored as lm-evaluation-harness scores them, and the paper's three-task average ("Downstream benchmarks").
 
 The file reads top to bottom: arguments, the evaluation's config and mesh, models, stores, the losses,
 the output. Exit status 2 for bad input (the message names the path or key).
@@ -28,11 +31,11 @@ from typing import Any
 import jax
 from tqdm import tqdm
 
-from megadoc_jax import attention, checkpoint, distributed, hf, sharding
+from megadoc_jax import attention, checkpoint, distributed, files, hf, sharding
 from megadoc_jax import config as config_lib
-from megadoc_jax.data import pipeline
+from megadoc_jax.data import demo, pipeline
 from megadoc_jax.data.store import StoreError, TokenizerInfo
-from megadoc_jax.evaluation import loss_windows, models, report
+from megadoc_jax.evaluation import benchmark_scoring, benchmark_tasks, loss_windows, models, report
 from megadoc_jax.evaluation.losses import LossSums, RowScorer, score_batches
 from megadoc_jax.evaluation.token_bytes import TokenBytesError, token_byte_lengths
 
@@ -46,6 +49,7 @@ BAD_INPUT = (
     models.ModelError,
     loss_windows.WindowError,
     TokenBytesError,
+    benchmark_tasks.BenchmarkDataError,
 )
 MODEL_OVERRIDES = ("attention", "compute_dtype")  # the rest of model.* is the checkpoint's
 
@@ -62,6 +66,9 @@ class Options:
     run_metrics: bool = True
     progress: bool = True
     overrides: list[str] = dataclasses.field(default_factory=list)
+    benchmarks: str | None = None  # directory of benchmark item files; None: no benchmarks
+    tasks: tuple[str, ...] = ()  # empty: every task with a directory in `benchmarks`
+    num_fewshot: int = 0
 
 
 def parse_args(argv: list[str] | None) -> Options:
@@ -81,6 +88,9 @@ def parse_args(argv: list[str] | None) -> Options:
     parser.add_argument("--out", help="directory of the JSON file (default: RUN_DIR/eval, or ./eval)")
     parser.add_argument("--no-run-metrics", action="store_true", help="do not append to the run's metrics")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--benchmarks", help="directory of multiple-choice item files, DIR/<task>/<split>.jsonl")
+    parser.add_argument("--tasks", help="comma-separated benchmark tasks (default: those in --benchmarks)")
+    parser.add_argument("--num-fewshot", type=int, default=0, help="benchmark examples in each context")
     parser.add_argument("overrides", nargs="*", help="config overrides: mesh.*, train.batch_size, data.seq_len, ...")
     args = parser.parse_args(argv)
     stores = {}
@@ -100,6 +110,9 @@ def parse_args(argv: list[str] | None) -> Options:
         run_metrics=not args.no_run_metrics,
         progress=not args.no_progress,
         overrides=args.overrides,
+        benchmarks=args.benchmarks,
+        tasks=tuple(t for t in (args.tasks or "").split(",") if t),
+        num_fewshot=args.num_fewshot,
     )
 
 
@@ -146,8 +159,11 @@ def evaluate(options: Options, devices: list[jax.Device] | None = None) -> dict[
     # ============================================================================================
     # Stores: each checked against the tokenizer and the vocabulary before anything compiles.
     # ============================================================================================
-    store_paths = options.stores or dict(config.data.eval_stores)
-    if not store_paths:
+    store_paths = {  # demo:NAME names the demo data (python -m generation demo-data)
+        name: demo.resolve_demo_path(path, f"--store {name}")
+        for name, path in (options.stores or dict(config.data.eval_stores)).items()
+    }
+    if not store_paths and not options.benchmarks:
         raise config_lib.ConfigError("--store: no stores given and the run has no data.eval_stores")
     stores = {
         name: pipeline.open_store(path, f"--store {name}", config, tokenizer) for name, path in store_paths.items()
@@ -203,7 +219,7 @@ def evaluate(options: Options, devices: list[jax.Device] | None = None) -> dict[
                 **sums.figures(),
             }
         )
-    # (Downstream benchmarks join here: one call adding their figures to `results`.)
+    benchmarks = run_benchmarks(options, members, config, mesh, tokenizer_dir) if options.benchmarks else None
 
     # ============================================================================================
     # Output: the JSON record, the console summary, the run's metrics.
@@ -216,6 +232,7 @@ def evaluate(options: Options, devices: list[jax.Device] | None = None) -> dict[
         results=results,
         bpb_note=bpb_note,
         devices={"count": len(devices), "kind": devices[0].device_kind, "mesh": dict(mesh.shape)},
+        benchmarks=benchmarks,
     )
     path = output_path(options, members)
     if is_main:
@@ -225,6 +242,7 @@ def evaluate(options: Options, devices: list[jax.Device] | None = None) -> dict[
         log.info("wrote %s", path)
         if options.run_metrics and len(members) == 1 and members[0].kind == "run":
             scalars = {k: v for r in results for k, v in report.metric_scalars(r).items()}
+            scalars |= report.benchmark_scalars(benchmarks)
             report.append_to_run_metrics(members[0].path, members[0].step, scalars)
     return value
 
@@ -247,9 +265,10 @@ def evaluation_config(options: Options) -> config_lib.Config:
     if run_config is not None:
         raw = config_lib.to_dict(config_lib.load(run_config))
     elif (path / hf.CONFIG_JSON).is_file():
-        llama = hf.llama_model_config(hf.read_json(path / hf.CONFIG_JSON), path / hf.CONFIG_JSON)
+        config_json = files.read_json(path / hf.CONFIG_JSON, error=hf.HFError)
+        llama = hf.llama_model_config(config_json, path / hf.CONFIG_JSON)
         raw = config_lib.to_dict(config_lib.Config(model=llama))
-        raw["data"]["seq_len"] = int(hf.read_json(path / hf.CONFIG_JSON).get("max_position_embeddings") or 2048)
+        raw["data"]["seq_len"] = int(config_json.get("max_position_embeddings") or 2048)
     else:
         raise models.not_a_model(options.models[0], path)
     given = config_lib.apply_overrides({}, list(options.overrides))
@@ -302,6 +321,43 @@ def chosen_tokenizer(
             f"--tokenizer {options.tokenizer}: hash {given.hash} differs from the models' tokenizer ({tokenizer.hash})"
         )
     return Path(options.tokenizer), given
+
+
+def run_benchmarks(
+    options: Options, members: list[models.Member], config: config_lib.Config, mesh, tokenizer_dir: Path | None
+) -> dict[str, Any]:
+    """The multiple-choice benchmarks of --benchmarks with the evaluated model or ensemble, in windows of
+    data.seq_len tokens (lm-eval's max_length); every process scores its share, all get the figures."""
+    if tokenizer_dir is None:
+        raise config_lib.ConfigError("--benchmarks: the requests are text: give --tokenizer DIR")
+    directory = Path(options.benchmarks)
+    tasks = options.tasks or tuple(t for t in benchmark_tasks.TASKS if (directory / t).is_dir())
+    unknown = [t for t in tasks if t not in benchmark_tasks.TASKS]
+    if not tasks or unknown:
+        raise config_lib.ConfigError(
+            f"--benchmarks {directory}: {'unknown tasks ' + str(unknown) if unknown else 'no task directory'}; "
+            f"known tasks: {', '.join(benchmark_tasks.TASKS)}"
+        )
+    scorer = benchmark_scoring.ensemble_batch_scorer(
+        [m.graphdef for m in members],
+        [m.param_shardings for m in members],
+        [m.params for m in members],
+        config.model,
+        mesh,
+        ensemble=options.ensemble or "mean_logits",
+    )
+    try:
+        return benchmark_scoring.run_benchmarks(
+            scorer,
+            hf.load_tokenizer(tokenizer_dir),
+            directory,
+            tasks,
+            max_length=config.data.seq_len,
+            mesh=mesh,
+            num_fewshot=options.num_fewshot,
+        )
+    except FileNotFoundError as e:
+        raise config_lib.ConfigError(f"--benchmarks: {e}") from None
 
 
 def store_identity(store) -> dict[str, Any]:

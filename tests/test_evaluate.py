@@ -460,3 +460,36 @@ def test_an_ensemble_on_eight_devices_with_tensor_and_ring_context_axes_matches_
         np.testing.assert_allclose(
             [p["loss"] for p in a["by_segment"]], [p["loss"] for p in b["by_segment"]], rtol=1e-5
         )
+
+
+# --------------------------------------------------------------------------------------------------
+# Downstream benchmarks through the command line
+# --------------------------------------------------------------------------------------------------
+
+FIXTURE_DIR = REPO / "tests" / "data"
+
+
+def test_benchmarks_through_the_command_line_are_lm_evals(tmp_path, capsys):
+    """--benchmarks with the lm-eval fixture's model (a Hugging Face directory): the JSON's figures equal
+    lm-eval's aggregates, the paper's average included, and the summary names chance."""
+    fixture = json.loads((FIXTURE_DIR / "lm_eval_fixture.json").read_text())
+    argv = ["--model", str(FIXTURE_DIR / "lm_eval_model"), "--benchmarks", str(FIXTURE_DIR / "benchmarks")]
+    argv += ["--out", str(tmp_path), "--no-progress", "model.compute_dtype=float32", "train.batch_size=8"]
+    assert cli.main(argv) == 0
+    (written,) = tmp_path.glob("*.json")
+    benchmarks = json.loads(written.read_text())["benchmarks"]
+    for task, expected in fixture["zero_shot"].items():
+        assert benchmarks["tasks"][task]["metrics"] == expected["metrics"], task
+        assert benchmarks["tasks"][task]["stderr"] == expected["stderr"], task
+    assert benchmarks["paper_average"]["acc"] == fixture["paper3"]["metrics"]["acc"]
+    assert benchmarks["tasks"]["arc_easy"]["chance"] == pytest.approx(0.25, abs=0.05)
+    out = capsys.readouterr().out
+    assert "paper average acc (arc_easy, piqa, sciq)" in out and "chance" in out
+
+
+def test_benchmarks_need_known_tasks_and_a_tokenizer(tmp_path, capsys):
+    model = ["--model", str(FIXTURE_DIR / "lm_eval_model"), "--out", str(tmp_path), "--no-progress"]
+    assert cli.main([*model, "--benchmarks", str(FIXTURE_DIR / "benchmarks"), "--tasks", "arc_easy,mmlu"]) == 2
+    assert "unknown tasks ['mmlu']" in capsys.readouterr().err
+    assert cli.main([*model, "--benchmarks", str(tmp_path / "empty")]) == 2
+    assert "no task directory" in capsys.readouterr().err

@@ -254,29 +254,28 @@ def _check_built(directory: Path, marker: str, what: str) -> None:
     raise config_lib.ConfigError(f"{what}: {directory} is not built; build it with {command}")
 
 
-def resolve_demo_paths(config: config_lib.Config) -> config_lib.Config:
-    """Replaces `demo:NAME` paths by the demo data under demo_root(): tokenizer, train, heldout, and the
-    synthetic stream's SYNTHETIC_NAMES (`stitched`). ConfigError for an unknown name, or when the data a
-    name needs is not built, saying which command builds it (`python -m generation demo-data`)."""
-    raw = config_lib.to_dict(config)
-    data = raw["data"]
-    named = [data["tokenizer"], *(s["store"] for s in data["streams"]), *data["eval_stores"].values()]
-    if not any(str(path).startswith(DEMO_PREFIX) for path in named):
-        return config
+def resolve_demo_path(path: str, key: str) -> str:
+    """`demo:NAME` -> the path of that demo data under demo_root() (other paths unchanged). ConfigError,
+    naming `key`, for an unknown name or data that is not built (saying which command builds it)."""
+    if not path.startswith(DEMO_PREFIX):
+        return path
     root = demo_root()
     paths = {**demo_paths(root), **synthetic_paths(root / SYNTHETIC_DIR)}
+    name = path[len(DEMO_PREFIX) :]
+    if name not in paths:
+        raise config_lib.ConfigError(f"{key}: unknown demo path {path!r}; known: {sorted(paths)}")
+    _check_built(root, COMPLETE_MARKER, f"{key}: {path}")
+    if name in SYNTHETIC_NAMES:
+        _check_built(root / SYNTHETIC_DIR, SYNTHETIC_MARKER, f"{key}: {path} (the demo's synthetic stream)")
+    return str(paths[name])
 
-    def resolve(path: str, key: str) -> str:
-        if not path.startswith(DEMO_PREFIX):
-            return path
-        name = path[len(DEMO_PREFIX) :]
-        if name not in paths:
-            raise config_lib.ConfigError(f"{key}: unknown demo path {path!r}; known: {sorted(paths)}")
-        _check_built(root, COMPLETE_MARKER, f"{key}: {path}")
-        if name in SYNTHETIC_NAMES:
-            _check_built(root / SYNTHETIC_DIR, SYNTHETIC_MARKER, f"{key}: {path} (the demo's synthetic stream)")
-        return str(paths[name])
 
+def resolve_demo_paths(config: config_lib.Config) -> config_lib.Config:
+    """Replaces `demo:NAME` paths by the demo data under demo_root() (resolve_demo_path): tokenizer, train,
+    heldout, and the synthetic stream's SYNTHETIC_NAMES (`stitched`)."""
+    raw = config_lib.to_dict(config)
+    data = raw["data"]
+    resolve = resolve_demo_path
     data["tokenizer"] = resolve(data["tokenizer"], "data.tokenizer")
     for i, stream in enumerate(data["streams"]):
         stream["store"] = resolve(stream["store"], f"data.streams[{i}].store")

@@ -50,7 +50,7 @@ from megadoc_jax.config import Config, DataConfig, TrainConfig
 from megadoc_jax.evaluation.benchmark_tasks import FEWSHOT_SEED
 from megadoc_jax.evaluation.benchmarks import evaluate_benchmarks
 from megadoc_jax.evaluation.loglikelihood_requests import model_input
-from megadoc_jax.evaluation.token_scores import jit_token_scores
+from megadoc_jax.evaluation.token_scores import jit_ensemble_token_scores, jit_token_scores
 
 Batch = dict[str, jax.Array]
 BatchScorer = Callable[[Batch], dict[str, jax.Array]]  # batch -> {'log_prob', 'is_greedy'}, see the docstring
@@ -284,6 +284,16 @@ def gather_results(
     return values_PxN[first, columns], greedy_PxN[first, columns].astype(bool), held_PxN.any(axis=0)
 
 
+def _layout_config(model_config: Any, mesh: jax.sharding.Mesh) -> Config:
+    """The layout jit_token_scores derives from (train.batch_size, data.seq_len): the smallest shape that
+    every planned batch's rows and bucket length are multiples of, so the spec is the batches' own."""
+    return Config(
+        model=model_config,
+        data=DataConfig(seq_len=length_multiple(mesh), document_masking=False),
+        train=TrainConfig(batch_size=row_multiple(mesh)),
+    )
+
+
 def decoder_batch_scorer(model: nnx.Module, mesh: jax.sharding.Mesh) -> BatchScorer:
     """The BatchScorer of one Decoder whose parameters lie on `mesh`: jit_token_scores with greedy, one
     compiled program per batch shape. Load the model with compute dtype float32 for lm-eval's numbers
@@ -291,14 +301,23 @@ def decoder_batch_scorer(model: nnx.Module, mesh: jax.sharding.Mesh) -> BatchSco
     graphdef, state = nnx.split(model)
     params = nnx.to_pure_dict(state)
     param_shardings = jax.tree.map(lambda x: x.sharding, params)
-    # The layout jit_token_scores derives from (train.batch_size, data.seq_len): the smallest shape that
-    # every planned batch's rows and bucket length are multiples of, so the spec is the batches' own.
-    config = Config(
-        model=model.cfg,
-        data=DataConfig(seq_len=length_multiple(mesh), document_masking=False),
-        train=TrainConfig(batch_size=row_multiple(mesh)),
-    )
-    scores = jit_token_scores(graphdef, param_shardings, mesh, config, greedy=True)
+    scores = jit_token_scores(graphdef, param_shardings, mesh, _layout_config(model.cfg, mesh), greedy=True)
+    return lambda batch: scores(params, batch)
+
+
+def ensemble_batch_scorer(
+    graphdefs: Sequence[nnx.GraphDef],
+    param_shardings: Sequence[Any],
+    params: Sequence[Any],
+    model_config: Any,
+    mesh: jax.sharding.Mesh,
+    *,
+    ensemble: str = "mean_logits",
+) -> BatchScorer:
+    """The BatchScorer of an ensemble (jit_ensemble_token_scores: the members' logits or probabilities
+    averaged chunk by chunk); is_greedy is the argmax of the combined distribution."""
+    config = _layout_config(model_config, mesh)
+    scores = jit_ensemble_token_scores(graphdefs, param_shardings, mesh, config, greedy=True, ensemble=ensemble)
     return lambda batch: scores(params, batch)
 
 

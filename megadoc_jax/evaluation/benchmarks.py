@@ -73,6 +73,8 @@ class TaskResult:
             "stderr": self.stderr,
             "requests": self.requests,
             "truncated": self.truncated,
+            # acc of guessing uniformly: 1 / choices, averaged over the items (what a random model scores)
+            "chance": float(np.mean([1.0 / len(item.loglikelihoods) for item in self.items])) if self.items else None,
         }
 
 

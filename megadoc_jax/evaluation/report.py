@@ -60,6 +60,7 @@ def record(
     results: list[dict[str, Any]],
     bpb_note: str | None,
     devices: dict[str, Any],
+    benchmarks: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     for result in results:
         result["metrics"] = metric_scalars(result)
@@ -75,7 +76,22 @@ def record(
         "stores": stores,
         "bpb_note": bpb_note,
         "results": results,
+        "benchmarks": benchmarks,
     }
+
+
+def benchmark_scalars(benchmarks: dict[str, Any] | None) -> dict[str, float]:
+    """eval/benchmarks/<task>/<acc|acc_norm> and eval/benchmarks/paper_average/acc."""
+    if not benchmarks:
+        return {}
+    scalars = {
+        f"eval/benchmarks/{task}/{metric}": value
+        for task, result in benchmarks["tasks"].items()
+        for metric, value in result["metrics"].items()
+    }
+    if benchmarks.get("paper_average"):
+        scalars["eval/benchmarks/paper_average/acc"] = benchmarks["paper_average"]["acc"]
+    return scalars
 
 
 def write(path: Path, value: dict[str, Any]) -> None:
@@ -118,4 +134,14 @@ def summary_lines(value: dict[str, Any]) -> list[str]:
             lines.append(f"    by segment: {segments}")
     if value["bpb_note"]:
         lines.append(f"bpb: {value['bpb_note']}")
+    benchmarks = value.get("benchmarks")
+    if benchmarks:
+        shots = benchmarks["num_fewshot"]
+        for task, r in benchmarks["tasks"].items():
+            figures = "  ".join(f"{m} {v:.4f} +- {r['stderr'][m]:.4f}" for m, v in r["metrics"].items())
+            lines.append(f"{task} ({r['n']} items, {shots}-shot): {figures}  (chance {r['chance']:.4f})")
+        average = benchmarks.get("paper_average")
+        if average:
+            tasks = ", ".join(average["tasks"])
+            lines.append(f"paper average acc ({tasks}): {average['acc']:.4f} +- {average['acc_stderr']:.4f}")
     return lines
