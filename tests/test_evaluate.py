@@ -26,7 +26,7 @@ from megadoc_jax import config as config_lib
 from megadoc_jax import evaluate as cli
 from megadoc_jax import model as model_lib
 from megadoc_jax.data.store import Document, Segment, SegmentKind, StoreReader, StoreWriter, TokenizerInfo
-from megadoc_jax.evaluation import loss_windows
+from megadoc_jax.evaluation import loss_windows, report
 from megadoc_jax.evaluation.token_bytes import token_byte_lengths
 
 REPO = Path(__file__).resolve().parent.parent
@@ -469,7 +469,7 @@ def test_an_ensemble_on_eight_devices_with_tensor_and_ring_context_axes_matches_
 FIXTURE_DIR = REPO / "tests" / "data"
 
 
-def test_benchmarks_through_the_command_line_are_lm_evals(tmp_path, capsys):
+def test_benchmarks_through_the_command_line_are_lm_evals(tmp_path):
     """--benchmarks with the lm-eval fixture's model (a Hugging Face directory): the JSON's figures equal
     lm-eval's aggregates, the paper's average included, and the summary names chance."""
     fixture = json.loads((FIXTURE_DIR / "lm_eval_fixture.json").read_text())
@@ -477,14 +477,15 @@ def test_benchmarks_through_the_command_line_are_lm_evals(tmp_path, capsys):
     argv += ["--out", str(tmp_path), "--no-progress", "model.compute_dtype=float32", "train.batch_size=8"]
     assert cli.main(argv) == 0
     (written,) = tmp_path.glob("*.json")
-    benchmarks = json.loads(written.read_text())["benchmarks"]
+    value = json.loads(written.read_text())
+    benchmarks = value["benchmarks"]
     for task, expected in fixture["zero_shot"].items():
         assert benchmarks["tasks"][task]["metrics"] == expected["metrics"], task
         assert benchmarks["tasks"][task]["stderr"] == expected["stderr"], task
     assert benchmarks["paper_average"]["acc"] == fixture["paper3"]["metrics"]["acc"]
     assert benchmarks["tasks"]["arc_easy"]["chance"] == pytest.approx(0.25, abs=0.05)
-    out = capsys.readouterr().out
-    assert "paper average acc (arc_easy, piqa, sciq)" in out and "chance" in out
+    summary = "\n".join(report.summary_lines(value))  # what the command prints
+    assert "paper average acc (arc_easy, piqa, sciq)" in summary and "(chance 0.25" in summary
 
 
 def test_benchmarks_need_known_tasks_and_a_tokenizer(tmp_path, capsys):
@@ -493,3 +494,18 @@ def test_benchmarks_need_known_tasks_and_a_tokenizer(tmp_path, capsys):
     assert "unknown tasks ['mmlu']" in capsys.readouterr().err
     assert cli.main([*model, "--benchmarks", str(tmp_path / "empty")]) == 2
     assert "no task directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["mean_logits", "mean_probs"])
+def test_an_ensemble_of_one_model_twice_scores_the_benchmarks_as_the_model(tmp_path, mode):
+    """Two identical members average to the model itself: the ensemble scorer's figures equal lm-eval's."""
+    fixture = json.loads((FIXTURE_DIR / "lm_eval_fixture.json").read_text())
+    model = str(FIXTURE_DIR / "lm_eval_model")
+    argv = ["--model", model, "--model", model, "--ensemble", mode, "--benchmarks", str(FIXTURE_DIR / "benchmarks")]
+    argv += ["--tasks", "arc_easy,piqa", "--out", str(tmp_path), "--no-progress", "model.compute_dtype=float32"]
+    assert cli.main([*argv, "train.batch_size=8"]) == 0
+    (written,) = tmp_path.glob("*.json")
+    value = json.loads(written.read_text())
+    assert value["ensemble"] == {"mode": mode, "members": 2}
+    for task in ("arc_easy", "piqa"):
+        assert value["benchmarks"]["tasks"][task]["metrics"] == fixture["zero_shot"][task]["metrics"], task
