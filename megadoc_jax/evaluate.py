@@ -355,6 +355,7 @@ def run_benchmarks(
             max_length=config.data.seq_len,
             mesh=mesh,
             num_fewshot=options.num_fewshot,
+            batch_size=config.train.batch_size,
         )
     except FileNotFoundError as e:
         raise config_lib.ConfigError(f"--benchmarks: {e}") from None

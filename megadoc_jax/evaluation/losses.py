@@ -80,7 +80,8 @@ def position_edges(seq_len: int) -> np.ndarray:
 
 def segment_label(kind: int, index: int) -> str:
     name = SegmentKind(kind).name.lower()
-    return f"{name}_{index}" if kind in (SegmentKind.REPHRASE, SegmentKind.RATIONALE) else name
+    numbered = kind in (SegmentKind.REPHRASE, SegmentKind.RATIONALE) or index != 0  # one label per (kind, index)
+    return f"{name}_{index}" if numbered else name
 
 
 class LossSums:
@@ -99,7 +100,8 @@ class LossSums:
 
     def add(self, log_prob_BxL: np.ndarray, rows: RowBatch) -> None:
         weight_BxL = rows.batch["loss_mask"].astype(np.float64)
-        loss_BxL = -log_prob_BxL.astype(np.float64) * weight_BxL
+        # Unscored positions (padding, a window's last column) add 0 even if their score is not finite.
+        loss_BxL = np.where(weight_BxL > 0, -log_prob_BxL.astype(np.float64) * weight_BxL, 0.0)
         self.loss += float(np.sum(loss_BxL))
         self.tokens += float(np.sum(weight_BxL))
         if self.byte_lengths is not None:

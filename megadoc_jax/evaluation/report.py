@@ -143,5 +143,7 @@ def summary_lines(value: dict[str, Any]) -> list[str]:
         average = benchmarks.get("paper_average")
         if average:
             tasks = ", ".join(average["tasks"])
-            lines.append(f"paper average acc ({tasks}): {average['acc']:.4f} +- {average['acc_stderr']:.4f}")
+            chance = sum(benchmarks["tasks"][t]["chance"] for t in average["tasks"]) / len(average["tasks"])
+            figure = f"{average['acc']:.4f} +- {average['acc_stderr']:.4f}"
+            lines.append(f"paper average acc ({tasks}): {figure}  (chance {chance:.4f})")
     return lines
