@@ -70,6 +70,10 @@ class Options:
     tasks: tuple[str, ...] = ()  # empty: every task with a directory in `benchmarks`
     num_fewshot: int = 0
 
+    def given(self) -> dict[str, Any]:
+        """The key=value overrides as a nested dict (what was set on the command line)."""
+        return config_lib.apply_overrides({}, list(self.overrides))
+
 
 def parse_args(argv: list[str] | None) -> Options:
     parser = argparse.ArgumentParser(prog="python -m megadoc_jax.evaluate", description=__doc__.split("\n")[0])
@@ -253,8 +257,7 @@ def evaluate(options: Options, devices: list[jax.Device] | None = None) -> dict[
 
 
 def compute_dtype(options: Options) -> str | None:
-    raw = config_lib.apply_overrides({}, list(options.overrides))
-    return (raw.get("model") or {}).get("compute_dtype")
+    return (options.given().get("model") or {}).get("compute_dtype")
 
 
 def evaluation_config(options: Options) -> config_lib.Config:
@@ -271,7 +274,7 @@ def evaluation_config(options: Options) -> config_lib.Config:
         raw["data"]["seq_len"] = int(config_json.get("max_position_embeddings") or 2048)
     else:
         raise models.not_a_model(options.models[0], path)
-    given = config_lib.apply_overrides({}, list(options.overrides))
+    given = options.given()
     for key in given.get("model") or {}:
         if key not in MODEL_OVERRIDES:
             raise config_lib.ConfigError(
@@ -287,7 +290,7 @@ def evaluation_config(options: Options) -> config_lib.Config:
 def fit_context(config: config_lib.Config, members: list[models.Member], options: Options, devices: int):
     """data.seq_len: as given (refused if longer than any member's context), else the shortest context;
     the first member's model (with the evaluation's backend) as config.model; the mesh checked for both."""
-    given = config_lib.apply_overrides({}, list(options.overrides))
+    given = options.given()
     shortest = min(m.context_length for m in members)
     seq_len = config.data.seq_len if "seq_len" in (given.get("data") or {}) else shortest
     for member in members:
