@@ -184,6 +184,27 @@ class TrainConfig:
     checkpoints: bool = True
 
 
+# --------------------------------------------------------------------------------------------------
+# Experiment: what a run is, for sweeps and reports
+# --------------------------------------------------------------------------------------------------
+
+# "real": the real-data-only baseline; the others are generation/megadocs.py's METHOD_TABLE (a test checks).
+EXPERIMENT_METHODS = ("real", "simple", "stitched-back", "stitched-front", "stitched-nodoc", "stretched")
+MAX_GENERATIONS = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    """What a run is: sweeps, run names (run_names.py) and reports read it from the resolved config, never
+    from a directory name. Empty method: not stated (demo and test runs); reports list such runs apart."""
+
+    name: str = ""  # the experiment this run belongs to, e.g. "stitched-g32" (free text)
+    data: str = ""  # the real data set, e.g. "dclm": short, [a-z0-9_.]
+    method: str = ""  # one of EXPERIMENT_METHODS, or "" (not stated)
+    generations: int = 0  # G: generations per real document in the synthetic stream; 0 for "real"
+    synthetic_stream: str = "synthetic"  # the stream whose weight is the paper's r
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
@@ -191,6 +212,7 @@ class Config:
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    experiment: ExperimentConfig = dataclasses.field(default_factory=ExperimentConfig)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -464,9 +486,38 @@ def validate(config: Config) -> None:
     _require(t.keep_last > 0, "train.keep_last", "must be positive")
     _require(not t.baselines or bool(d.eval_stores), "train.baselines", "needs data.eval_stores (targets to score)")
 
+    _validate_experiment(config)
+
     for axis in MESH_AXES:
         size = getattr(config.mesh, axis)
         _require(size == -1 or size > 0, f"mesh.{axis}", f"must be positive or -1, got {size}")
+
+
+def _validate_experiment(config: Config) -> None:
+    e, streams = config.experiment, {s.name for s in config.data.streams}
+    _require(
+        not e.data or (len(e.data) <= 24 and all(c in "abcdefghijklmnopqrstuvwxyz0123456789_." for c in e.data)),
+        "experiment.data",
+        f"{e.data!r}: at most 24 characters of a-z, 0-9, '_', '.' (it goes into run names)",
+    )
+    if not e.method:
+        return
+    _require(e.method in EXPERIMENT_METHODS, "experiment.method", f"{e.method!r} not in {EXPERIMENT_METHODS}")
+    if e.method == "real":
+        _require(e.generations == 0, "experiment.generations", "must be 0 for method 'real'")
+        message = f"method 'real' has no stream {e.synthetic_stream!r}"
+        _require(e.synthetic_stream not in streams, "data.streams", message)
+        return
+    _require(
+        0 < e.generations <= MAX_GENERATIONS,
+        "experiment.generations",
+        f"must lie in [1, {MAX_GENERATIONS}] for method {e.method!r}, got {e.generations}",
+    )
+    _require(
+        not streams or e.synthetic_stream in streams,
+        "experiment.synthetic_stream",
+        f"{e.synthetic_stream!r} is not one of data.streams {sorted(streams)}",
+    )
 
 
 def validate_for_devices(config: Config, num_devices: int) -> dict[str, int]:
