@@ -174,7 +174,10 @@ class TrainConfig:
     z_loss: float = 0.0
     log_every: int = 10
     eval_every: int = 0  # 0: only at the end
-    eval_batches: int = 4
+    # The periodic held-out loss: the first eval_batches batches (0: the whole store) of each eval store's
+    # windows in eval_recipe, the evaluate command's recipes (concat, the paper's, or document).
+    eval_batches: int = 0
+    eval_recipe: str = "concat"
     # At the end, also the held-out loss of unigram and bigram count models of the real stream's tokens
     # (evaluation/count_models.py), printed next to eval/<name>/loss.
     baselines: bool = False
@@ -431,6 +434,7 @@ def dump(config: Config, path: str | Path) -> None:
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots")
 WINDOW_MODES = ("concat", "document")
+EVAL_RECIPES = ("concat", "document")  # evaluation/loss_windows.py
 
 
 def _require(condition: bool, key: str, message: str) -> None:
@@ -483,6 +487,8 @@ def validate(config: Config) -> None:
     )
     _require(t.steps >= 0, "train.steps", "must be >= 0")
     _require(t.log_every > 0, "train.log_every", "must be positive")
+    _require(t.eval_batches >= 0, "train.eval_batches", "must be 0 (the whole store) or positive")
+    _require(t.eval_recipe in EVAL_RECIPES, "train.eval_recipe", f"{t.eval_recipe!r} not in {EVAL_RECIPES}")
     _require(t.keep_last > 0, "train.keep_last", "must be positive")
     _require(not t.baselines or bool(d.eval_stores), "train.baselines", "needs data.eval_stores (targets to score)")
 

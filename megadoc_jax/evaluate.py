@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import logging
 import sys
 from pathlib import Path
@@ -247,7 +248,13 @@ def evaluate(options: Options, devices: list[jax.Device] | None = None) -> dict[
         if options.run_metrics and len(members) == 1 and members[0].kind == "run":
             scalars = {k: v for r in results for k, v in report.metric_scalars(r).items()}
             scalars |= report.benchmark_scalars(benchmarks)
-            report.append_to_run_metrics(members[0].path, members[0].step, scalars)
+            written = report.append_to_run_metrics(members[0].path, members[0].step, scalars)
+            log.info(
+                "run metrics: %d figures appended at step %d (%d already logged with these values)",
+                len(written),
+                members[0].step,
+                len(scalars) - len(written),
+            )
     return value
 
 
@@ -376,9 +383,14 @@ def store_identity(store) -> dict[str, Any]:
 
 
 def output_path(options: Options, members: list[models.Member]) -> Path:
+    """RUN_DIR/eval/<run>_step_<n>.json; in a shared directory (--out, or ./eval/ for a Llama directory)
+    the name also carries a hash of the model's absolute path, so that two models of the same directory
+    name (runs/a/seed0 and runs/b/seed0) do not write the same file."""
     first = members[0]
     directory = Path(options.out) if options.out else (first.path / "eval" if first.kind == "run" else Path("eval"))
     name = f"{first.path.name}_step_{first.step}" if first.kind == "run" else first.path.name
+    if options.out or first.kind != "run":
+        name += "_" + hashlib.sha256(str(first.path.absolute()).encode()).hexdigest()[:8]
     if len(members) > 1 or options.ensemble:
         name = f"ensemble_{options.ensemble}_{len(members)}_{name}"
     return directory / f"{name}.json"

@@ -62,33 +62,35 @@ def test_out_of_range_and_empty_inputs_are_refused():
         models.losses([empty])
 
 
-@pytest.mark.parametrize("windows", ["concat", "document"])
-def test_heldout_baselines_score_the_evaluation_targets(tmp_path, windows):
+@pytest.mark.parametrize("recipe", ["concat", "document"])
+def test_heldout_baselines_score_the_evaluation_targets(tmp_path, recipe):
     train = write_store(tmp_path / "train", random_documents(30, seed=1))
     heldout = write_store(tmp_path / "heldout", random_documents(30, seed=2))
     config = make_config(
         {"real": (train, 1.0)},
-        data={"seq_len": 16, "windows": windows, "eval_stores": {"held": heldout}},
-        train={"batch_size": 4, "eval_batches": 2},
+        data={"seq_len": 16, "eval_stores": {"held": heldout}},
+        train={"batch_size": 4, "eval_batches": 2, "eval_recipe": recipe},
     )
     got = count_models.heldout_baselines(config)
     # The same figures from first principles: counts of the whole train stream, the pairs of the
-    # evaluation batches (input at a position -> its target), padding left out.
+    # evaluation batches (input at a position -> its target), unscored positions left out.
     stream = np.concatenate(random_documents(30, seed=1))
     models = CountModels.fit(stream, VOCAB)
-    batches = eval_batches(heldout, config, 2)
+    batches = [rows.batch for rows in eval_batches(heldout, config, 2)[0]]
     mask = np.concatenate([b["loss_mask"].reshape(-1) for b in batches]) == 1
     previous = np.concatenate([b["inputs"].reshape(-1) for b in batches])[mask]
     targets = np.concatenate([b["targets"].reshape(-1) for b in batches])[mask]
-    if windows == "concat":  # every target of the first 2 x 4 windows, each after its store predecessor
+    if recipe == "concat":  # the 15 targets of each of the first 2 x 4 windows, each after its store predecessor
         held_stream = np.concatenate(random_documents(30, seed=2))
-        assert mask.size == mask.sum() == 2 * 4 * 16
-        np.testing.assert_array_equal(previous, held_stream[: 2 * 4 * 16])
-        np.testing.assert_array_equal(targets, held_stream[1 : 2 * 4 * 16 + 1])
+        assert mask.sum() == 2 * 4 * 15
+        starts = np.arange(2 * 4) * 16
+        np.testing.assert_array_equal(previous, np.concatenate([held_stream[s : s + 15] for s in starts]))
+        np.testing.assert_array_equal(targets, np.concatenate([held_stream[s + 1 : s + 16] for s in starts]))
+    prefix = "eval/held/partial" if recipe == "concat" else "eval/held/document/partial"
     assert got == pytest.approx(
         {
-            "eval/held/unigram_loss": -models.unigram_log_prob(targets).mean(),
-            "eval/held/bigram_loss": -models.bigram_log_prob(previous, targets).mean(),
+            f"{prefix}/unigram_loss": -models.unigram_log_prob(targets).mean(),
+            f"{prefix}/bigram_loss": -models.bigram_log_prob(previous, targets).mean(),
         },
         rel=1e-12,
     )
@@ -124,7 +126,6 @@ def test_training_ends_with_the_baselines_next_to_the_heldout_loss(tmp_path, cap
             "run_dir": str(tmp_path / "run"),
             "steps": 1,
             "batch_size": 4,
-            "eval_batches": 2,
             "checkpoints": False,
             "baselines": True,
         },

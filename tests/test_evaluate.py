@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import yaml
 from flax import nnx
+from processes import distributed_env, free_port, start_python
 from tokenizers import Tokenizer
 
 from megadoc_jax import checkpoint, hf, metrics, sharding
@@ -153,6 +154,22 @@ def run_eval(tmp_path: Path, models: list[str], *overrides: str, devices: int = 
     return cli.evaluate(opts, jax.devices()[:devices])
 
 
+def written_file(directory: Path, stem: str) -> Path:
+    """The one JSON an evaluation wrote into a shared --out directory: STEM_<hash of the model path>.json."""
+    (path,) = directory.glob(f"{stem}_*.json")
+    assert len(path.stem) == len(stem) + 9
+    return path
+
+
+def test_two_models_of_the_same_directory_name_write_two_files(tmp_path, stores):
+    for parent in ("a", "b"):
+        shutil.copytree(HF_DIR, tmp_path / parent / "llama")
+        model = [str(tmp_path / parent / "llama")]
+        value = run_eval(tmp_path / "out", model, recipes=["concat"], stores={"plain": stores["plain"]})
+        assert value["models"][0]["kind"] == "hf"
+    assert len(list((tmp_path / "out").glob("llama_*.json"))) == 2
+
+
 def result(value: dict, store: str, recipe: str) -> dict:
     (found,) = [r for r in value["results"] if r["store"] == store and r["recipe"] == recipe]
     return found
@@ -220,7 +237,7 @@ def test_both_recipes_give_the_loss_of_transformers_llama_on_the_recipe_windows(
     prefix = "eval/plain" if recipe == "concat" else "eval/plain/document"
     assert got["metrics"][f"{prefix}/loss"] == got["loss"] and got["metrics"][f"{prefix}/bpb"] == got["bpb"]
     # The JSON on disk is what was returned; versions and the resolved config are in it.
-    on_disk = json.loads(Path(tmp_path / "lm_eval_model.json").read_text())
+    on_disk = json.loads(written_file(tmp_path, "lm_eval_model").read_text())
     assert on_disk["results"] == json.loads(json.dumps(value["results"]))
     assert (
         set(on_disk["versions"]) >= {"jax", "flax", "megadoc_jax"} and on_disk["config"]["data"]["seq_len"] == SEQ_LEN
@@ -322,7 +339,7 @@ def test_an_ensemble_of_two_sizes_equals_the_reference_from_full_logits(tmp_path
     )
     assert value["ensemble"] == {"mode": mode, "members": 2}
     assert [m["step"] for m in value["models"]] == [7, 7]
-    assert (tmp_path / f"ensemble_{mode}_2_small_step_7.json").is_file()
+    assert written_file(tmp_path, f"ensemble_{mode}_2_small_step_7").is_file()
     single = [full_logits_loss([runs[k]], stores["plain"], mode) for k in ("small", "wide")]
     assert abs(got["loss"] - single[0]) > 1e-3 and abs(got["loss"] - single[1]) > 1e-3  # a real combination
 
@@ -363,19 +380,22 @@ def test_one_device_and_eight_with_ring_attention_give_the_same_numbers(tmp_path
         **kwargs,
     )
     assert eight["devices"]["mesh"] == {"data": 2, "fsdp": 2, "tensor": 1, "context": 2}
-    for a, b in zip(figures(one), figures(eight)):
+    assert_same_figures(one, eight)
+
+
+def assert_same_figures(one: dict, other: dict) -> None:
+    """The same results: counts exactly, losses to fp32 rounding (another mesh sums in another order)."""
+    assert len(one["results"]) == len(other["results"])
+    for a, b in zip(figures(one), figures(other)):
         assert (a["store"], a["recipe"], a["tokens"], a["bytes"]) == (b["store"], b["recipe"], b["tokens"], b["bytes"])
         np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
-        np.testing.assert_allclose(
-            [p["loss"] for p in a["by_segment"]], [p["loss"] for p in b["by_segment"]], rtol=1e-5
-        )
-        np.testing.assert_allclose(
-            [p["loss"] for p in a["by_position"]], [p["loss"] for p in b["by_position"]], rtol=1e-5
-        )
+        for part in ("by_segment", "by_position"):
+            assert [p["tokens"] for p in a[part]] == [p["tokens"] for p in b[part]]
+            np.testing.assert_allclose([p["loss"] for p in a[part]], [p["loss"] for p in b[part]], rtol=1e-5)
 
 
 @pytest.mark.slow
-def test_a_rerun_in_a_new_process_gives_identical_numbers_and_appends_the_run_metrics(tmp_path, stores, runs):
+def test_a_rerun_in_a_new_process_gives_identical_numbers_and_appends_the_run_metrics_once(tmp_path, stores, runs):
     run = tmp_path / "run"
     shutil.copytree(runs["small"], run)
     args = ["--model", str(run), "--no-progress", f"data.seq_len={SEQ_LEN}", "train.batch_size=8", "mesh.data=-1"]
@@ -392,12 +412,33 @@ def test_a_rerun_in_a_new_process_gives_identical_numbers_and_appends_the_run_me
     )
     assert done.returncode == 0, done.stderr
     assert "eval/heldout/loss" in done.stdout
-    first, second = (json.loads((tmp_path / d / "run_step_7.json").read_text()) for d in ("first", "second"))
+    first, second = (json.loads(written_file(tmp_path / d, "run_step_7").read_text()) for d in ("first", "second"))
     assert figures(first) == figures(second)  # bit for bit
     records = metrics.read_metrics(run).records
-    assert [r["step"] for r in records] == [7, 7]
+    assert [r["step"] for r in records] == [7]  # the rerun's identical figures are not appended again
+    assert "figures appended at step 7" in done.stdout and "0 figures appended" in done.stdout
     assert records[0]["eval/heldout/loss"] == result(first, "heldout", "concat")["loss"]
     assert records[0]["eval/heldout/document/loss"] == result(first, "heldout", "document")["loss"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh", [["mesh.data=-1"], ["mesh.data=4", "mesh.context=2", "model.attention=ring"]])
+def test_two_processes_give_the_figures_of_one(tmp_path, stores, runs, mesh):
+    """Each process scores the rows its devices hold; the scores are gathered (RowScorer.fetch) and
+    process 0 writes the JSON: the figures of one process on one device."""
+    coordinator = f"127.0.0.1:{free_port()}"
+    out = tmp_path / "two"
+    job = ["-m", "megadoc_jax.evaluate", "--model", str(runs["small"]), f"--store=mega={stores['mega']}"]
+    job += ["--no-progress", "--no-run-metrics", "--out", str(out), f"data.seq_len={SEQ_LEN}", "train.batch_size=8"]
+    processes = [start_python([*job, *mesh], devices=4, env=distributed_env(coordinator, 2, i)) for i in range(2)]
+    for p in processes:
+        output, _ = p.communicate(timeout=400)
+        assert p.returncode == 0, output
+    (two,) = [json.loads(f.read_text()) for f in out.glob("*.json")]  # process 0 only
+    assert two["devices"]["count"] == 8
+    one = run_eval(tmp_path / "one", [str(runs["small"])], "train.batch_size=8", stores={"mega": stores["mega"]})
+    assert one["devices"]["count"] == 1
+    assert_same_figures(one, two)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -442,8 +483,8 @@ def test_several_models_without_ensemble_are_evaluated_one_by_one(tmp_path, stor
     args = ["--model", str(runs["small"]), "--model", f"{runs['wide']}:7", f"--store=plain={stores['plain']}"]
     options = ["--recipe", "concat", "--out", str(tmp_path), "--no-run-metrics", "--no-progress"]
     assert cli.main([*args, *options, f"data.seq_len={SEQ_LEN}", "train.batch_size=8"]) == 0
-    written = {p.name: json.loads(p.read_text()) for p in tmp_path.glob("*.json")}
-    assert set(written) == {"small_step_7.json", "wide_step_7.json"}
+    written = {p.name.rsplit("_", 1)[0]: json.loads(p.read_text()) for p in tmp_path.glob("*.json")}
+    assert set(written) == {"small_step_7", "wide_step_7"}
     assert all(v["ensemble"] is None and len(v["models"]) == 1 for v in written.values())
     assert not (runs["small"] / metrics.JSONL_NAME).exists()  # --no-run-metrics
 

@@ -17,7 +17,10 @@ from megadoc_jax import config as config_lib
 from megadoc_jax import model as model_lib
 from megadoc_jax import sharding
 from megadoc_jax import step as step_lib
+from megadoc_jax.data.store import StoreReader
 from megadoc_jax.evaluation import HeldOutLoss, eval_batches, jit_token_scores, token_scores
+from megadoc_jax.evaluation.loss_windows import concat_plan
+from megadoc_jax.evaluation.losses import LossSums, RowScorer, score_batches
 
 SEQ_LEN, BATCH, VOCAB = 32, 8, 128
 
@@ -82,7 +85,7 @@ def full_logits_log_probs(config: config_lib.Config, batch) -> tuple[np.ndarray,
 @pytest.fixture(scope="module")
 def batch(heldout_store):
     """The first eval batch: [B, L] windows of several documents each."""
-    return eval_batches(heldout_store, make_eval_config(heldout_store), 1)[0]
+    return eval_batches(heldout_store, make_eval_config(heldout_store), 1)[0][0].batch
 
 
 def test_token_scores_equal_log_softmax_of_the_full_logits(heldout_store, batch):
@@ -102,7 +105,7 @@ def test_token_scores_equal_log_softmax_of_the_full_logits(heldout_store, batch)
 
 def test_masked_sum_of_token_scores_is_the_loss_sum(heldout_store):
     config = make_eval_config(heldout_store, windows="document")
-    batch = eval_batches(heldout_store, config, 1)[0]
+    batch = eval_batches(heldout_store, config, 1)[0][0].batch
     graphdef, _, _, params = on_mesh(config, 1)
     log_prob = jax.jit(lambda p, b: token_scores(graphdef, p, b, config)["log_prob"])(params, batch)
     sums = jax.jit(lambda p, b: step_lib.loss_sums(graphdef, p, b, config))(params, batch)
@@ -141,18 +144,31 @@ def test_sharded_token_scores_come_back_in_the_original_order(heldout_store, bat
 
 def test_held_out_loss_equals_the_mean_over_target_tokens(heldout_store):
     config = make_eval_config(heldout_store)
-    rows = eval_batches(heldout_store, config, config.train.eval_batches)
+    rows = [r.batch for r in eval_batches(heldout_store, config, config.train.eval_batches)[0]]
     log_probs_and_masks = [(full_logits_log_probs(config, b)[0], b["loss_mask"]) for b in rows]
     want = -sum(np.sum(m * lp) for lp, m in log_probs_and_masks) / sum(m.sum() for _, m in log_probs_and_masks)
 
     one = HeldOutLoss(config, *on_mesh(config, 1)[:3])(on_mesh(config, 1)[3])
-    assert set(one) == {"eval/heldout/loss"}
-    np.testing.assert_allclose(one["eval/heldout/loss"], want, rtol=1e-5)
+    assert set(one) == {"eval/heldout/partial/loss"}  # the first 2 batches, no tokenizer: no bpb
+    np.testing.assert_allclose(one["eval/heldout/partial/loss"], want, rtol=1e-5)
 
     ring = make_eval_config(heldout_store, "ring", data=2, context=4)
     graphdef, shardings, mesh, params = on_mesh(ring, 8)
     eight = HeldOutLoss(ring, graphdef, shardings, mesh)(params)
-    np.testing.assert_allclose(eight["eval/heldout/loss"], one["eval/heldout/loss"], rtol=1e-5)
+    np.testing.assert_allclose(eight["eval/heldout/partial/loss"], one["eval/heldout/partial/loss"], rtol=1e-5)
+
+
+def test_held_out_loss_over_the_whole_store_is_the_evaluate_commands_concat_loss(heldout_store):
+    config = make_eval_config(heldout_store, eval_batches=0)
+    graphdef, shardings, mesh, params = on_mesh(config, 1)
+    loop = HeldOutLoss(config, graphdef, shardings, mesh)(params)
+    store = StoreReader.open(heldout_store)
+    plan = concat_plan(store, SEQ_LEN)
+    scorer = RowScorer((graphdef,), (shardings,), mesh, config)
+    batches = (plan.read_batch(store, b, BATCH) for b in range(plan.num_batches(BATCH)))
+    sums = score_batches(scorer, (params,), batches, LossSums(SEQ_LEN))
+    assert set(loop) == {"eval/heldout/loss"} and sums.tokens == plan.scored_tokens
+    assert loop["eval/heldout/loss"] == sums.mean_loss
 
 
 def test_held_out_loss_without_eval_stores_is_empty_and_bad_stores_fail_at_construction(heldout_store):
@@ -160,5 +176,7 @@ def test_held_out_loss_without_eval_stores_is_empty_and_bad_stores_fail_at_const
     graphdef, shardings, mesh, params = on_mesh(config, 1)
     assert HeldOutLoss(make_eval_config(heldout_store, eval_stores=False), graphdef, shardings, mesh)(params) == {}
     too_many = make_eval_config(heldout_store, eval_batches=1000)
-    with pytest.raises(config_lib.ConfigError, match=r"train.eval_batches: 1000 batches .*data.eval_stores.heldout"):
+    with pytest.raises(
+        config_lib.ConfigError, match=r"train.eval_batches: 1000 batches .*\(data.eval_stores.heldout\)"
+    ):
         HeldOutLoss(too_many, graphdef, shardings, mesh)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import numpy as np
@@ -11,8 +12,8 @@ from pipeline_stores import TOKENIZER, VOCAB, make_config, random_documents, wri
 from megadoc_jax.config import ConfigError
 from megadoc_jax.data import pipeline
 from megadoc_jax.data.store import StoreError, StoreReader, TokenizerInfo
-from megadoc_jax.data.windows import ConcatWindows
 from megadoc_jax.evaluation import eval_batches
+from megadoc_jax.evaluation.loss_windows import concat_plan
 
 SEQ_LEN = 16
 BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
@@ -156,25 +157,30 @@ def test_plan_accounting(stores):
 # --------------------------------------------------------------------------------------------------
 
 
-def test_eval_batches_are_the_first_windows_in_order(stores):
+def test_eval_batches_are_the_evaluate_commands_windows_in_order(stores):
     config = config_for(stores, batch=4)
-    batches = eval_batches(stores["heldout"], config, 3)
-    source = ConcatWindows(StoreReader.open(stores["heldout"]), SEQ_LEN, document_masking=False)
-    assert_batches_equal({k: np.concatenate([b[k] for b in batches]) for k in batches[0]}, source.read_rows(range(12)))
-    halves = [eval_batches(stores["heldout"], config, 3, process_index=p, process_count=2) for p in (0, 1)]
-    for whole, first, second in zip(batches, *halves):
-        assert_batches_equal(whole, {k: np.concatenate([first[k], second[k]]) for k in whole})
+    store = StoreReader.open(stores["heldout"])
+    plan = concat_plan(store, SEQ_LEN)
+    batches, whole = eval_batches(stores["heldout"], config, 3)
+    assert len(batches) == 3 and not whole
+    for b, rows in enumerate(batches):
+        assert_batches_equal(rows.batch, plan.read_batch(store, b, 4).batch)
+    everything, whole = eval_batches(stores["heldout"], config, 0)  # 0: the whole store
+    assert whole and len(everything) == plan.num_batches(4) > 3
+    assert sum(int(r.batch["loss_mask"].sum()) for r in everything) == plan.scored_tokens
 
 
-def test_eval_batches_in_document_mode_start_at_the_store_beginning(stores):
-    batches = eval_batches(stores["heldout"], config_for(stores, windows="document", batch=4), 2)
+def test_eval_batches_in_the_document_recipe_start_at_the_store_beginning(stores):
+    config = config_for(stores, batch=4)
+    config = dataclasses.replace(config, train=dataclasses.replace(config.train, eval_recipe="document"))
+    batches, _ = eval_batches(stores["heldout"], config, 2)
     first_document = StoreReader.open(stores["heldout"]).document(0).tokens
-    n = min(len(first_document) - 1, SEQ_LEN)
-    np.testing.assert_array_equal(batches[0]["inputs"][0, :n], first_document[:n])
+    n = min(len(first_document), SEQ_LEN)
+    np.testing.assert_array_equal(batches[0].batch["targets"][0, :n], first_document[:n])
 
 
 def test_eval_store_too_small(stores):
-    expected = r"train.eval_batches: 1000 batches .* need 8000 windows, but the store .*heldout"
+    expected = r"train.eval_batches: 1000 batches of train.batch_size=8 rows, but the store .*heldout.* has \d+ rows"
     with pytest.raises(ConfigError, match=expected):
         eval_batches(stores["heldout"], config_for(stores), 1000)
 
@@ -201,8 +207,6 @@ def test_stream_too_small_for_one_window(stores, tmp_path):
 def test_batch_not_divisible_by_process_count(stores):
     with pytest.raises(ConfigError, match="train.batch_size: 8 is not divisible by the process count 3"):
         pipeline.TrainData(config_for(stores), process_index=0, process_count=3)
-    with pytest.raises(ConfigError, match="train.batch_size"):
-        eval_batches(stores["heldout"], config_for(stores), 1, process_index=1, process_count=3)
 
 
 def test_tokenizer_mismatch(stores):

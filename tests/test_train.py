@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -21,7 +22,7 @@ from processes import distributed_env, free_port, start_python, wait_until
 
 from generation import demo
 from megadoc_jax import config as config_lib
-from megadoc_jax import train
+from megadoc_jax import metrics, train
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS = 12
@@ -46,7 +47,6 @@ def tiny_overrides(demo_data: dict[str, str], run_dir: Path, *extra: str) -> lis
         "train.batch_size=8",
         f"train.steps={STEPS}",
         "train.log_every=1",
-        "train.eval_batches=2",
         f"train.run_dir={run_dir}",
         *extra,
     ]
@@ -89,8 +89,27 @@ def test_loss_falls_and_one_device_matches_eight(demo_data, tmp_path, eight_devi
     assert len(losses_one) == STEPS
     assert losses_one[-1] < losses_one[0] - 0.5, losses_one
     np.testing.assert_allclose(losses_one, losses_eight, rtol=2e-4)
-    assert "eval/heldout/loss" in one.history[-1]
-    np.testing.assert_allclose(one.history[-1]["eval/heldout/loss"], eight.history[-1]["eval/heldout/loss"], rtol=2e-4)
+    for key in ("eval/heldout/loss", "eval/heldout/bpb"):  # the whole store (train.eval_batches 0), bytes
+        np.testing.assert_allclose(one.history[-1][key], eight.history[-1][key], rtol=2e-4)
+
+
+def test_evaluate_on_the_final_checkpoint_adds_no_second_figure_of_the_same_name(tmp_path, eight_device_run):
+    from megadoc_jax import evaluate
+
+    eight, run_dir = eight_device_run
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    assert evaluate.main(["--model", str(run), "--no-progress", "--out", str(tmp_path / "eval")]) == 0
+    records = [r for r in metrics.read_metrics(run).records if r["step"] == STEPS]
+    logged = [key for r in records for key in r if key.startswith("eval/")]
+    assert len(logged) == len(set(logged))  # each figure once at the final step
+    loop, appended = records[-2], records[-1]  # the loop's final figures, then the evaluation's
+    assert {"eval/heldout/loss", "eval/heldout/bpb"} <= set(loop) and "eval/heldout/loss" not in appended
+    assert "eval/heldout/document/loss" in appended  # what the loop does not compute is appended
+    (value,) = [json.loads(f.read_text()) for f in (tmp_path / "eval").glob("*.json")]
+    (concat,) = [r for r in value["results"] if r["recipe"] == "concat"]
+    np.testing.assert_allclose(concat["loss"], loop["eval/heldout/loss"], rtol=1e-6)
+    np.testing.assert_allclose(concat["bpb"], loop["eval/heldout/bpb"], rtol=1e-6)
 
 
 def test_restore_onto_a_different_device_count(demo_data, tmp_path, eight_device_run):

@@ -13,10 +13,10 @@ The models (numpy only, no JAX, no tuning on the held-out set):
   where c(a) counts the pairs starting with a and T(a) the distinct tokens that follow a; a context
   never seen (c(a) = 0) gets the unigram. No constant: the weight of the unigram is set by the counts.
 
-The scored targets are exactly the evaluation's (evaluation/batches.py, eval_batches): the first
-train.eval_batches x train.batch_size windows of each eval store in the configured window recipe, every
-target whose loss_mask is 1, each predicted from the input token at its position (its predecessor in
-the store). The loss is the mean of -ln p over them, in nats/token, like `eval/<name>/loss`.
+The scored targets are exactly the training loop's held-out targets (evaluation/batches.py, eval_batches):
+each eval store's train.eval_recipe windows (the whole store, or its first train.eval_batches batches),
+every target whose loss_mask is 1, each predicted from the input token at its position (its predecessor
+in the store). The loss is the mean of -ln p over them, in nats/token, like `eval/<name>/loss`.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import numpy as np
 from megadoc_jax.config import Config, ConfigError
 from megadoc_jax.data.pipeline import Batch, open_store, run_tokenizer
 from megadoc_jax.data.store import TokenizerInfo
-from megadoc_jax.evaluation.batches import eval_batches
+from megadoc_jax.evaluation.batches import eval_batches, heldout_prefix
 
 log = logging.getLogger(__name__)
 
@@ -135,13 +135,14 @@ def heldout_baselines(config: Config, tokenizer: TokenizerInfo | None = None) ->
     models = CountModels.fit(training_tokens(config, tokenizer), config.model.vocab_size)
     baselines = {}
     for name, path in config.data.eval_stores.items():
-        batches = eval_batches(path, config, config.train.eval_batches, tokenizer=tokenizer)  # all rows
-        for model, loss in models.losses(batches).items():
-            baselines[f"eval/{name}/{model}_loss"] = loss
+        batches, whole = eval_batches(path, config, config.train.eval_batches, tokenizer=tokenizer)  # all rows
+        prefix = heldout_prefix(name, config, whole)
+        for model, loss in models.losses(rows.batch for rows in batches).items():
+            baselines[f"{prefix}/{model}_loss"] = loss
         log.info(
-            "eval/%s: count models of the training tokens: unigram %.4f, bigram %.4f (nats/token, same targets)",
-            name,
-            baselines[f"eval/{name}/unigram_loss"],
-            baselines[f"eval/{name}/bigram_loss"],
+            "%s: count models of the training tokens: unigram %.4f, bigram %.4f (nats/token, same targets)",
+            prefix,
+            baselines[f"{prefix}/unigram_loss"],
+            baselines[f"{prefix}/bigram_loss"],
         )
     return baselines

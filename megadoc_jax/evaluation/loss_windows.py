@@ -29,10 +29,11 @@ import dataclasses
 
 import numpy as np
 
+from megadoc_jax.config import EVAL_RECIPES
 from megadoc_jax.data.store import StoreReader
 from megadoc_jax.data.windows import ragged_ranges
 
-RECIPES = ("concat", "document")
+RECIPES = EVAL_RECIPES
 
 
 class WindowError(ValueError):
@@ -199,6 +200,11 @@ def _pack(length_W: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray, n
         row_W[w], column_W[w], segment_W[w] = row, column, segment + 1
         column, segment = column + length, segment + 1
     return row_W, column_W, segment_W
+
+
+def metric_prefix(store: str, recipe: str) -> str:
+    """The metric names' stem: eval/<store> for concat (the paper's stack's names), eval/<store>/<recipe>."""
+    return f"eval/{store}" if recipe == "concat" else f"eval/{store}/{recipe}"
 
 
 def make_plan(recipe: str, store: StoreReader, seq_len: int, stride: int | None) -> WindowPlan:

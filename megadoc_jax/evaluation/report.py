@@ -9,6 +9,7 @@ of the paper's stack; the document recipe `eval/<store>/document/loss` and `.../
 from __future__ import annotations
 
 import importlib.metadata
+import logging
 import math
 import platform
 import time
@@ -20,6 +21,9 @@ import jax
 
 import megadoc_jax
 from megadoc_jax import files, metrics
+from megadoc_jax.evaluation.loss_windows import metric_prefix
+
+log = logging.getLogger(__name__)
 
 FORMAT = "megadoc-evaluation"
 FORMAT_VERSION = 1
@@ -31,10 +35,6 @@ def versions() -> dict[str, str]:
     except importlib.metadata.PackageNotFoundError:
         ours = megadoc_jax.__version__
     return {"megadoc_jax": ours, "jax": jax.__version__, "flax": flax.__version__, "python": platform.python_version()}
-
-
-def metric_prefix(store: str, recipe: str) -> str:
-    return f"eval/{store}" if recipe == "concat" else f"eval/{store}/{recipe}"
 
 
 def metric_scalars(result: dict[str, Any]) -> dict[str, float]:
@@ -99,16 +99,29 @@ def write(path: Path, value: dict[str, Any]) -> None:
     files.write_json_atomic(path, value)
 
 
-def append_to_run_metrics(run_dir: Path, step: int, scalars: dict[str, float]) -> None:
-    """Adds the scalars at `step` to the run's metrics.jsonl and TensorBoard files (process 0 only).
+def append_to_run_metrics(run_dir: Path, step: int, scalars: dict[str, float]) -> dict[str, float]:
+    """Adds the scalars at `step` to the run's metrics.jsonl and TensorBoard files (process 0 only), but
+    for those already logged at `step` with the same value (relative 1e-6: fp32 scores on another mesh):
+    the training loop's final figures over the whole store, or an earlier identical evaluation. Returns
+    what it wrote. A figure logged before with another value is written again (the later record wins)
+    and a warning names both values.
 
     The writer is opened at the last step already logged, so that reading the log keeps every earlier
     record (MetricsWriter's resume marker drops records past the step it is opened at)."""
-    logged = (
-        [r["step"] for r in metrics.read_metrics(run_dir).records] if (run_dir / metrics.JSONL_NAME).exists() else []
-    )
-    with metrics.MetricsWriter(run_dir, start_step=max([step, *logged])) as writer:
-        writer.write(step, scalars)
+    has_log = (run_dir / metrics.JSONL_NAME).exists()
+    records = metrics.read_metrics(run_dir).records if has_log else []
+    logged = {key: value for r in records if r["step"] == step for key, value in r.items()}
+    new = {}
+    for key, value in scalars.items():
+        if key in logged and math.isclose(value, logged[key], rel_tol=1e-6, abs_tol=1e-9):
+            continue
+        if key in logged:
+            log.warning("%s at step %d: %.6g replaces %.6g logged before", key, step, value, logged[key])
+        new[key] = value
+    if new:
+        with metrics.MetricsWriter(run_dir, start_step=max([step, *(r["step"] for r in records)])) as writer:
+            writer.write(step, new)
+    return new
 
 
 def summary_lines(value: dict[str, Any]) -> list[str]:
