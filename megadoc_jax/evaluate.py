@@ -122,6 +122,11 @@ def parse_args(argv: list[str] | None) -> Options:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["report"]:  # the study report (megadoc_jax/study), JAX-free
+        from megadoc_jax.study import cli
+
+        return cli.main(argv[1:])
     from megadoc_jax.train import log_to_console
 
     log_to_console()

@@ -27,7 +27,6 @@ of when to synchronise, and never hidden in the writer. `progress_line` formats 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import numbers
 import time
@@ -40,6 +39,7 @@ import numpy as np
 
 from megadoc_jax import hardware
 from megadoc_jax.config import ModelConfig
+from megadoc_jax.metrics_log import JSONL_NAME, MetricsLog, read_metrics  # noqa: F401 (re-exported)
 
 # --------------------------------------------------------------------------------------------------
 # FLOPs
@@ -151,7 +151,6 @@ class Throughput:
 # Writers: TensorBoard + JSONL, process 0 only
 # --------------------------------------------------------------------------------------------------
 
-JSONL_NAME = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 _RESERVED_KEYS = ("step", "time", "event")
 
@@ -239,37 +238,6 @@ class MetricsWriter:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-
-@dataclasses.dataclass(frozen=True)
-class MetricsLog:
-    records: list[dict[str, Any]]  # step records in order, with superseded attempts removed
-    unreadable_lines: list[int]  # 1-based line numbers that were not JSON objects (cut by a kill)
-
-
-def read_metrics(path: str | Path) -> MetricsLog:
-    """Read a metrics.jsonl (or the run directory holding one), resume-aware; see MetricsWriter."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / JSONL_NAME
-    records: list[dict[str, Any]] = []
-    unreadable: list[int] = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                unreadable.append(number)
-                continue
-            if not isinstance(record, dict) or "step" not in record:
-                unreadable.append(number)
-            elif record.get("event") == "open":
-                records = [r for r in records if r["step"] <= record["step"]]
-            else:
-                records.append(record)
-    return MetricsLog(records, unreadable)
 
 
 # --------------------------------------------------------------------------------------------------

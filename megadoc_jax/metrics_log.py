@@ -1,0 +1,46 @@
+"""Reading a run's metrics.jsonl (written by megadoc_jax.metrics.MetricsWriter), resume-aware. No JAX import,
+so that reports (megadoc_jax/study) read training logs on any machine; megadoc_jax.metrics re-exports it.
+
+    log = read_metrics(run_dir)      # or the metrics.jsonl path
+    log.records                      # [{"step": 100, "time": ..., "loss": ...}, ...], superseded attempts removed
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+JSONL_NAME = "metrics.jsonl"
+
+
+@dataclasses.dataclass(frozen=True)
+class MetricsLog:
+    records: list[dict[str, Any]]  # step records in order, with superseded attempts removed
+    unreadable_lines: list[int]  # 1-based line numbers that were not JSON objects (cut by a kill)
+
+
+def read_metrics(path: str | Path) -> MetricsLog:
+    """Read a metrics.jsonl (or the run directory holding one), resume-aware; see megadoc_jax.metrics.MetricsWriter."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / JSONL_NAME
+    records: list[dict[str, Any]] = []
+    unreadable: list[int] = []
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                unreadable.append(number)
+                continue
+            if not isinstance(record, dict) or "step" not in record:
+                unreadable.append(number)
+            elif record.get("event") == "open":
+                records = [r for r in records if r["step"] <= record["step"]]
+            else:
+                records.append(record)
+    return MetricsLog(records, unreadable)
