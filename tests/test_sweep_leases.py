@@ -119,6 +119,7 @@ def test_a_done_run_is_never_claimed_again(tmp_path):
     assert leases.claim("run-a", {"worker": "w2"}, max_attempts=2) is None
     record = leases.record("run-a")
     assert record.status(2) == "done" and record.done == {"objective": 2.5, "attempt": 1}
+    assert record.failures == () and record.holder is None  # a done run's lapsed lease is no failure
     assert files.read_json(tmp_path / "done" / "run-a.json")["objective"] == 2.5
 
 

@@ -94,7 +94,7 @@ class Leases:
                 failures.append(files.read_json(self.claims_dir(name) / f"{k}.failed"))
             elif k < attempts:
                 failures.append({"attempt": k, "reason": "lease expired (taken over)"})
-        if attempts and f"{attempts}.failed" not in entries:
+        if attempts and f"{attempts}.failed" not in entries and done is None:  # done: its lease may lapse
             lease_path = self.claims_dir(name) / f"{attempts}.lease"
             try:
                 age = self.clock() - lease_path.stat().st_mtime

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -146,6 +145,7 @@ class Runs:
     def __init__(self, spec: SweepSpec):
         self.spec = spec
         self.space = spec.space
+        self.names: dict[Point, str] = {}  # point -> run name, computed once (or read from a done marker)
         self._base = config_lib.apply_overrides(config_lib.compose(spec.config), list(spec.overrides))
         base = config_lib.from_dict(copy.deepcopy(self._base))
         self._streams = [dataclasses.asdict(s) for s in base.data.streams]
@@ -179,9 +179,10 @@ class Runs:
         raw = config_lib.apply_overrides(copy.deepcopy(self._base), self.coordinate_overrides(point))
         return config_lib.from_dict(raw)
 
-    @functools.cache  # noqa: B019 (one Runs per sweep, for the process's life)
     def name(self, point: Point) -> str:
-        return run_names.run_name(self.config(point))
+        if point not in self.names:
+            self.names[point] = run_names.run_name(self.config(point))
+        return self.names[point]
 
     def check(self) -> None:
         """Build the config of the centre and of every grid value changed alone, so that a bad value

@@ -110,7 +110,7 @@ def render_markdown(table: dict[str, Any]) -> str:
         "| round | run | "
         + " | ".join(coordinates)
         + " | status | attempts | worker | objective | other losses | notes |",
-        "|---" * (len(coordinates) + 9) + "|",
+        "|---" * (len(coordinates) + 8) + "|",
     ]
     for row in table["runs"]:
         others = ", ".join(f"{k} {v:.4f}" for k, v in sorted(row["losses"].items()) if k != table["objective"])

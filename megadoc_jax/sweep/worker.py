@@ -6,7 +6,7 @@
 
 Each pass: the search state is recomputed from the files (search.search over the outcomes that the done
 markers and leases give; done and failed-for-good records never change, so they are read once), the
-table is rewritten, and the first run of the current round that is queued is claimed (leases.py). With
+first run of the current round that is queued is claimed (leases.py), and the table is rewritten. With
 every run of the round held by others, the worker waits poll_seconds and looks again. The run is
 trained as a subprocess,
 
@@ -37,7 +37,7 @@ from typing import Any
 
 from megadoc_jax import files
 from megadoc_jax.config import ConfigError, build_dataclass
-from megadoc_jax.sweep.leases import Lease, Leases, RunRecord
+from megadoc_jax.sweep.leases import DONE_DIR, Lease, Leases, RunRecord
 from megadoc_jax.sweep.search import Outcome, Point, SearchState, search
 from megadoc_jax.sweep.spec import Runs, SweepSpec
 from megadoc_jax.sweep.table import build_table, write_table
@@ -94,6 +94,7 @@ class Sweep:
         self.leases = Leases(self.root, spec.lease_seconds, clock=clock)
         self._outcomes: dict[Point, Outcome] = {}  # final: done or failed for good
         self._final_records: dict[Point, RunRecord] = {}
+        self.read_done_markers()
 
     def adopt(self) -> None:
         """Record the spec in SWEEP_DIR/spec.json, or check that it agrees with the one recorded there."""
@@ -113,6 +114,18 @@ class Sweep:
                     f"{path}: this sweep directory holds a sweep with {key} = {theirs.get(key)!r}, but the sweep file "
                     f"says {value!r}; use another sweep_dir for another sweep"
                 )
+
+    def read_done_markers(self) -> None:
+        """Take every done marker's outcome (and run name) at once: what a worker joining a long sweep
+        would otherwise find one round at a time."""
+        for path in sorted((self.root / DONE_DIR).glob("*.json")):
+            marker = files.read_json(path, "done marker", ConfigError)
+            try:
+                point = self.space.point(marker["point"])
+            except (KeyError, ValueError) as e:
+                raise ConfigError(f"{path}: a done marker of another sweep? ({e})") from None
+            self.runs.names.setdefault(point, marker["run"])
+            self.record(point)
 
     def record(self, point: Point) -> RunRecord:
         if point in self._final_records:
@@ -162,8 +175,8 @@ def work(sweep: Sweep, runner: Runner, *, worker: str | None = None, say: Callab
     worker = worker or worker_id()
     while True:
         state, records = sweep.state()
-        write_table(sweep.root, build_table(sweep.spec, state, sweep.runs, records))
         if state.finished:
+            write_table(sweep.root, build_table(sweep.spec, state, sweep.runs, records))
             return state
         claimed = None
         for point in state.to_run:
@@ -178,10 +191,11 @@ def work(sweep: Sweep, runner: Runner, *, worker: str | None = None, say: Callab
                 if lease is not None:
                     claimed = (point, lease)
                     break
-        if claimed is None:
-            time.sleep(sweep.spec.poll_seconds)  # every run of the round is held by another worker
+        if claimed is None:  # every run of the round is held by another worker
+            write_table(sweep.root, build_table(sweep.spec, state, sweep.runs, records))
+            time.sleep(sweep.spec.poll_seconds)
             continue
-        sweep.write_table()  # shows the claim
+        sweep.write_table()  # once a run: the previous run's result and this claim
         run_attempt(sweep, *claimed, runner, worker, say)
 
 
