@@ -1,8 +1,9 @@
-"""Small files written safely: atomic replacement, JSON objects, and an exclusive lock.
+"""Small files written safely: atomic replacement, exclusive creation, JSON objects, and an exclusive lock.
 
 The store (megadoc_jax/data), the generation stage's outputs and the exporters all keep their records
 (manifests, commit and progress records, summaries) as small files that a kill must never leave half
-written, and guard a directory against a second writer with a lock. Standard library only.
+written, and guard a directory against a second writer with a lock. Sweeps (megadoc_jax/sweep) claim
+runs by creating lease files exclusively. Standard library only.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import socket
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -27,21 +30,58 @@ def fsync_directory(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """tmp file + fsync + rename + fsync of the directory: readers see the old or the new file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+def _temporary_name(path: Path) -> Path:
+    """A name beside `path` that no other writer uses: host, process and thread, for directories shared
+    between hosts (a sweep directory) as much as between threads."""
+    return path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.{threading.get_ident()}.tmp")
+
+
+def _write_temporary(path: Path, data: bytes) -> Path:
+    tmp = _temporary_name(path)
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+    return tmp
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """tmp file + fsync + rename + fsync of the directory: readers see the old or the new file."""
+    path = Path(path)
+    os.replace(_write_temporary(path, data), path)
     fsync_directory(path.parent)
+
+
+def create_bytes_exclusive(path: str | os.PathLike, data: bytes) -> bool:
+    """Create `path` holding `data` if no file has that name, atomically: False if one exists already.
+
+    The content is written to a temporary file first and hard-linked to `path` (link fails if the name
+    exists, on local filesystems and NFS alike), so a reader never sees a half-written file and of two
+    writers racing for one name exactly one wins."""
+    path = Path(path)
+    tmp = _write_temporary(path, data)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        return False
+    finally:
+        os.unlink(tmp)
+    fsync_directory(path.parent)
+    return True
 
 
 def write_json_atomic(path: str | os.PathLike, value: dict[str, Any]) -> None:
     """`value` as indented JSON with sorted keys, written by write_bytes_atomic."""
-    write_bytes_atomic(path, (json.dumps(value, indent=1, sort_keys=True) + "\n").encode())
+    write_bytes_atomic(path, _json_bytes(value))
+
+
+def _json_bytes(value: dict[str, Any]) -> bytes:
+    return (json.dumps(value, indent=1, sort_keys=True) + "\n").encode()
+
+
+def create_json_exclusive(path: str | os.PathLike, value: dict[str, Any]) -> bool:
+    """`value` as JSON (as write_json_atomic writes it) by create_bytes_exclusive: False if `path` exists."""
+    return create_bytes_exclusive(path, _json_bytes(value))
 
 
 def read_json(path: str | os.PathLike, what: str | None = None, error: type[Exception] = ValueError) -> dict[str, Any]:
