@@ -3,6 +3,7 @@
     python -m megadoc_jax.experiments check                      # every file under configs/experiments/
     python -m megadoc_jax.experiments check FILE ... --compile   # and compile each train step for its TPU
     python -m megadoc_jax.experiments check FILE --topology v4:2x2x2   # another target than experiment.topology
+    python -m megadoc_jax.experiments check FILE --compile train.microbatches=2   # key=value overrides
     python -m megadoc_jax.experiments write                      # rewrite configs/experiments/ from the table
     python -m megadoc_jax.experiments table                      # the Markdown table of docs/experiments.md
 
@@ -49,11 +50,12 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
-def check(path: Path, compile_step: bool = False, topology: str | None = None) -> str:
-    """Check one config file (module doc); returns its line, raises Problem naming file and key."""
+def check(path: Path, compile_step: bool = False, topology: str | None = None, overrides: list[str] = ()) -> str:
+    """Check one config file (module doc) with `key=value` overrides; returns its line, raises Problem
+    naming the file and the key."""
     where = _shown(path)
     try:
-        config = config_lib.load(path)
+        config = config_lib.load(path, overrides)
     except config_lib.ConfigError as e:
         raise Problem(f"{where}: {e}") from None
     name = run_name(config)
@@ -82,7 +84,12 @@ def check(path: Path, compile_step: bool = False, topology: str | None = None) -
     )
     if not compile_step:
         return line
-    report = dry_run.compile_train_step(config, mesh, setup)
+    try:
+        report = dry_run.compile_train_step(config, mesh, setup)
+    except Exception as e:  # a lowering or compiler error: this file's problem; the others are still checked
+        first_line = (str(e).strip().splitlines() or [""])[0]
+        message = f"model.attention / mesh: the TPU compile failed: {type(e).__name__}: {first_line}"
+        raise Problem(f"{where}: {message}") from e
     if report["memory"] is None:
         raise Problem(
             f"{where}: model.remat / train.microbatches / mesh: the TPU compiler refused the step: "
@@ -99,11 +106,11 @@ def check(path: Path, compile_step: bool = False, topology: str | None = None) -
     )
 
 
-def check_all(paths: list[Path], compile_step: bool, topology: str | None) -> int:
+def check_all(paths: list[Path], compile_step: bool, topology: str | None, overrides: list[str] = ()) -> int:
     problems = []
     for path in paths:
         try:
-            print(check(path, compile_step, topology), flush=True)
+            print(check(path, compile_step, topology, overrides), flush=True)
         except Problem as e:
             print(f"FAIL {e}", flush=True)
             problems.append(str(e))
@@ -118,7 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m megadoc_jax.experiments", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     check_parser = commands.add_parser("check", help="validate configs and (--compile) compile their TPU steps")
-    check_parser.add_argument("configs", nargs="*", type=Path, help="default: every file under configs/experiments/")
+    check_parser.add_argument(
+        "configs", nargs="*", help="files (default: every file under configs/experiments/), then key=value overrides"
+    )
     check_parser.add_argument("--compile", action="store_true", help="compile each train step ahead of time")
     check_parser.add_argument("--topology", help="TPU slice instead of experiment.topology, e.g. v4:2x2x2")
     commands.add_parser("write", help="rewrite configs/experiments/ from megadoc_jax/experiment_configs.py")
@@ -132,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "table":
         print(experiment_configs.markdown_table(), end="")
         return 0
-    paths = args.configs or shipped_configs()
+    overrides = [a for a in args.configs if "=" in a]  # a.b=value: applied to every file
+    paths = [Path(a) for a in args.configs if "=" not in a] or shipped_configs()
     if not paths:
         print(f"no config files under {CONFIGS_DIR / experiment_configs.EXPERIMENTS_DIR}", file=sys.stderr)
         return 2
@@ -141,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     except aot.AotError as e:
         print(e, file=sys.stderr)
         return 2
-    return check_all(paths, args.compile, args.topology)
+    return check_all(paths, args.compile, args.topology, overrides)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ import argparse
 import importlib.util
 import itertools
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -195,6 +197,11 @@ def test_the_docs_table_is_the_tables():
     assert ec.markdown_table() in Path("docs/experiments.md").read_text()
 
 
+def test_the_table_imports_no_jax():
+    code = "import sys, megadoc_jax.experiment_configs; assert 'jax' not in sys.modules, 'jax imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def test_a_topology_of_the_wrong_form_is_named():
     with pytest.raises(config_lib.ConfigError, match=r"experiment.topology: 'v4-16' is not of the form"):
         config_lib.from_dict({"experiment": {"topology": "v4-16"}})
@@ -279,3 +286,23 @@ def test_check_compiles_a_representative_train_step(capsys):
     line = capsys.readouterr().out.splitlines()[0]
     assert "| step " in line and "of 32.00 GiB per device" in line and ": fits |" in line
     assert "FLOPs/device/step" in line
+
+
+@needs_libtpu
+def test_check_compile_names_a_step_the_compiler_refuses(tmp_path, capsys):
+    # Without remat the 300m step needs about 143 GiB of temporaries per v4 chip: refused within seconds.
+    no_remat = _variant(tmp_path, "no_remat", "model: {remat: none}\n")
+    assert experiments.main(["check", str(no_remat), "--compile"]) == 1
+    line = capsys.readouterr().out.splitlines()[0]
+    assert line.startswith("FAIL ") and "no_remat.yaml: model.remat / train.microbatches / mesh: " in line
+    assert "the TPU compiler refused the step: RESOURCE_EXHAUSTED" in line
+
+
+@needs_libtpu
+def test_check_applies_overrides_to_every_file(capsys):
+    files = ["configs/experiments/simple/g2.yaml", "configs/experiments/stretched/g2.yaml"]
+    assert experiments.main(["check", *files, "train.microbatches=2"]) == 0
+    assert experiments.main(["check", *files, "train.microbatches=3"]) == 1
+    fails = [line for line in capsys.readouterr().out.splitlines() if line.startswith("FAIL ")]
+    assert [line.split(": ", 1)[0] for line in fails] == [f"FAIL {f}" for f in files]
+    assert all("train.microbatches: 3 does not divide train.batch_size=64" in line for line in fails)
