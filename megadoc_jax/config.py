@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -206,6 +207,9 @@ class ExperimentConfig:
     method: str = ""  # one of EXPERIMENT_METHODS, or "" (not stated)
     generations: int = 0  # G: generations per real document in the synthetic stream; 0 for "real"
     synthetic_stream: str = "synthetic"  # the stream whose weight is the paper's r
+    # The TPU slice the run is sized for, e.g. "v4:2x2x2" (GENERATION:AxB[xC], as `--dry-run --topology`
+    # takes it): `python -m megadoc_jax.experiments check --compile` compiles the step for it. "" = none.
+    topology: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -505,6 +509,11 @@ def _validate_experiment(config: Config) -> None:
         not e.data or (len(e.data) <= 24 and all(c in "abcdefghijklmnopqrstuvwxyz0123456789_." for c in e.data)),
         "experiment.data",
         f"{e.data!r}: at most 24 characters of a-z, 0-9, '_', '.' (it goes into run names)",
+    )
+    _require(
+        not e.topology or re.fullmatch(r"[a-z0-9]+:\d+(x\d+){1,2}", e.topology) is not None,
+        "experiment.topology",
+        f"{e.topology!r} is not of the form GENERATION:AxB[xC], e.g. 'v4:2x2x2'",
     )
     if not e.method:
         return

@@ -18,14 +18,29 @@ from megadoc_jax import config as config_lib
 from megadoc_jax import step as step_lib
 
 
-def main(config: config_lib.Config, topology: str | None) -> int:
-    devices = aot.tpu_topology_devices(topology) if topology else jax.devices()
+def abstract_setup(
+    config: config_lib.Config, devices: list[jax.Device]
+) -> tuple[dict[str, int], jax.sharding.Mesh, step_lib.TrainSetup]:
+    """The mesh axis sizes, the mesh and the abstract train setup of `config` over `devices` (real or a TPU
+    topology's): shapes, divisibility and the attention backend's mesh needs are checked, nothing allocated.
+    ConfigError names the key of a problem."""
     mesh_sizes = config_lib.validate_for_devices(config, len(devices))
     mesh = sharding.make_mesh(mesh_sizes, devices)
+    return mesh_sizes, mesh, step_lib.train_setup(config, mesh, max(config.train.steps, 1))
+
+
+def compile_train_step(config: config_lib.Config, mesh: jax.sharding.Mesh, setup: step_lib.TrainSetup) -> dict:
+    """aot.compile_report of the real train step of `config` on `mesh` (ahead of time: nothing runs)."""
+    train_step = step_lib.jit_train_step(setup, config, step_lib.batch_sharding(mesh, config))
+    with jax.set_mesh(mesh):  # activations follow the rule table through `sharding.constrain`
+        return aot.compile_report(train_step, (setup.abstract_state, step_lib.abstract_batch(mesh, config)))
+
+
+def main(config: config_lib.Config, topology: str | None) -> int:
+    devices = aot.tpu_topology_devices(topology) if topology else jax.devices()
+    mesh_sizes, mesh, setup = abstract_setup(config, devices)
     device_kind = devices[0].device_kind
     print(f"mesh: {mesh_sizes} over {len(devices)} x {device_kind}")
-
-    setup = step_lib.train_setup(config, mesh, max(config.train.steps, 1))
     print(f"parameters: {setup.num_parameters}")
     state_bytes = aot.state_bytes_per_device(setup.abstract_state)
     capacity = hardware.hbm_bytes_per_device(device_kind)
@@ -38,9 +53,7 @@ def main(config: config_lib.Config, topology: str | None) -> int:
     if not topology:
         return 0
 
-    train_step = step_lib.jit_train_step(setup, config, step_lib.batch_sharding(mesh, config))
-    with jax.set_mesh(mesh):  # activations follow the rule table through `sharding.constrain`
-        report = aot.compile_report(train_step, (setup.abstract_state, step_lib.abstract_batch(mesh, config)))
+    report = compile_train_step(config, mesh, setup)
     print(aot.format_compile_report(report))
     if report["memory"] is not None:  # None: the compiler refused the program (it does not fit)
         tokens = config.train.batch_size * config.data.seq_len

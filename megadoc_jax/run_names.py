@@ -2,9 +2,11 @@
 
     run_name(config)  ->  "300m-dclm-stitched-back-g32-e32-r0.9-lr1e-3-wd0.4-s0"
                           "300m-dclm-real-e16-lr3e-3-wd1.6-s0"
+                          "300m-dclm-stitched-back-g32-ctx32k-e32-r0.9-lr1e-3-wd0.4-s0"   (32768-token windows)
 
 Parts, in order: model size (a custom shape: d<hidden>l<layers>), experiment.data, experiment.method with
-G, real epochs E, the synthetic stream's weight r (left out without one), lr, weight decay, train.seed.
+G, the context length data.seq_len where it is not the paper's 4096 (ctx32k; ctx<n> when n is not a
+multiple of 1024), real epochs E, the synthetic stream's weight r (left out without one), lr, weight decay, train.seed.
 A part that the config does not state is left out. Only [A-Za-z0-9.-] appear, so a name is a valid
 directory, TensorBoard run and W&B name; the name is a label for people: sweeps and reports read a
 run's resolved config (config.experiment and the rest), never parse names. No JAX import.
@@ -15,6 +17,7 @@ from __future__ import annotations
 from megadoc_jax.config import CUSTOM_SIZE, Config
 
 MAX_LENGTH = 96  # well under every filesystem's 255 and loggers' limits
+PAPER_SEQ_LEN = 4096  # the paper's context length: left out of names
 
 
 def number(x: float) -> str:
@@ -34,6 +37,8 @@ def run_name(config: Config) -> str:
         parts.append(e.data)
     if e.method:
         parts.append(e.method if e.method == "real" else f"{e.method}-g{e.generations}")
+    if d.seq_len != PAPER_SEQ_LEN:
+        parts.append(f"ctx{d.seq_len // 1024}k" if d.seq_len % 1024 == 0 else f"ctx{d.seq_len}")
     parts.append(f"e{number(d.real_epochs)}")
     weights = {s.name: s.weight for s in d.streams}
     if e.synthetic_stream in weights:

@@ -43,6 +43,14 @@ def test_names_encode_the_hyper_parameters():
     assert run_name(custom) == "d32l3-e1-lr3e-3-wd0.1-s0"  # nothing stated: only what the config has
 
 
+@pytest.mark.parametrize(("seq_len", "part"), [(32768, "-ctx32k-"), (65536, "-ctx64k-"), (128, "-ctx128-")])
+def test_names_carry_a_context_length_other_than_the_papers(seq_len, part):
+    raw = config_lib.to_dict(stitched_config())
+    raw["data"]["seq_len"] = seq_len
+    assert run_name(config_lib.from_dict(raw)) == f"300m-dclm-stitched-back-g32{part}e32-r0.9-lr1e-3-wd0.4-s0"
+    assert "ctx" not in run_name(stitched_config())  # 4096, the paper's
+
+
 @pytest.mark.parametrize(
     ("x", "text"), [(3e-3, "3e-3"), (1e-3, "1e-3"), (2.5e-4, "2.5e-4"), (0.4, "0.4"), (16.0, "16"), (0.75, "0.75")]
 )
