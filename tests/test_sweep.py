@@ -162,13 +162,16 @@ def stores(tmp_path_factory) -> dict[str, str]:
     }
 
 
+OBJECTIVE = "eval/heldout/partial/loss"  # train.eval_batches=1: the first batch of the held-out store
+
+
 def write_sweep(tmp_path: Path, stores: dict[str, str], **fields) -> Path:
     streams = [{"name": "real", "store": stores["real"], "weight": 0.5}]
     streams.append({"name": "synthetic", "store": stores["synthetic"], "weight": 0.5})
     raw = {
         "config": str(REPO / "configs" / "tiny.yaml"),
         "sweep_dir": str(tmp_path / "sweep"),
-        "objective": "eval/heldout/loss",
+        "objective": OBJECTIVE,
         "centre": {"lr": 1e-3},
         "grids": {"lr": [1e-3, 1e-2]},
         "overrides": [
@@ -211,9 +214,9 @@ def check_finished_sweep(sweep_dir: Path) -> dict:
     assert done == sorted(row["run"] for row in runs)
     for row in runs:
         lines = (sweep_dir / "runs" / row["run"] / "metrics.jsonl").read_text().splitlines()
-        finals = [line for line in lines if '"eval/heldout/loss"' in line]
+        finals = [line for line in lines if f'"{OBJECTIVE}"' in line]
         assert len(finals) == 1, (row["run"], finals)  # trained to the end once
-        assert row["objective"] == json.loads(finals[0])["eval/heldout/loss"]
+        assert row["objective"] == json.loads(finals[0])[OBJECTIVE]
     best = min(runs, key=lambda row: row["objective"])
     assert table["best"]["run"] == best["run"]  # one coordinate: the best run of all is where it stops
     return table
