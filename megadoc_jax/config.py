@@ -359,15 +359,16 @@ def _merge(below: dict[str, Any], above: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def _read_file(path: Path) -> dict[str, Any]:
+def read_yaml_mapping(path: Path, what: str = "config file") -> dict[str, Any]:
+    """A YAML file whose top level is a mapping (empty: {}); ConfigError naming `what` and the path."""
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
+        raise ConfigError(f"{what} {path} does not exist") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        raise ConfigError(f"{what} {path} is not valid YAML: {e}") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"config file {path}: the top level must be a mapping")
+        raise ConfigError(f"{what} {path}: the top level must be a mapping")
     return raw
 
 
@@ -391,7 +392,7 @@ def compose(path: str | Path) -> dict[str, Any]:
 def _compose(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
     if path.resolve() in [p.resolve() for p in chain]:
         raise ConfigError("config files extend each other in a cycle: " + " -> ".join(map(str, (*chain, path))))
-    raw = _read_file(path)
+    raw = read_yaml_mapping(path)
     merged: dict[str, Any] = {}
     for base in _base_paths(raw, path):
         if not base.is_file():

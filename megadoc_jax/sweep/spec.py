@@ -30,8 +30,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from megadoc_jax import config as config_lib
 from megadoc_jax import run_names
 from megadoc_jax.config import ConfigError
@@ -118,14 +116,7 @@ def validate_spec(spec: SweepSpec) -> None:
 def load_spec(path: str | Path) -> SweepSpec:
     """The validated spec of a sweep file; `config` comes back relative to the current directory."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"sweep file {path} does not exist") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"sweep file {path} is not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"sweep file {path}: the top level must be a mapping")
+    raw = config_lib.read_yaml_mapping(path, "sweep file")
     try:
         for key in ("config", "sweep_dir", "centre", "grids"):
             _check(key in raw, key, "is required")
