@@ -7,7 +7,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: demo test clean
+.PHONY: demo test miniature clean
 
 # The demo data (stores and synthetic stream) is built by the generation stage, once, into
 # $MEGADOC_DEMO_DIR (default ~/.cache/megadoc_jax/demo); training only reads it.
@@ -16,6 +16,11 @@ demo: $(VENV)/.installed
 	$(BIN)/python -m megadoc_jax.train
 	$(BIN)/python -m megadoc_jax.evaluate --model runs/demo --store heldout=demo:heldout \
 		--store stitched=demo:stitched --benchmarks tests/data/benchmarks --tasks arc_easy,piqa,sciq
+
+# The whole study scaled down (docs/miniature.md): generation, megadocs, baselines, a sweep, evaluation and
+# the report, into runs/miniature; rerunning continues where it stopped.
+miniature: $(VENV)/.installed
+	$(BIN)/python -m megadoc_jax.miniature --work-dir runs/miniature
 
 test: $(VENV)/.installed-dev
 	$(BIN)/ruff check .

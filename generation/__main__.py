@@ -119,12 +119,16 @@ def _commands() -> tuple[Callable[[Any], Any], ...]:
     return (generate.add_subcommand, merge.add_subcommand, megadoc_export.add_subcommand, add_export, add_demo_data)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m generation", description=__doc__.split("\n\n")[0])
     subparsers = parser.add_subparsers(dest="command", required=True)
     for add_command in _commands():
         add_command(subparsers)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     from generation.backends import BackendError
     from generation.demo import DemoDataError
     from generation.documents import InputError

@@ -16,9 +16,10 @@ import subprocess
 import sys
 
 from megadoc_jax.config import ConfigError
+from megadoc_jax.subprocesses import die_with_parent
 from megadoc_jax.sweep.spec import load_spec
 from megadoc_jax.sweep.table import TABLE_MD, build_table, render_markdown, summary_line
-from megadoc_jax.sweep.worker import Sweep, die_with_parent, stored_spec, train_runner, work
+from megadoc_jax.sweep.worker import Sweep, stored_spec, train_runner, work
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

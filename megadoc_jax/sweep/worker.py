@@ -22,11 +22,8 @@ worker (PR_SET_PDEATHSIG on Linux), and when its lease is taken over.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import dataclasses
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -37,6 +34,7 @@ from typing import Any
 
 from megadoc_jax import files
 from megadoc_jax.config import ConfigError, build_dataclass
+from megadoc_jax.subprocesses import die_with_parent, log_tail
 from megadoc_jax.sweep.leases import DONE_DIR, Lease, Leases, RunRecord
 from megadoc_jax.sweep.search import Outcome, Point, SearchState, search
 from megadoc_jax.sweep.spec import Runs, SweepSpec
@@ -243,16 +241,6 @@ def run_attempt(
 # The training runner
 # --------------------------------------------------------------------------------------------------
 
-_PR_SET_PDEATHSIG = 1
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True) if sys.platform.startswith("linux") else None
-
-
-def die_with_parent() -> None:
-    """In the child, before exec: the kernel sends it SIGKILL when its parent (the worker) dies. Only a
-    system call (the library is loaded in the parent), so it is safe with the heartbeat thread running."""
-    if _libc is not None:
-        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-
 
 def read_objective(run_dir: Path, objective: str) -> tuple[float | None, dict[str, float]]:
     """The last logged value of `objective` in the run's metrics.jsonl, and every eval/*/loss of that record."""
@@ -266,13 +254,6 @@ def read_objective(run_dir: Path, objective: str) -> tuple[float | None, dict[st
     record = final[-1]
     losses = {k: float(v) for k, v in record.items() if k.startswith("eval/") and k.endswith("/loss")}
     return float(record[objective]), losses
-
-
-def log_tail(path: Path, lines: int = 3) -> str:
-    try:
-        return " | ".join(path.read_text(errors="replace").strip().splitlines()[-lines:])
-    except FileNotFoundError:
-        return ""
 
 
 def train_runner(spec: SweepSpec, *, python: str = sys.executable) -> Runner:
