@@ -51,7 +51,11 @@ class Placement:
 
     @property
     def mode(self) -> str:
-        return "one process per node" if self.processes_per_node == 1 else "one process per GPU"
+        if self.processes_per_node == 1:
+            return "one process per node"
+        if self.local_device_ids is None:  # a CPU run: no GPUs to speak of
+            return f"{self.processes_per_node} processes per node"
+        return "one process per GPU"
 
     def describe(self) -> str:
         devices = "all local devices" if self.local_device_ids is None else f"GPUs {list(self.local_device_ids)}"

@@ -30,6 +30,21 @@ def distributed_env(coordinator: str, num_processes: int, process_id: int) -> di
     }
 
 
+def slurm_env(port: int, num_processes: int, process_id: int) -> dict[str, str]:
+    """What srun would set for task `process_id` of a one-node step on this machine (MEGADOC_DISTRIBUTED=slurm)."""
+    return {
+        "MEGADOC_DISTRIBUTED": "slurm",
+        "MEGADOC_COORDINATOR_PORT": str(port),
+        "SLURM_JOB_ID": "4242",
+        "SLURM_STEP_NODELIST": "localhost",
+        "SLURM_STEP_TASKS_PER_NODE": str(num_processes),
+        "SLURM_NTASKS": str(num_processes),
+        "SLURM_PROCID": str(process_id),
+        "SLURM_LOCALID": str(process_id),
+        "SLURM_NODEID": "0",
+    }
+
+
 def start_python(args: list[str], *, devices: int, env: dict | None = None, **popen) -> subprocess.Popen:
     """`python ARGS` in the repository root on `devices` fake CPU devices, stdout and stderr piped together."""
     environment = {

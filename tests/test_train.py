@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from processes import distributed_env, free_port, start_python, wait_until
+from processes import distributed_env, free_port, slurm_env, start_python, wait_until
 
 from generation import demo
 from megadoc_jax import config as config_lib
@@ -185,24 +185,29 @@ def test_non_finite_step_stops_and_keeps_last_good_checkpoint(demo_data, tmp_pat
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
 
 
+LAUNCH_ENVIRONMENTS = {
+    # MEGADOC_COORDINATOR and friends, as a hand launch sets them
+    "explicit": lambda port, i: distributed_env(f"127.0.0.1:{port}", 2, i),
+    # the variables srun sets in a 2-task step on one node (localhost), read by cluster_env
+    "slurm": lambda port, i: slurm_env(port, 2, i),
+}
+
+
 @pytest.mark.slow
-def test_two_process_distributed_run_matches_one_process(demo_data, tmp_path, eight_device_run):
+@pytest.mark.parametrize("launch", sorted(LAUNCH_ENVIRONMENTS))
+def test_two_process_distributed_run_matches_one_process(demo_data, tmp_path, eight_device_run, launch):
     eight, _ = eight_device_run
-    coordinator = f"127.0.0.1:{free_port()}"
+    port = free_port()
     overrides = tiny_overrides(
         demo_data, tmp_path, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "train.checkpoint_every=6"
     )
-    processes = [
-        run_train_process(
-            overrides,
-            devices=4,
-            env=distributed_env(coordinator, 2, i),
-        )
-        for i in range(2)
-    ]
-    for p in processes:
+    processes = [run_train_process(overrides, devices=4, env=LAUNCH_ENVIRONMENTS[launch](port, i)) for i in range(2)]
+    for i, p in enumerate(processes):
         output, _ = p.communicate(timeout=400)
         assert p.returncode == 0, output
+        assert f"joined: process {i} of 2, 4 local devices of 8" in output, output
+        if launch == "slurm":
+            assert f"SLURM: process {i} of 2 on node 0 of 1 (2 processes per node)" in output, output
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     losses = [entry["loss"] for entry in logged if "loss" in entry]
     np.testing.assert_allclose(losses, train_losses(eight), rtol=2e-4)
