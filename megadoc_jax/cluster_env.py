@@ -2,12 +2,13 @@
 
 Pure: reads a mapping of environment variables, imports no JAX, so that recorded environments test it.
 
-SLURM sets, for every task of an `srun` step (sbatch/srun man pages, "OUTPUT ENVIRONMENT VARIABLES"):
+SLURM sets, for every task of an `srun` step (srun man page, "OUTPUT ENVIRONMENT VARIABLES", Slurm 22.05):
 SLURM_NTASKS (tasks in the step), SLURM_PROCID (this task, 0..NTASKS-1), SLURM_LOCALID (this task on its
-node), SLURM_NODEID (this node in the step's node list), SLURM_STEP_NODELIST / SLURM_JOB_NODELIST (a
-hostlist such as `gpu[01-03,07],login5`), SLURM_STEP_TASKS_PER_NODE / SLURM_TASKS_PER_NODE (such as
-`8(x2)`), SLURM_NTASKS_PER_NODE (only when --ntasks-per-node was given), SLURM_GPUS_ON_NODE and
-CUDA_VISIBLE_DEVICES (the GPUs this task may use).
+node), SLURM_NODEID (this node), SLURM_STEP_NODELIST and SLURM_JOB_NODELIST (hostlists such as
+`gpu[01-03,07],login5`), SLURM_STEP_TASKS_PER_NODE and SLURM_TASKS_PER_NODE (the tasks of each node of
+the step's and the job's list, such as `8(x2)` or `2(x3),1`), SLURM_GPUS_ON_NODE (GPUs of the step on
+this node) and CUDA_VISIBLE_DEVICES (the GPUs this task may use). By default a step gets all the job's
+GPUs and every task sees all of them; `--gpus-per-task` binds each task to its own (--gpu-bind).
 
 Device assignment, the point of this module: a GPU process must be told which local GPUs are its own.
 - one task on the node: the process takes every GPU it sees (one process per node);
@@ -24,8 +25,12 @@ import dataclasses
 import re
 from collections.abc import Mapping
 
-NODELIST_VARIABLES = ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST")
-TASKS_PER_NODE_VARIABLES = ("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE")
+# Each node list with the tasks-per-node variable in its order; the step's first (srun's own step).
+NODELIST_AND_TASKS_VARIABLES = (
+    ("SLURM_STEP_NODELIST", "SLURM_STEP_TASKS_PER_NODE"),
+    ("SLURM_JOB_NODELIST", "SLURM_TASKS_PER_NODE"),
+    ("SLURM_NODELIST", "SLURM_TASKS_PER_NODE"),
+)
 PORT_VARIABLE = "MEGADOC_COORDINATOR_PORT"
 # Without MEGADOC_COORDINATOR_PORT the port is derived from the job id, so that two jobs whose first node
 # is the same do not collide; the range is the top 4096 ports, the range JAX's own SLURM detection uses.
@@ -155,13 +160,6 @@ def visible_gpus(value: str) -> list[str]:
 # --------------------------------------------------------------------------------------------------
 
 
-def _first(env: Mapping[str, str], names: tuple[str, ...]) -> tuple[str, str]:
-    for name in names:
-        if env.get(name, "").strip():
-            return name, env[name]
-    raise ClusterEnvError(f"none of {', '.join(names)} is set: is this process a task of an srun step?")
-
-
 def _integer(env: Mapping[str, str], name: str, *, minimum: int = 0) -> int:
     value = env.get(name)
     if value is None or not value.strip():
@@ -186,23 +184,32 @@ def coordinator_port(env: Mapping[str, str]) -> int:
     return DEFAULT_PORT_BASE + _integer(env, "SLURM_JOB_ID") % DEFAULT_PORT_SPAN
 
 
-def _tasks_on_each_node(env: Mapping[str, str], num_nodes: int, nodelist_variable: str, ntasks: int) -> list[int]:
-    """Tasks per node, one entry per node of the node list, checked against SLURM_NTASKS."""
-    present = [name for name in TASKS_PER_NODE_VARIABLES if env.get(name, "").strip()]
-    if present:
-        name = present[0]
-        counts = expand_tasks_per_node(env[name], name)
-        if len(counts) != num_nodes:
+def _nodes_and_tasks(env: Mapping[str, str]) -> tuple[str, list[str], list[int]]:
+    """The node list, and the tasks on each of its nodes, checked against each other.
+
+    SLURM gives the step's tasks per node in the order of the step's node list and the job's in the
+    order of the job's (srun man page), so each list is read with its own count. SLURM_NTASKS_PER_NODE is
+    only a fallback: srun reads it as an input (--ntasks-per-node), so a task may inherit the job's value
+    while its own step runs another count.
+    """
+    present = [pair for pair in NODELIST_AND_TASKS_VARIABLES if env.get(pair[0], "").strip()]
+    if not present:
+        names = ", ".join(nodelist for nodelist, _ in NODELIST_AND_TASKS_VARIABLES)
+        raise ClusterEnvError(f"none of {names} is set: is this process a task of an srun step?")
+    nodelist_variable, tasks_variable = present[0]
+    nodes = expand_hostlist(env[nodelist_variable], nodelist_variable)
+    if env.get(tasks_variable, "").strip():
+        counts = expand_tasks_per_node(env[tasks_variable], tasks_variable)
+        if len(counts) != len(nodes):
             raise ClusterEnvError(
-                f"{name}={env[name]!r} describes {len(counts)} nodes but {nodelist_variable} lists {num_nodes}"
+                f"{tasks_variable}={env[tasks_variable]!r} describes {len(counts)} nodes but "
+                f"{nodelist_variable} lists {len(nodes)}"
             )
     elif env.get("SLURM_NTASKS_PER_NODE", "").strip():
-        counts = [_integer(env, "SLURM_NTASKS_PER_NODE", minimum=1)] * num_nodes
+        counts = [_integer(env, "SLURM_NTASKS_PER_NODE", minimum=1)] * len(nodes)
     else:
-        raise ClusterEnvError(f"none of {', '.join((*TASKS_PER_NODE_VARIABLES, 'SLURM_NTASKS_PER_NODE'))} is set")
-    if sum(counts) != ntasks:
-        raise ClusterEnvError(f"SLURM_NTASKS={ntasks} but the tasks per node add up to {sum(counts)} ({counts})")
-    return counts
+        raise ClusterEnvError(f"{nodelist_variable} is set but neither {tasks_variable} nor SLURM_NTASKS_PER_NODE")
+    return nodelist_variable, nodes, counts
 
 
 def _local_device_ids(env: Mapping[str, str], tasks_here: int, local_id: int) -> tuple[int, ...]:
@@ -236,9 +243,9 @@ def slurm_placement(env: Mapping[str, str], *, gpus: bool = True) -> Placement:
     process_id = _integer(env, "SLURM_PROCID")
     if process_id >= ntasks:
         raise ClusterEnvError(f"SLURM_PROCID={process_id} is not below SLURM_NTASKS={ntasks}")
-    nodelist_variable, nodelist = _first(env, NODELIST_VARIABLES)
-    nodes = expand_hostlist(nodelist, nodelist_variable)
-    tasks = _tasks_on_each_node(env, len(nodes), nodelist_variable, ntasks)
+    nodelist_variable, nodes, tasks = _nodes_and_tasks(env)
+    if sum(tasks) != ntasks:
+        raise ClusterEnvError(f"SLURM_NTASKS={ntasks} but the tasks per node add up to {sum(tasks)} ({tasks})")
     node_index = _integer(env, "SLURM_NODEID") if len(nodes) > 1 else int(env.get("SLURM_NODEID", "0") or 0)
     if node_index >= len(nodes):
         raise ClusterEnvError(f"SLURM_NODEID={node_index} but {nodelist_variable} lists {len(nodes)} nodes")
@@ -246,10 +253,6 @@ def slurm_placement(env: Mapping[str, str], *, gpus: bool = True) -> Placement:
     local_id = _integer(env, "SLURM_LOCALID")
     if local_id >= tasks_here:
         raise ClusterEnvError(f"SLURM_LOCALID={local_id} but node {node_index} runs {tasks_here} tasks")
-    if env.get("SLURM_NTASKS_PER_NODE", "").strip():
-        declared = _integer(env, "SLURM_NTASKS_PER_NODE", minimum=1)
-        if declared != tasks_here:
-            raise ClusterEnvError(f"SLURM_NTASKS_PER_NODE={declared} but node {node_index} runs {tasks_here} tasks")
     return Placement(
         coordinator_address=f"{nodes[0]}:{coordinator_port(env)}",
         num_processes=ntasks,

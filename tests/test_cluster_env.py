@@ -94,6 +94,25 @@ def test_default_port_follows_the_job_id_and_the_port_variable_overrides_it():
     assert cluster_env.coordinator_port({**env, "MEGADOC_COORDINATOR_PORT": "1234"}) == 1234
 
 
+def test_the_steps_own_task_counts_win_over_the_jobs():
+    # A job submitted for one process per GPU (--ntasks-per-node=8) running a one-per-node step: the
+    # tasks inherit the job's SLURM_NTASKS_PER_NODE and SLURM_TASKS_PER_NODE, the step variables are right.
+    env = {**task_env(read_layout("2node-8gpu-per-node.json"), 1), "SLURM_NTASKS_PER_NODE": "8"}
+    env["SLURM_TASKS_PER_NODE"] = "8(x2)"
+    placement = slurm_placement(env)
+    assert (placement.processes_per_node, placement.local_device_ids) == (1, tuple(range(8)))
+    # Without step variables, the job's node list is read with the job's own counts.
+    del env["SLURM_STEP_NODELIST"], env["SLURM_STEP_TASKS_PER_NODE"]
+    with pytest.raises(ClusterEnvError, match="SLURM_NTASKS=2 but the tasks per node add up to 16"):
+        slurm_placement(env)
+    assert slurm_placement({**env, "SLURM_TASKS_PER_NODE": "1(x2)"}).num_nodes == 2
+
+
+def test_ntasks_per_node_stands_in_for_missing_task_counts():
+    env = {k: v for k, v in SHARED.items() if not k.endswith("TASKS_PER_NODE") or k == "SLURM_NTASKS_PER_NODE"}
+    assert slurm_placement(env).local_device_ids == (5,)
+
+
 def test_step_nodelist_wins_over_job_nodelist():
     env = task_env(read_layout("1node-8gpu-1proc.json"), 0)
     env = {**env, "SLURM_JOB_NODELIST": "gpu[01-04]", "SLURM_STEP_NODELIST": "gpu03"}
@@ -173,14 +192,17 @@ SHARED = task_env(read_layout("2node-8gpu-per-gpu-shared.json"), 3)  # process 1
         ({"SLURM_LOCALID": "8"}, "SLURM_LOCALID=8 but node 1 runs 8 tasks"),
         ({"SLURM_NODEID": None}, "SLURM_NODEID is not set"),
         ({"SLURM_NODEID": "2"}, "SLURM_NODEID=2 but SLURM_STEP_NODELIST lists 2 nodes"),
-        ({"SLURM_STEP_NODELIST": None, "SLURM_JOB_NODELIST": None}, "none of SLURM_STEP_NODELIST"),
+        (
+            {"SLURM_STEP_NODELIST": None, "SLURM_JOB_NODELIST": None},
+            "none of SLURM_STEP_NODELIST, SLURM_JOB_NODELIST, SLURM_NODELIST is set",
+        ),
         ({"SLURM_STEP_NODELIST": "gpu[007-009]"}, "describes 2 nodes but SLURM_STEP_NODELIST lists 3"),
         ({"SLURM_NTASKS": "14"}, "SLURM_NTASKS=14 but the tasks per node add up to 16"),
-        ({"SLURM_NTASKS_PER_NODE": "4"}, "SLURM_NTASKS_PER_NODE=4 but node 1 runs 8 tasks"),
         (
-            {"SLURM_STEP_TASKS_PER_NODE": None, "SLURM_TASKS_PER_NODE": None, "SLURM_NTASKS_PER_NODE": None},
-            "none of SLURM_STEP_TASKS_PER_NODE, SLURM_TASKS_PER_NODE, SLURM_NTASKS_PER_NODE",
+            {"SLURM_STEP_TASKS_PER_NODE": None, "SLURM_NTASKS_PER_NODE": None},
+            "SLURM_STEP_NODELIST is set but neither SLURM_STEP_TASKS_PER_NODE nor SLURM_NTASKS_PER_NODE",
         ),
+        ({"SLURM_STEP_TASKS_PER_NODE": "8(x2"}, "SLURM_STEP_TASKS_PER_NODE='8(x2': '8(x2' is not N or N(xR)"),
         ({"CUDA_VISIBLE_DEVICES": "0,1,2"}, "8 tasks on this node but CUDA_VISIBLE_DEVICES='0,1,2' gives 3 GPUs"),
         ({"CUDA_VISIBLE_DEVICES": ""}, "CUDA_VISIBLE_DEVICES='': this task sees no GPU"),
         ({"CUDA_VISIBLE_DEVICES": "NoDevFiles"}, "this task sees no GPU"),
