@@ -246,7 +246,8 @@ def slurm_placement(env: Mapping[str, str], *, gpus: bool = True) -> Placement:
     nodelist_variable, nodes, tasks = _nodes_and_tasks(env)
     if sum(tasks) != ntasks:
         raise ClusterEnvError(f"SLURM_NTASKS={ntasks} but the tasks per node add up to {sum(tasks)} ({tasks})")
-    node_index = _integer(env, "SLURM_NODEID") if len(nodes) > 1 else int(env.get("SLURM_NODEID", "0") or 0)
+    # One node needs no SLURM_NODEID (a hand-made environment may leave it out); several do.
+    node_index = _integer(env, "SLURM_NODEID") if len(nodes) > 1 or env.get("SLURM_NODEID", "").strip() else 0
     if node_index >= len(nodes):
         raise ClusterEnvError(f"SLURM_NODEID={node_index} but {nodelist_variable} lists {len(nodes)} nodes")
     tasks_here = tasks[node_index]

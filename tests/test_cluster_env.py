@@ -80,6 +80,13 @@ def test_cpu_run_assigns_no_devices_and_needs_no_gpu_variables():
         slurm_placement(env)
 
 
+def test_one_node_needs_no_node_id_but_a_given_one_is_checked():
+    env = {k: v for k, v in task_env(read_layout("1node-8gpu-1proc.json"), 0).items() if k != "SLURM_NODEID"}
+    assert slurm_placement(env).node_index == 0
+    with pytest.raises(ClusterEnvError, match="SLURM_NODEID='x' is not an integer"):
+        slurm_placement({**env, "SLURM_NODEID": "x"})
+
+
 def test_gpus_on_node_stands_in_for_cuda_visible_devices():
     layout = read_layout("1node-8gpu-1proc.json")
     env = {k: v for k, v in task_env(layout, 0).items() if k != "CUDA_VISIBLE_DEVICES"}
