@@ -28,6 +28,7 @@
 #SBATCH --output=%x-%A_%a.out
 
 set -euo pipefail
+# Self-contained (no shared helper file): sbatch runs a copy of this script from its spool directory.
 
 die() {
   echo "gpu_scripts/generate_array.sh: $*" >&2

@@ -29,6 +29,7 @@
 #SBATCH --output=%x-%j.out
 
 set -euo pipefail
+# Self-contained (no shared helper file): sbatch runs a copy of this script from its spool directory.
 
 die() {
   echo "gpu_scripts/train.sh: $*" >&2

@@ -1,0 +1,69 @@
+"""megadoc_jax.distributed: which arguments reach jax.distributed.initialize, and which environments stop.
+
+jax.distributed.initialize itself is replaced by a recorder here: the GPUs whose ids it would receive do
+not exist on this machine (the real call runs in test_train.py's 2-process CPU runs).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from megadoc_jax import distributed
+
+LAYOUTS = Path(__file__).parent / "data" / "slurm"
+
+
+@pytest.fixture
+def recorded_initialize(monkeypatch) -> list[dict]:
+    calls: list[dict] = []
+    monkeypatch.setattr(distributed.jax.distributed, "initialize", lambda **kwargs: calls.append(kwargs))
+    for name in ("MEGADOC_COORDINATOR", "MEGADOC_DISTRIBUTED", "JAX_PLATFORMS", "CUDA_VISIBLE_DEVICES"):
+        monkeypatch.delenv(name, raising=False)
+    return calls
+
+
+def set_layout_task(monkeypatch, layout: str, task: int) -> None:
+    data = json.loads((LAYOUTS / layout).read_text())
+    for name, value in {**data["job"], **data["tasks"][task]["task"]}.items():
+        monkeypatch.setenv(name, value)
+
+
+def test_slurm_mode_passes_the_tasks_own_gpu(monkeypatch, recorded_initialize):
+    set_layout_task(monkeypatch, "2node-8gpu-per-gpu-shared.json", 3)  # process 13: node 1, local id 5
+    monkeypatch.setenv("MEGADOC_DISTRIBUTED", "slurm")
+    distributed.initialize_from_environment()
+    assert recorded_initialize == [
+        {"coordinator_address": "gpu007:62597", "num_processes": 16, "process_id": 13, "local_device_ids": [5]}
+    ]
+
+
+def test_slurm_mode_one_process_per_node_passes_every_gpu(monkeypatch, recorded_initialize):
+    set_layout_task(monkeypatch, "2node-8gpu-per-node.json", 1)
+    monkeypatch.setenv("MEGADOC_DISTRIBUTED", "slurm")
+    distributed.initialize_from_environment()
+    assert recorded_initialize[0]["local_device_ids"] == list(range(8))
+    assert recorded_initialize[0]["process_id"] == 1
+
+
+def test_a_bad_slurm_environment_stops_before_initialising(monkeypatch, recorded_initialize):
+    set_layout_task(monkeypatch, "2node-8gpu-per-gpu-shared.json", 0)
+    monkeypatch.setenv("MEGADOC_DISTRIBUTED", "slurm")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    with pytest.raises(SystemExit, match="MEGADOC_DISTRIBUTED=slurm: 8 tasks on this node but CUDA_VISIBLE_DEVICES"):
+        distributed.initialize_from_environment()
+    assert recorded_initialize == []
+
+
+def test_unknown_mode_is_refused(monkeypatch, recorded_initialize):
+    monkeypatch.setenv("MEGADOC_DISTRIBUTED", "slrum")
+    with pytest.raises(SystemExit, match="MEGADOC_DISTRIBUTED='slrum': expected one of auto, slurm"):
+        distributed.initialize_from_environment()
+    assert recorded_initialize == []
+
+
+def test_no_variables_no_initialisation(recorded_initialize):
+    distributed.initialize_from_environment()
+    assert recorded_initialize == []
