@@ -6,12 +6,12 @@
 #       -- --input '/data/dclm/*.jsonl' --model /models/Llama-3.1-8B-Instruct --task rephrase -G 32
 #   # when every task has finished (rerun a failed index with --array=I: it resumes from its ledger):
 #   sbatch --array=0 --dependency=afterok:JOBID gpu_scripts/generate_array.sh \
-#       --output /shared/gen/rephrase-g32 --num-workers 64 --merge /shared/gen/rephrase-g32-merged
+#       --output /shared/gen/rephrase-g32 --merge /shared/gen/rephrase-g32-merged
 #
 # Options:
 #   --output DIR          the job directory, on a filesystem every node shares (required)
-#   --num-workers N       workers of the whole job (required: not taken from the array, so that rerunning
-#                         one failed index with --array=I keeps the same sharding)
+#   --num-workers N       workers of the whole job (required for a worker: not taken from the array, so
+#                         that rerunning one failed index with --array=I keeps the same sharding)
 #   --tensor-parallel K   GPUs per vLLM engine (default 1; submit with --gpus-per-task=K as well)
 #   --merge DIR           instead of a worker: check and merge the N workers' output into DIR
 #   --python PATH         the interpreter of vLLM's environment (default: $MEGADOC_PYTHON, else python)
@@ -68,13 +68,14 @@ done
 generate_args=("$@")
 
 [[ -n "$output" ]] || die "--output DIR is required"
-[[ "$num_workers" =~ ^[1-9][0-9]*$ ]] || die "--num-workers must be a positive number, not '$num_workers'"
-[[ "$tensor_parallel" =~ ^[1-9][0-9]*$ ]] || die "--tensor-parallel must be a positive number, not '$tensor_parallel'"
 
 if [[ -n "$merged" ]]; then
-  echo "megadoc generate: merging $num_workers workers of $output into $merged"
+  # merge finds the workers in OUTPUT and refuses unless all of them have finished.
+  echo "megadoc generate: merging the workers of $output into $merged"
   command=("$python" -m generation merge "$output" --merged "$merged")
 else
+  [[ "$num_workers" =~ ^[1-9][0-9]*$ ]] || die "--num-workers must be a positive number, not '$num_workers'"
+  [[ "$tensor_parallel" =~ ^[1-9][0-9]*$ ]] || die "--tensor-parallel must be a positive number, not '$tensor_parallel'"
   index="${SLURM_ARRAY_TASK_ID:-}"
   [[ "$index" =~ ^[0-9]+$ ]] || die "SLURM_ARRAY_TASK_ID='$index' is not an array index: submit with sbatch --array"
   ((index < num_workers)) || die "SLURM_ARRAY_TASK_ID=$index is not below --num-workers $num_workers: submit with --array=0-$((num_workers - 1))"

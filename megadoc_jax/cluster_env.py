@@ -187,8 +187,8 @@ def coordinator_port(env: Mapping[str, str]) -> int:
 def _nodes_and_tasks(env: Mapping[str, str]) -> tuple[str, list[str], list[int]]:
     """The node list, and the tasks on each of its nodes, checked against each other.
 
-    SLURM gives the step's tasks per node in the order of the step's node list and the job's in the
-    order of the job's (srun man page), so each list is read with its own count. SLURM_NTASKS_PER_NODE is
+    SLURM_TASKS_PER_NODE follows the order of SLURM_JOB_NODELIST (srun man page), and the step's count
+    describes the step's nodes, so each list is read with its own count. SLURM_NTASKS_PER_NODE is
     only a fallback: srun reads it as an input (--ntasks-per-node), so a task may inherit the job's value
     while its own step runs another count.
     """

@@ -223,10 +223,10 @@ def test_generate_worker_with_tensor_parallel_engines():
 
 
 def test_generate_merge_dry_run():
-    result = run_script(GENERATE, ["--output", "/g", "--num-workers", "4", "--merge", "/g-merged", "--dry-run"], {})
+    result = run_script(GENERATE, ["--output", "/g", "--merge", "/g-merged", "--dry-run"], {})
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [
-        "megadoc generate: merging 4 workers of /g into /g-merged",
+        "megadoc generate: merging the workers of /g into /g-merged",
         "python -m generation merge /g --merged /g-merged",
     ]
 
