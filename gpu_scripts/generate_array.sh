@@ -83,7 +83,7 @@ else
   if [[ -n "$gpus" ]] && ((gpus < tensor_parallel)); then
     die "--tensor-parallel $tensor_parallel but SLURM_GPUS_ON_NODE=$gpus: submit with --gpus-per-task=$tensor_parallel"
   fi
-  echo "megadoc generate: job ${SLURM_ARRAY_JOB_ID:-?} task $index, worker $index of $num_workers, $tensor_parallel GPU(s) per engine, on $(hostname)"
+  echo "megadoc generate: job ${SLURM_ARRAY_JOB_ID:-?} task $index, worker $index of $num_workers, $tensor_parallel GPU(s) per engine, on ${HOSTNAME:-?}"
   command=("$python" -m generation generate --backend vllm)
   # Only when above 1, so that a backend without this option can still be chosen after --.
   ((tensor_parallel == 1)) || command+=(--backend-option "tensor_parallel_size=$tensor_parallel")
