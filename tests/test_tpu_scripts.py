@@ -189,7 +189,9 @@ def test_spot_queued_resource_dry_run(tmp_path):
     ]
     create = dry_run(tmp_path, "create", *args, "--provisioning", "reserved", "--node-id", "qr-node")[0]
     assert create.endswith("--node-id=qr-node --reserved")
-    lines = dry_run(tmp_path, "install", *args, "--tarball", "src.tar.gz")
+    setup = "gcloud storage cp -r gs://bucket/data ."
+    lines = dry_run(tmp_path, "install", *args, "--tarball", "src.tar.gz", "--setup", setup)
+    assert len(lines) == 3 and remote_command(lines[2]) == f"cd megadoc-jax && {setup}"
     assert lines[0] == (
         "gcloud compute tpus queued-resources scp src.tar.gz qr:megadoc-jax.tar.gz --zone=us-central2-b "
         "--worker=all --node=all"

@@ -57,6 +57,8 @@ the job:
   --job-name NAME           names the job's log on the workers, megadoc-logs/NAME.log (default train or evaluate)
   --python PYTHON           interpreter of the workers' venv (default python3.11)
   --tarball FILE            copy this source tarball instead of building one of the checkout
+  --setup COMMAND           run COMMAND on every worker in the unpacked source after each install, e.g.
+                            fetch the data: --setup 'gcloud storage cp -r gs://BUCKET/data .'
   --log-dir DIR             local directory for logs and the attempt log (default tpu_logs/NAME)
   --workers N               workers per slice for collect-logs (default: read with describe)
   -- ARGS...                train: config overrides key=value; evaluate: the evaluate command's arguments
@@ -74,7 +76,7 @@ USAGE
 # Options, with their defaults.
 NAME='' ZONE='' PROJECT='' QUEUED=0 ACCELERATOR_TYPE='' RUNTIME_VERSION='' PROVISIONING=on-demand
 NODE_COUNT=1 NODE_PREFIX='' NODE_ID='' POLL_SECONDS=30 WAIT_TIMEOUT=0
-CONFIG='' RUN_DIR='' JOB_NAME='' PYTHON=python3.11 TARBALL='' LOG_DIR='' WORKERS=''
+CONFIG='' RUN_DIR='' SETUP='' JOB_NAME='' PYTHON=python3.11 TARBALL='' LOG_DIR='' WORKERS=''
 MAX_ATTEMPTS=10 MAX_JOB_FAILURES=2 ATTEMPT_LOG='' DRY_RUN=0
 CREATE_FLAGS=() JOB_ENV=() JOB_EXTRA=() LOCATION=() JOB_ARGV=()
 DRY_RUN_STATE=READY STATE=''
@@ -117,6 +119,7 @@ parse_options() {
             --job-name) JOB_NAME=$value ;;
             --python) PYTHON=$value ;;
             --tarball) TARBALL=$value ;;
+            --setup) SETUP=$value ;;
             --log-dir) LOG_DIR=$value ;;
             --workers) WORKERS=$value ;;
             --max-attempts) MAX_ATTEMPTS=$value ;;

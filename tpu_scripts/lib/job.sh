@@ -65,7 +65,11 @@ install_project() {
     fi
     ssh_all "rm -rf $REMOTE_SOURCE && mkdir -p $REMOTE_SOURCE && tar -xzf $REMOTE_TARBALL -C $REMOTE_SOURCE && \
 bash $REMOTE_SOURCE/tpu_scripts/worker/install.sh $(quote_words --python "$PYTHON" --venv "$REMOTE_VENV" \
---source "$REMOTE_SOURCE")"
+--source "$REMOTE_SOURCE")" || return
+    # Data the job reads from local disk must be fetched again onto new VMs: --setup does it after each install.
+    if [[ -n $SETUP ]]; then
+        ssh_all "cd $REMOTE_SOURCE && $SETUP"
+    fi
 }
 
 # JOB_ARGV: the python command of the subcommand (train, evaluate, run-until-done).
