@@ -437,6 +437,9 @@ def test_install_builds_a_tarball_of_the_checkout(tmp_path):
         names = set(archive.getnames())
     assert {"pyproject.toml", "tpu_scripts/tpu.sh", "tpu_scripts/worker/install.sh", "megadoc_jax/train.py"} <= names
     assert not any(name.startswith((".venv/", ".git/")) for name in names)
+    # The default log directory, where the tarball goes, is ignored: no tarball ends up inside the next one.
+    ignored = subprocess.run(["git", "-C", str(ROOT), "check-ignore", "-q", "tpu_logs/one/source.tar.gz"])
+    assert ignored.returncode == 0
     assert verb(ssh) == "tpu-vm ssh"
 
 

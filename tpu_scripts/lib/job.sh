@@ -43,7 +43,7 @@ build_tarball() {  # OUT
                 if [[ -f $file ]]; then printf '%s\0' "$file"; fi
             done |
             tar --null -T - -czf "$out"
-    )
+    ) || die "could not build the source tarball $out"
     note "source tarball $out ($(du -h "$out" | cut -f1)) of $root at $(git -C "$root" rev-parse --short HEAD)"
 }
 
