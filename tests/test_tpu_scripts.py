@@ -382,6 +382,28 @@ def test_multislice_suspended_queued_resource_is_recreated(tmp_path):
     assert copies and copies[-1][5] == str(tmp_path / "logs" / "attempt-3" / "node-1-worker-0.log")
 
 
+def test_job_stopped_by_a_preemption_notice_is_relaunched(tmp_path):
+    # Training saves and exits 0 at a preemption notice, possibly while describe still says READY: its log line,
+    # not the exit code, tells the launcher that it did not finish.
+    saved = "step 40/100\npreemption requested: saved step 40, exiting\n"
+    fake = FakeGcloud(
+        tmp_path / "fake",
+        [
+            {"match": ["describe", "networkEndpoints.len()"], "answers": [{"stdout": "1\n"}]},
+            {"match": STATE, "answers": [{"stdout": "READY\n"}]},
+            {"match": JOB, "answers": [{"stdout": saved}, {"stdout": "step 100/100\n"}]},
+        ],
+    )
+    result = tpu_sh(*loop_args(tmp_path), fake=fake, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert [(a["state"], a["action"], a["exit"]) for a in attempt_lines(tmp_path)] == [
+        ("READY", "relaunch", "0"),
+        ("READY", "done", "0"),
+    ]
+    verbs = [verb(call) for call in fake.calls()]
+    assert verbs.count("tpu-vm create") == 0 and verbs.count("tpu-vm ssh") == 1 + 2
+
+
 def test_retry_limit_reached(tmp_path):
     fake = FakeGcloud(
         tmp_path / "fake",

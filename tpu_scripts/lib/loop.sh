@@ -50,6 +50,16 @@ run_attempt_job() {  # ATTEMPT
     return "$status"
 }
 
+# The line megadoc_jax/train.py logs when it saved and stopped for a preemption notice (its exit code is 0 then).
+PREEMPTION_LINE='preemption requested: saved step'
+
+# True when worker 0's stream of the attempt says training stopped for a preemption rather than finished: the
+# notice can come before describe shows the slice as preempted.
+stopped_for_preemption() {  # ATTEMPT
+    local stream=$LOG_DIR/attempt-$1.log
+    [[ -f $stream ]] && grep -qF "$PREEMPTION_LINE" "$stream"
+}
+
 collect_attempt_logs() {  # ATTEMPT
     collect_logs "$LOG_DIR/attempt-$1" || note "some worker logs of attempt $1 could not be copied"
 }
@@ -103,6 +113,11 @@ run_until_done() {
             continue
         fi
         collect_attempt_logs "$attempt"
+        if ((exit_code == 0)) && stopped_for_preemption "$attempt"; then
+            stop_at_retry_limit "$attempt" "$STATE" job 0
+            log_attempt "$attempt" "$STATE" relaunch job 0
+            continue
+        fi
         if ((exit_code == 0)); then
             log_attempt "$attempt" "$STATE" "done" job 0
             note "run-until-done: the job finished (attempt $attempt); logs in $LOG_DIR"
