@@ -66,6 +66,7 @@ the job:
 run-until-done:
   --max-attempts N          job launches in all (default 10)
   --max-job-failures N      failures of the job on a healthy slice before giving up (default 2)
+  --retry-seconds S         pause before each attempt after the first (default 60)
   --attempt-log FILE        one line per attempt (default LOG_DIR/attempts.log)
 
   --dry-run                 print the gcloud commands, one per line, shell-quoted, and run none
@@ -77,7 +78,7 @@ USAGE
 NAME='' ZONE='' PROJECT='' QUEUED=0 ACCELERATOR_TYPE='' RUNTIME_VERSION='' PROVISIONING=on-demand
 NODE_COUNT=1 NODE_PREFIX='' NODE_ID='' POLL_SECONDS=30 WAIT_TIMEOUT=0
 CONFIG='' RUN_DIR='' SETUP='' JOB_NAME='' PYTHON=python3.11 TARBALL='' LOG_DIR='' WORKERS=''
-MAX_ATTEMPTS=10 MAX_JOB_FAILURES=2 ATTEMPT_LOG='' DRY_RUN=0
+MAX_ATTEMPTS=10 MAX_JOB_FAILURES=2 RETRY_SECONDS=60 ATTEMPT_LOG='' DRY_RUN=0
 CREATE_FLAGS=() JOB_ENV=() JOB_EXTRA=() LOCATION=() JOB_ARGV=()
 DRY_RUN_STATE=READY STATE=''
 
@@ -124,6 +125,7 @@ parse_options() {
             --workers) WORKERS=$value ;;
             --max-attempts) MAX_ATTEMPTS=$value ;;
             --max-job-failures) MAX_JOB_FAILURES=$value ;;
+            --retry-seconds) RETRY_SECONDS=$value ;;
             --attempt-log) ATTEMPT_LOG=$value ;;
             *) die "unknown option $option (see tpu.sh --help)" ;;
         esac
@@ -140,6 +142,7 @@ validate_options() {
     require_positive_int --node-count "$NODE_COUNT"
     require_non_negative_int --poll-seconds "$POLL_SECONDS"
     require_non_negative_int --wait-timeout "$WAIT_TIMEOUT"
+    require_non_negative_int --retry-seconds "$RETRY_SECONDS"
     require_positive_int --max-attempts "$MAX_ATTEMPTS"
     require_positive_int --max-job-failures "$MAX_JOB_FAILURES"
     if [[ -n $WORKERS ]]; then require_positive_int --workers "$WORKERS"; fi

@@ -88,6 +88,10 @@ run_until_done() {
     read_state
     while :; do
         attempt=$((attempt + 1))
+        if ((attempt > 1 && RETRY_SECONDS > 0 && !DRY_RUN)); then
+            note "attempt $attempt in $RETRY_SECONDS s"
+            sleep "$RETRY_SECONDS"  # a create that fails at once (no capacity) must not use up the attempts at once
+        fi
         if ! bring_up_slice; then
             read_state
             stop_at_retry_limit "$attempt" "$STATE" "$FAILED_STEP" "$FAILED_EXIT"
