@@ -446,6 +446,32 @@ def test_job_failing_on_a_healthy_slice_is_retried_then_reported(tmp_path):
     ]
 
 
+def test_subcommands_report_gclouds_answers(tmp_path):
+    one = ("--name", "one", "--zone", "z", "--poll-seconds", "0")
+    fake = FakeGcloud(tmp_path / "absent", [{"match": ["describe"], "answers": [{"exit": 1}]}])
+    status = tpu_sh("status", *one, fake=fake, cwd=tmp_path)
+    assert (status.returncode, status.stdout) == (0, "NOT_FOUND\n")
+
+    states = [{"stdout": "CREATING\n"}, {"stdout": "CREATING\n"}, {"stdout": "READY\n"}]
+    fake = FakeGcloud(tmp_path / "created", [{"match": ["describe"], "answers": states}])
+    created = tpu_sh("create", *one, "--accelerator-type", "v4-8", fake=fake, cwd=tmp_path)
+    assert created.returncode == 0, created.stderr
+    assert [verb(call) for call in fake.calls()] == ["tpu-vm create"] + ["tpu-vm describe"] * 3
+
+    fake = FakeGcloud(tmp_path / "failed", [{"match": ["describe"], "answers": [{"stdout": "ACTIVE\n"}]}])
+    waited = tpu_sh("wait", *one, "--queued", fake=fake, cwd=tmp_path)
+    assert waited.returncode == 0 and "one is ACTIVE" in waited.stderr
+    fake = FakeGcloud(tmp_path / "suspended", [{"match": ["describe"], "answers": [{"stdout": "SUSPENDED\n"}]}])
+    waited = tpu_sh("wait", *one, "--queued", fake=fake, cwd=tmp_path)
+    assert waited.returncode == 1 and "one is SUSPENDED while waiting for it to become ACTIVE" in waited.stderr
+
+    # The job's exit status (gcloud's: non-zero when the command failed on any worker) is the script's.
+    fake = FakeGcloud(tmp_path / "job", [{"match": JOB, "answers": [{"stdout": "loss nan\n", "exit": 3}]}])
+    train = tpu_sh("train", *one, "--config", "c.yaml", fake=fake, cwd=tmp_path)
+    assert (train.returncode, train.stdout) == (3, "loss nan\n")
+    assert train.stderr.startswith("+ gcloud compute tpus tpu-vm ssh one --zone=z --worker=all '--command=cd ")
+
+
 def test_install_builds_a_tarball_of_the_checkout(tmp_path):
     if not (ROOT / ".git").exists():
         pytest.skip("not a git checkout: install needs --tarball then")
