@@ -153,7 +153,7 @@ class MeshConfig:
             )
         if sizes["data"] % self.dcn_data:
             raise ConfigError(
-                f"mesh.dcn_data: the data axis of {sizes['data']} devices cannot be split over {self.dcn_data} slices"
+                f"mesh.dcn_data: {self.dcn_data} slices do not divide the data axis of size {sizes['data']}"
             )
         return sizes
 

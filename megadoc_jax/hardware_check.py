@@ -99,7 +99,7 @@ def check_target(path: Path, size: str = DEFAULT_SIZE, compile_step: bool = Fals
     except (config_lib.ConfigError, ValueError) as e:  # ValueError: a mesh or split that does not work
         raise Problem(f"{where}: {e}") from None
     axes = " ".join(f"{axis}={n}" for axis, n in {**mesh_sizes, "dcn_data": config.mesh.dcn_data}.items())
-    line = f"{where}: {h.name or '-'} {size} | mesh {axes} on {count} x {kind} | {state}"
+    line = f"{where}: {h.name or '-'} {config.model.size} | mesh {axes} on {count} x {kind} | {state}"
     if not compile_step:
         return line
     if not config.experiment.topology:
