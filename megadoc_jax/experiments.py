@@ -28,6 +28,8 @@ import argparse
 import sys
 from pathlib import Path
 
+import jax
+
 from megadoc_jax import aot, dry_run, experiment_configs, hardware, hardware_check, xla_env
 from megadoc_jax import config as config_lib
 from megadoc_jax.config_check import Problem, compiled_step_line, run_in_own_process, shown, state_line
@@ -96,8 +98,6 @@ def _check_here(args: argparse.Namespace, path: Path, overrides: list[str]) -> i
         print(f"FAIL {shown(path)}: {e}")
         return 1
     xla_env.apply_and_report(config.hardware, out=sys.stderr)
-    import jax
-
     jax.devices()  # starts the CPU backend: XLA parses XLA_FLAGS now, and dies on a flag it does not know
     try:
         if args.hardware:
