@@ -107,7 +107,7 @@ def hybrid_device_grid(shape: tuple[int, ...], devices: Sequence[Any], dcn_data:
         dcn_shape,
         devices,
         process_is_granule=granule == "process_index",
-        # v5e and v6e slices need it for shapes such as 2x8 over a 4x4 slice, as jax.make_mesh allows
+        # as jax.make_mesh allows on v5e: any per-slice shape whose size fits, physical axes split if need be
         allow_split_physical_axes=True,
     )
 
