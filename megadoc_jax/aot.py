@@ -43,12 +43,15 @@ def _require_libtpu() -> None:
         ) from None
 
 
-def tpu_topology_devices(name: str) -> list[jax.Device]:
-    """Abstract (compile-only) devices of the TPU slice `name`, e.g. 'v5e:2x2', 'v5p:4x4x4', 'v4:2x2x2'.
+def tpu_topology_devices(name: str, num_slices: int = 1) -> list[jax.Device]:
+    """Abstract (compile-only) devices of the TPU slice `name`, e.g. 'v5e:2x2', 'v5p:4x4x4', 'v4:2x2x2', or of
+    `num_slices` such slices joined over the data-centre network (multislice: devices carry `slice_index`).
 
     Device order follows the slice's chip coordinates; build a Mesh over them as over real devices.
     One device per chip, except v2, v3 and TPU7x, whose two TensorCores are separate devices.
     """
+    if num_slices < 1:
+        raise AotError(f"TPU topology {name!r}: num_slices must be 1 or more, got {num_slices}")
     match = _TOPOLOGY_NAME.match(name.strip().lower())
     if match is None or match["generation"] not in hardware.TPU_GENERATIONS:
         raise AotError(
@@ -64,6 +67,8 @@ def tpu_topology_devices(name: str) -> list[jax.Device]:
     dims = [int(d) for d in match["dims"].split("x")]
     dims3 = (dims + [1])[:3]
     kwargs: dict[str, Any] = {"chip_config_name": hardware.TPU_GENERATIONS[match["generation"]].tpu_chip_config}
+    if num_slices > 1:
+        kwargs["num_slices"] = num_slices
     if any(d < b for d, b in zip(dims3, _HOST_BOUNDS)):
         # A slice smaller than one host (e.g. v5e:1x1) is one host with fewer chips.
         kwargs["chips_per_host_bounds"] = tuple(min(d, b) for d, b in zip(dims3, _HOST_BOUNDS))

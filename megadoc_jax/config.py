@@ -26,6 +26,8 @@ from typing import Any
 
 import yaml
 
+from megadoc_jax import hardware as hardware_table
+
 
 class ConfigError(ValueError):
     """A configuration problem; the message names the offending key."""
@@ -126,6 +128,9 @@ class MeshConfig:
     fsdp: int = 1
     tensor: int = 1
     context: int = 1
+    # Multislice: the data axis is split over this many TPU slices (granules) that talk over the data-centre
+    # network; within a slice it keeps data / dcn_data. 1: one slice, the plain mesh (sharding.make_mesh).
+    dcn_data: int = 1
 
     def sizes(self, num_devices: int) -> dict[str, int]:
         """Concrete axis sizes for `num_devices`, or ConfigError naming the mesh keys."""
@@ -145,6 +150,10 @@ class MeshConfig:
         elif fixed != num_devices:
             raise ConfigError(
                 f"mesh: mesh.data*mesh.fsdp*mesh.tensor*mesh.context = {fixed} but there are {num_devices} devices"
+            )
+        if sizes["data"] % self.dcn_data:
+            raise ConfigError(
+                f"mesh.dcn_data: {self.dcn_data} slices do not divide the data axis of size {sizes['data']}"
             )
         return sizes
 
@@ -212,6 +221,26 @@ class ExperimentConfig:
     topology: str = ""
 
 
+# --------------------------------------------------------------------------------------------------
+# Hardware: what a configs/hardware/ file says about the machine, applied by xla_env.py before JAX starts
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class HardwareConfig:
+    """Compiler flags and environment of one hardware target (docs/hardware.md). xla_env.apply puts them in
+    the process environment before JAX initialises a backend; a flag or variable the user set wins."""
+
+    name: str = ""  # the target, e.g. "tpu-v5e-16" (free text, for the start-up line and reports)
+    # The chip, as megadoc_jax.hardware.ACCELERATORS names it ("TPU v5e", "H100 SXM"): its HBM and peak FLOP/s
+    # for the config check and cost estimates of a target that is not at hand. "": not stated.
+    accelerator: str = ""
+    devices: int = 0  # devices of the whole target (all slices, all hosts); 0: not stated
+    xla_flags: tuple[str, ...] = ()  # XLA_FLAGS entries, each "--name=value" or "--name"
+    libtpu_init_args: tuple[str, ...] = ()  # LIBTPU_INIT_ARGS entries (the TPU compiler and runtime's flags)
+    env: dict[str, str] = dataclasses.field(default_factory=dict)  # other variables: NCCL_*, CUDA_*, ...
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
@@ -220,6 +249,7 @@ class Config:
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     experiment: ExperimentConfig = dataclasses.field(default_factory=ExperimentConfig)
+    hardware: HardwareConfig = dataclasses.field(default_factory=HardwareConfig)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -411,6 +441,15 @@ def _compose(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
     return _merge(merged, own)
 
 
+def compose_files(paths: list[str | Path]) -> dict[str, Any]:
+    """The merged dict of several config files (each with its bases), later files over earlier ones: what a
+    file whose `base:` lists them would compose to."""
+    merged: dict[str, Any] = {}
+    for path in paths:
+        merged = _merge(merged, compose(path))
+    return merged
+
+
 def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Read a YAML config with its bases (or start from defaults when path is None) and apply overrides."""
     raw = compose(path) if path is not None else {}
@@ -503,10 +542,42 @@ def validate(config: Config) -> None:
     _require(not t.baselines or bool(d.eval_stores), "train.baselines", "needs data.eval_stores (targets to score)")
 
     _validate_experiment(config)
+    _validate_hardware(config.hardware)
 
     for axis in MESH_AXES:
         size = getattr(config.mesh, axis)
         _require(size == -1 or size > 0, f"mesh.{axis}", f"must be positive or -1, got {size}")
+    _require(config.mesh.dcn_data >= 1, "mesh.dcn_data", f"must be 1 (one slice) or more, got {config.mesh.dcn_data}")
+
+
+# A flag as XLA and libtpu parse them: "--name" or "--name=value", no spaces (entries are joined by spaces).
+_FLAG = re.compile(r"--[A-Za-z0-9_][A-Za-z0-9_.-]*(=\S*)?")
+_ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]*")
+# Set through their own lists (merged flag by flag with the user's), never as a whole through hardware.env.
+FLAG_VARIABLES = {"XLA_FLAGS": "xla_flags", "LIBTPU_INIT_ARGS": "libtpu_init_args"}
+
+
+def flag_name(flag: str) -> str:
+    """'--xla_foo=1' -> '--xla_foo': what makes two entries the same flag."""
+    return flag.split("=", 1)[0]
+
+
+def _validate_hardware(h: HardwareConfig) -> None:
+    _require(h.devices >= 0, "hardware.devices", f"must be 0 (not stated) or positive, got {h.devices}")
+    known = [acc.name for acc in hardware_table.ACCELERATORS]
+    _require(not h.accelerator or h.accelerator in known, "hardware.accelerator", f"{h.accelerator!r} not in {known}")
+    for field in FLAG_VARIABLES.values():
+        seen: dict[str, str] = {}
+        for i, flag in enumerate(getattr(h, field)):
+            key = f"hardware.{field}[{i}]"
+            _require(_FLAG.fullmatch(flag) is not None, key, f"{flag!r} is not of the form --name=value or --name")
+            name = flag_name(flag)
+            _require(name not in seen, key, f"{name} is given twice ({seen.get(name)!r} and {flag!r})")
+            seen[name] = flag
+    for name in h.env:
+        key = f"hardware.env.{name}"
+        _require(_ENV_NAME.fullmatch(name) is not None, key, "an environment variable name is an uppercase identifier")
+        _require(name not in FLAG_VARIABLES, key, f"set it through hardware.{FLAG_VARIABLES.get(name)} instead")
 
 
 def _validate_experiment(config: Config) -> None:

@@ -25,7 +25,7 @@ def abstract_setup(
     topology's): shapes, divisibility and the attention backend's mesh needs are checked, nothing allocated.
     ConfigError names the key of a problem."""
     mesh_sizes = config_lib.validate_for_devices(config, len(devices))
-    mesh = sharding.make_mesh(mesh_sizes, devices)
+    mesh = sharding.make_mesh(mesh_sizes, devices, config.mesh.dcn_data)
     return mesh_sizes, mesh, step_lib.train_setup(config, mesh, max(config.train.steps, 1))
 
 
@@ -37,7 +37,8 @@ def compile_train_step(config: config_lib.Config, mesh: jax.sharding.Mesh, setup
 
 
 def main(config: config_lib.Config, topology: str | None) -> int:
-    devices = aot.tpu_topology_devices(topology) if topology else jax.devices()
+    # a multislice config (mesh.dcn_data > 1) compiles for that many slices of the topology
+    devices = aot.tpu_topology_devices(topology, config.mesh.dcn_data) if topology else jax.devices()
     mesh_sizes, mesh, setup = abstract_setup(config, devices)
     device_kind = devices[0].device_kind
     print(f"mesh: {mesh_sizes} over {len(devices)} x {device_kind}")

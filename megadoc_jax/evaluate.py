@@ -32,7 +32,7 @@ from typing import Any
 import jax
 from tqdm import tqdm
 
-from megadoc_jax import attention, checkpoint, distributed, files, hf, sharding
+from megadoc_jax import attention, checkpoint, distributed, files, hf, sharding, xla_env
 from megadoc_jax import config as config_lib
 from megadoc_jax.data import demo, pipeline
 from megadoc_jax.data.store import StoreError, TokenizerInfo
@@ -132,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     log_to_console()
     options = parse_args(argv)
     try:
+        # The first model's run config carries its hardware section (overrides: hardware.*): applied before
+        # anything starts a JAX backend, once per process, so it holds for every evaluation below.
+        xla_env.apply_and_report(evaluation_config(options).hardware)
         distributed.initialize_from_environment()
         groups = [options.models] if options.ensemble else [[spec] for spec in options.models]
         for specs in groups:
@@ -153,7 +156,7 @@ def evaluate(options: Options, devices: list[jax.Device] | None = None) -> dict[
     # The evaluation's config and mesh: the first model's run config, the overrides on top.
     # ============================================================================================
     config = evaluation_config(options)
-    mesh = sharding.make_mesh(config_lib.validate_for_devices(config, len(devices)), devices)
+    mesh = sharding.make_mesh(config_lib.validate_for_devices(config, len(devices)), devices, config.mesh.dcn_data)
 
     # ============================================================================================
     # Models, rebuilt with the evaluation's attention backend; one tokenizer for all.

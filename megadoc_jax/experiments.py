@@ -28,32 +28,24 @@ import argparse
 import sys
 from pathlib import Path
 
-from megadoc_jax import aot, dry_run, experiment_configs, hardware
+import jax
+
+from megadoc_jax import aot, dry_run, experiment_configs, hardware, hardware_check, xla_env
 from megadoc_jax import config as config_lib
+from megadoc_jax.config_check import Problem, compiled_step_line, run_in_own_process, shown, state_line
 from megadoc_jax.run_names import run_name
 
-CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"  # the checkout's configs/
-
-
-class Problem(Exception):
-    """A config that does not pass; the message names the file and the key."""
+CONFIGS_DIR = hardware_check.CONFIGS_DIR
 
 
 def shipped_configs() -> list[Path]:
     return sorted((CONFIGS_DIR / experiment_configs.EXPERIMENTS_DIR).rglob("*.yaml"))
 
 
-def _shown(path: Path) -> str:
-    try:
-        return str(path.resolve().relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
-
-
 def check(path: Path, compile_step: bool = False, topology: str | None = None, overrides: list[str] = ()) -> str:
-    """Check one config file (module doc) with `key=value` overrides; returns its line, raises Problem
-    naming the file and the key."""
-    where = _shown(path)
+    """Check one config file (module doc) with `key=value` overrides in this process; returns its line, raises
+    Problem naming the file and the key. Its hardware flags apply only if this process applied them first."""
+    where = shown(path)
     try:
         config = config_lib.load(path, overrides)
     except config_lib.ConfigError as e:
@@ -65,52 +57,26 @@ def check(path: Path, compile_step: bool = False, topology: str | None = None, o
     if not target:
         raise Problem(f"{where}: experiment.topology: not set (a configs/hardware/ file sets it); or give --topology")
     try:
-        devices = aot.tpu_topology_devices(target)
+        devices = aot.tpu_topology_devices(target, config.mesh.dcn_data)
     except aot.AotError as e:
         raise Problem(f"{where}: experiment.topology: {e}") from None
+    kind = devices[0].device_kind
     try:
         mesh_sizes, mesh, setup = dry_run.abstract_setup(config, devices)
-        state_bytes = aot.state_bytes_per_device(setup.abstract_state)
+        state = state_line(where, setup, kind, hardware.hbm_bytes_per_device(kind))
     except (config_lib.ConfigError, ValueError) as e:  # ValueError: a parameter that cannot be split so
         raise Problem(f"{where}: {e}") from None
-    kind = devices[0].device_kind
-    capacity = hardware.hbm_bytes_per_device(kind)
-    if capacity is not None and state_bytes > capacity:
-        raise Problem(f"{where}: mesh.fsdp: the train state alone needs " + aot.format_fit(state_bytes, kind, capacity))
     mesh_text = " ".join(f"{axis}={size}" for axis, size in mesh_sizes.items())
-    line = (
-        f"{where}: {config.experiment.name or '-'} {name} | mesh {mesh_text} on {len(devices)} x {kind} | "
-        f"{setup.num_parameters:,} parameters | state {aot.format_bytes(state_bytes)}/device"
-    )
-    if not compile_step:
-        return line
-    try:
-        report = dry_run.compile_train_step(config, mesh, setup)
-    except Exception as e:  # a lowering or compiler error: this file's problem; the others are still checked
-        first_line = (str(e).strip().splitlines() or [""])[0]
-        message = f"model.attention / mesh: the TPU compile failed: {type(e).__name__}: {first_line}"
-        raise Problem(f"{where}: {message}") from e
-    if report["memory"] is None:
-        raise Problem(
-            f"{where}: model.remat / train.microbatches / mesh: the TPU compiler refused the step: "
-            + report["compile_error"].split("\n")[0]
-        )
-    memory = report["memory"]["required_bytes"]
-    fit = aot.format_fit(memory, kind, report["device_memory_bytes"], report["device_memory_source"])
-    if report["fits"] is False:
-        raise Problem(f"{where}: model.remat / train.microbatches / mesh: the compiled step needs {fit}")
-    loops = " (loop bodies counted once)" if report["flops_count_loops_once"] else ""
-    return (
-        f"{line} | step {fit} | {report['flops_per_device']:.4g} FLOPs/device/step{loops} | "
-        f"compiled in {report['compile_s']:.0f} s"
-    )
+    line = f"{where}: {config.experiment.name or '-'} {name} | mesh {mesh_text} on {len(devices)} x {kind} | {state}"
+    return line + compiled_step_line(where, config, mesh, setup) if compile_step else line
 
 
-def check_all(paths: list[Path], compile_step: bool, topology: str | None, overrides: list[str] = ()) -> int:
+def check_all(paths: list[Path], checks, compile_step: bool) -> int:
+    """Run `checks(path)` for each path, one line each; exit status 0 or 1 (module doc)."""
     problems = []
     for path in paths:
         try:
-            print(check(path, compile_step, topology, overrides), flush=True)
+            print(checks(path), flush=True)
         except Problem as e:
             print(f"FAIL {e}", flush=True)
             problems.append(str(e))
@@ -119,6 +85,40 @@ def check_all(paths: list[Path], compile_step: bool, topology: str | None, overr
         return 1
     print(f"all {len(paths)} configs pass" + (" (train steps compiled)" if compile_step else ""))
     return 0
+
+
+def _check_here(args: argparse.Namespace, path: Path, overrides: list[str]) -> int:
+    """--this-process: apply the config's hardware section before JAX starts, then check it (config_check)."""
+    try:
+        if args.hardware:
+            config = hardware_check.representative_config(path, args.size, overrides)
+        else:
+            config = config_lib.load(path, overrides)
+    except config_lib.ConfigError as e:
+        print(f"FAIL {shown(path)}: {e}")
+        return 1
+    xla_env.apply_and_report(config.hardware, out=sys.stderr)
+    jax.devices()  # starts the CPU backend: XLA parses XLA_FLAGS now, and dies on a flag it does not know
+    try:
+        if args.hardware:
+            print(hardware_check.check_target(path, args.size, args.compile, overrides))
+        else:
+            print(check(path, args.compile, args.topology, overrides))
+    except Problem as e:
+        print(f"FAIL {e}")
+        return 1
+    return 0
+
+
+def _own_process_argv(args: argparse.Namespace, path: Path, overrides: list[str]) -> list[str]:
+    argv = [str(path), *overrides]
+    if args.hardware:
+        argv += ["--hardware", "--size", args.size]
+    if args.compile:
+        argv.append("--compile")
+    if args.topology:
+        argv += ["--topology", args.topology]
+    return argv
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,28 +130,42 @@ def main(argv: list[str] | None = None) -> int:
     )
     check_parser.add_argument("--compile", action="store_true", help="compile each train step ahead of time")
     check_parser.add_argument("--topology", help="TPU slice instead of experiment.topology, e.g. v4:2x2x2")
+    check_parser.add_argument(
+        "--hardware", action="store_true", help="the files are hardware targets (default: all of configs/hardware/)"
+    )
+    check_parser.add_argument("--size", default=hardware_check.DEFAULT_SIZE, help="--hardware: the model size")
+    check_parser.add_argument("--this-process", action="store_true", help=argparse.SUPPRESS)  # config_check
     commands.add_parser("write", help="rewrite configs/experiments/ from megadoc_jax/experiment_configs.py")
     commands.add_parser("table", help="print docs/experiments.md's table")
     args = parser.parse_args(argv)
 
     if args.command == "write":
         for path in experiment_configs.write_all(CONFIGS_DIR):
-            print(_shown(path))
+            print(shown(path))
         return 0
     if args.command == "table":
         print(experiment_configs.markdown_table(), end="")
         return 0
     overrides = [a for a in args.configs if "=" in a]  # a.b=value: applied to every file
-    paths = [Path(a) for a in args.configs if "=" not in a] or shipped_configs()
+    paths = [Path(a) for a in args.configs if "=" not in a]
+    if args.this_process:
+        if len(paths) != 1:
+            parser.error("--this-process checks exactly one file")
+        return _check_here(args, paths[0], overrides)
+    paths = paths or (hardware_check.shipped_targets() if args.hardware else shipped_configs())
     if not paths:
-        print(f"no config files under {CONFIGS_DIR / experiment_configs.EXPERIMENTS_DIR}", file=sys.stderr)
+        print(f"no config files under {CONFIGS_DIR}", file=sys.stderr)
         return 2
     try:
         aot.tpu_topology_devices(args.topology or "v4:2x2x2")  # libtpu present? (a usage problem, not a config's)
     except aot.AotError as e:
         print(e, file=sys.stderr)
         return 2
-    return check_all(paths, args.compile, args.topology, overrides)
+    if args.hardware or args.compile:  # each with its own flags, in its own process (config_check)
+        checks = lambda path: run_in_own_process(shown(path), _own_process_argv(args, path, overrides))  # noqa: E731
+    else:
+        checks = lambda path: check(path, False, args.topology, overrides)  # noqa: E731
+    return check_all(paths, checks, args.compile)
 
 
 if __name__ == "__main__":

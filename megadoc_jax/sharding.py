@@ -13,12 +13,15 @@ without a mesh they are no-ops, so the same model code runs on one device.
 
 from __future__ import annotations
 
+import collections
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from megadoc_jax.config import MESH_AXES
@@ -41,11 +44,13 @@ RULES: dict[str, tuple[str, ...]] = {
 }
 
 
-def make_mesh(sizes: dict[str, int], devices: Sequence[Any] | None = None) -> Mesh:
+def make_mesh(sizes: dict[str, int], devices: Sequence[Any] | None = None, dcn_data: int = 1) -> Mesh:
     """A mesh with axes MESH_AXES (missing axes have size 1) over `devices` (default: all devices).
 
     `devices` may be abstract devices, e.g. `jax.experimental.topologies.get_topology_desc(...).devices`,
-    to compile for TPUs ahead of time on a machine without them.
+    to compile for TPUs ahead of time on a machine without them. With `dcn_data` > 1 (config mesh.dcn_data,
+    multislice) the data axis spans that many slices: `jax.experimental.mesh_utils.create_hybrid_device_mesh`
+    lays each slice out over its own chips, with sizes["data"] / dcn_data of the data axis inside a slice.
     """
     unknown = sorted(set(sizes) - set(MESH_AXES))
     if unknown:
@@ -59,7 +64,52 @@ def make_mesh(sizes: dict[str, int], devices: Sequence[Any] | None = None) -> Me
             f"make_mesh: the axis sizes {dict(zip(MESH_AXES, shape))} multiply to {math.prod(shape)} "
             f"but there are {len(devices)} devices"
         )
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+    axis_types = (AxisType.Auto,) * len(MESH_AXES)
+    granule, count = granules(devices)
+    if dcn_data == 1:
+        if count > 1 and granule == "slice_index":  # jax.make_mesh refuses these with a less helpful message
+            raise ValueError(f"mesh.dcn_data: the devices are in {count} TPU slices: set mesh.dcn_data={count}")
+        return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+    return Mesh(hybrid_device_grid(shape, devices, dcn_data), MESH_AXES, axis_types=axis_types)
+
+
+def abstract_mesh(sizes: dict[str, int]) -> jax.sharding.AbstractMesh:
+    """A device-free mesh of these axis sizes (MESH_AXES order, Auto axes): enough to build and check the
+    shardings of an abstract train state for a target that is not at hand (a GPU cluster), not to compile."""
+    shape = tuple(int(sizes.get(axis, 1)) for axis in MESH_AXES)
+    return jax.sharding.AbstractMesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def granules(devices: Sequence[Any]) -> tuple[str, int]:
+    """How devices group into DCN granules: ('slice_index', slices) where devices carry a slice index (TPU),
+    else ('process_index', processes), jax's fallback for platforms without slices."""
+    attr = "slice_index" if all(getattr(d, "slice_index", None) is not None for d in devices) else "process_index"
+    return attr, len({getattr(d, attr) for d in devices})
+
+
+def hybrid_device_grid(shape: tuple[int, ...], devices: Sequence[Any], dcn_data: int) -> np.ndarray:
+    """The devices as an array of `shape` (sizes in MESH_AXES order) whose data axis is dcn_data granules
+    (slices) of shape[0] / dcn_data each; ValueError naming mesh.dcn_data when the devices do not split so."""
+    data_axis = MESH_AXES.index("data")
+    if dcn_data < 1 or shape[data_axis] % dcn_data:
+        raise ValueError(f"mesh.dcn_data={dcn_data} does not divide the data axis of {shape[data_axis]}")
+    granule, count = granules(devices)
+    what = "TPU slices" if granule == "slice_index" else "processes (the devices carry no slice_index)"
+    if count != dcn_data:
+        raise ValueError(f"mesh.dcn_data={dcn_data} but the {len(devices)} devices are in {count} {what}")
+    per_granule = collections.Counter(getattr(d, granule) for d in devices)
+    if len(set(per_granule.values())) > 1:
+        raise ValueError(f"mesh.dcn_data: the {what} hold different numbers of devices: {dict(per_granule)}")
+    ici_shape = [size // dcn_data if axis == data_axis else size for axis, size in enumerate(shape)]
+    dcn_shape = [dcn_data if axis == data_axis else 1 for axis in range(len(shape))]
+    return mesh_utils.create_hybrid_device_mesh(
+        ici_shape,
+        dcn_shape,
+        devices,
+        process_is_granule=granule == "process_index",
+        # as jax.make_mesh allows on v5e: any per-slice shape whose size fits, physical axes split if need be
+        allow_split_physical_axes=True,
+    )
 
 
 def logical_to_spec(

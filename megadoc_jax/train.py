@@ -24,7 +24,7 @@ from pathlib import Path
 
 import jax
 
-from megadoc_jax import checkpoint, distributed, evaluation, metrics, sharding
+from megadoc_jax import checkpoint, distributed, evaluation, metrics, sharding, xla_env
 from megadoc_jax import config as config_lib
 from megadoc_jax import step as step_lib
 from megadoc_jax.data import demo, pipeline
@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         config = config_lib.load(args.config or DEMO_CONFIG, args.overrides)
+        xla_env.apply_and_report(config.hardware)  # before anything starts a JAX backend (xla_env.py)
         if args.dry_run:
             from megadoc_jax import dry_run
 
@@ -131,7 +132,7 @@ def _run(config: config_lib.Config, devices: list[jax.Device], cleanup: contextl
     # ============================================================================================
     # Mesh and sharded state: parameters are created already sharded by the rule table.
     # ============================================================================================
-    mesh = sharding.make_mesh(mesh_sizes, devices)
+    mesh = sharding.make_mesh(mesh_sizes, devices, config.mesh.dcn_data)
     log.info("mesh: %s over %d devices (%s)", mesh_sizes, len(devices), devices[0].device_kind)
     setup = step_lib.train_setup(config, mesh, total_steps)
     log.info("parameters: %d", setup.num_parameters)
