@@ -1,0 +1,252 @@
+"""Paths that may be remote (megadoc_jax/storage.py): URL parsing, whole-file reads and writes, exclusive
+creation and leases on object-store URLs, and the token store written and read through memory:// and file://
+(tensorstore's memory and file kvstore drivers; nothing here reaches GCS)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from megadoc_jax import files, storage
+from megadoc_jax.data.store import StoreError, StoreLayout, StoreReader, StoreWriter, finished_manifest
+from tests.test_store import SMALL_CHUNKS, SMALL_SHARDS, TOKENIZER, flat_segments, flat_tokens, make_documents
+
+
+def memory_url(name: str = "store") -> str:
+    """A fresh memory:// URL (the in-memory store is shared by the whole test process)."""
+    return f"memory://test-{uuid.uuid4().hex}/{name}"
+
+
+# --------------------------------------------------------------------------------------------------
+# URL parsing
+# --------------------------------------------------------------------------------------------------
+
+
+def test_urls_parse_to_their_kvstore_specs():
+    gs = storage.location("gs://my-bucket/runs/a")
+    assert (gs.scheme, gs.bucket, gs.path) == ("gs", "my-bucket", "runs/a")
+    assert storage.kvstore_spec(gs / "input_ids/data") == {
+        "driver": "gcs",
+        "bucket": "my-bucket",
+        "path": "runs/a/input_ids/data",
+    }
+    assert storage.kvstore_spec(storage.location("file:///tmp/s/")) == {"driver": "file", "path": "/tmp/s"}
+    assert storage.kvstore_spec(storage.location("memory://t/s")) == {"driver": "memory", "path": "t/s"}
+    # Round trips, names and parents behave like pathlib's.
+    assert str(gs) == "gs://my-bucket/runs/a" and gs.name == "a" and str(gs.parent) == "gs://my-bucket/runs"
+    assert str(storage.location("file:///tmp/s") / "manifest.json") == "file:///tmp/s/manifest.json"
+
+
+def test_plain_paths_stay_pathlib_paths_with_the_file_driver_as_before():
+    assert storage.location("runs/demo") == Path("runs/demo")
+    assert storage.location(Path("/data/s")) == Path("/data/s")
+    assert storage.kvstore_spec(Path("rel/store") / "input_ids/data") == {
+        "driver": "file",
+        "path": "rel/store/input_ids/data",
+    }
+    assert not storage.is_url("C:/not/a/scheme") and storage.is_url("gs://bucket/x")
+
+
+@pytest.mark.parametrize(
+    "url, message",
+    [
+        ("s3://bucket/x", "unknown URL scheme s3://"),
+        ("gs:/bucket/x", "the '//' is missing"),
+        ("gs://Bad_Bucket/x", "is not a GCS bucket name"),
+        ("gs://b/x", "is not a GCS bucket name"),
+        ("file://host/x", "file:// URLs take an absolute path"),
+        ("memory://a/../b", "path component '..'"),
+        ("gs://bucket/a//b", "path component ''"),
+    ],
+)
+def test_bad_urls_are_refused_naming_the_path_and_the_field(url, message):
+    with pytest.raises(storage.StorageError, match=message) as raised:
+        storage.location(url, "train.run_dir")
+    assert str(raised.value).startswith(f"train.run_dir {url!r}")
+
+
+def test_a_url_is_never_silently_used_as_a_local_path():
+    with pytest.raises(TypeError, match="is a URL, not a local path"):
+        open(storage.location("memory://x/y"))  # noqa: SIM115
+
+
+# --------------------------------------------------------------------------------------------------
+# Files, listing, exclusive creation, leases
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["memory", "file"])
+def url_root(request, tmp_path):
+    return storage.location(memory_url("root") if request.param == "memory" else f"file://{tmp_path}/root")
+
+
+def test_files_and_listing_on_urls(url_root):
+    assert not storage.exists(url_root)
+    storage.write_json_atomic(url_root / "a.json", {"b": 1})
+    storage.write_text(url_root / "sub/deeper/t.txt", "x")
+    assert storage.read_json(url_root / "a.json") == {"b": 1}
+    assert storage.list_names(url_root) == ["a.json", "sub"]
+    assert storage.is_file(url_root / "a.json") and not storage.is_dir(url_root / "a.json")
+    assert storage.is_dir(url_root / "sub") and not storage.is_file(url_root / "sub")
+    assert not storage.exists(url_root / "a")  # a prefix of a name is not a name
+    storage.delete(url_root / "a.json")
+    assert storage.list_names(url_root) == ["sub"]
+    with pytest.raises(ValueError, match="a.json does not exist"):
+        storage.read_json(url_root / "a.json")
+    storage.write_text(url_root / "bad.json", "[1")
+    with pytest.raises(StoreError, match="bad.json: manifest.json is not valid JSON"):
+        storage.read_json(url_root / "bad.json", "manifest.json", StoreError)
+
+
+def test_exclusive_creation_is_one_conditional_put(url_root):
+    assert storage.create_json_exclusive(url_root / "claim.json", {"worker": 1})
+    assert not storage.create_json_exclusive(url_root / "claim.json", {"worker": 2})
+    assert storage.read_json(url_root / "claim.json") == {"worker": 1}
+
+
+def test_racing_exclusive_creations_have_one_winner(url_root):
+    wins = []
+    barrier = threading.Barrier(8)
+
+    def claim(i: int) -> None:
+        barrier.wait()
+        if storage.create_json_exclusive(url_root / "race.json", {"worker": i}):
+            wins.append(i)
+
+    threads = [threading.Thread(target=claim, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(wins) == 1
+    assert storage.read_json(url_root / "race.json") == {"worker": wins[0]}
+
+
+def test_lease_refuses_a_second_holder_and_is_released(url_root):
+    lock = storage.lock_exclusive(url_root / ".writer.lock", holder="another StoreWriter", error=StoreError)
+    assert lock.held
+    with pytest.raises(StoreError, match=r"another StoreWriter holds \.writer\.lock \(.* pid \d+, lease valid"):
+        storage.lock_exclusive(url_root / ".writer.lock", holder="another StoreWriter", error=StoreError)
+    lock.release()
+    assert not lock.held and not storage.exists(url_root / ".writer.lock")
+    storage.lock_exclusive(url_root / ".writer.lock").release()
+
+
+def test_a_stale_lease_is_taken_over_and_its_old_holder_notices(url_root):
+    old = storage.lock_exclusive(url_root / "lease", lease_seconds=0.3, renew_seconds=0.05)
+    old._stop.set()  # the holder "dies": no more heartbeats
+    old._thread.join()
+    time.sleep(0.4)
+    new = storage.lock_exclusive(url_root / "lease", lease_seconds=30, renew_seconds=0.05)
+    assert new.held
+    record = storage.read_json(url_root / "lease")
+    assert record["expires"] > time.time() + 20
+    new.release()
+
+
+def test_heartbeat_keeps_a_lease_and_loses_it_to_a_takeover(url_root):
+    lease = storage.lock_exclusive(url_root / "lease", lease_seconds=0.5, renew_seconds=0.05)
+    time.sleep(0.8)  # longer than the lease: only the heartbeat keeps it
+    with pytest.raises(files.LockHeldError):
+        storage.lock_exclusive(url_root / "lease")
+    storage.write_json_atomic(url_root / "lease", {"host": "elsewhere", "pid": 1, "expires": time.time() + 60})
+    time.sleep(0.3)  # the next heartbeat finds the generation changed
+    assert not lease.held
+    lease.release()  # does not delete the other holder's lease
+    assert storage.read_json(url_root / "lease")["host"] == "elsewhere"
+
+
+def test_local_paths_keep_fcntl_locks(tmp_path):
+    lock = storage.lock_exclusive(tmp_path / ".writer.lock")
+    assert isinstance(lock, files.FileLock)
+    lock.release()
+
+
+# --------------------------------------------------------------------------------------------------
+# The token store on URLs
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", [SMALL_CHUNKS, SMALL_SHARDS], ids=["chunks", "shards"])
+def test_token_store_round_trip_on_urls(url_root, layout):
+    documents = make_documents(40, seed=3)
+    url = url_root / "store"
+    writer = StoreWriter(str(url), TOKENIZER, layout=layout, flush_tokens=300)
+    writer.append(documents[:25])
+    writer.close()  # an interrupted writer: resumes from its commit record
+    writer = StoreWriter(str(url), TOKENIZER, layout=layout, flush_tokens=300)
+    assert writer.num_committed == 25
+    writer.append(documents[25:])
+    manifest = writer.finish()
+    assert finished_manifest(str(url))["content_hash"] == manifest["content_hash"]
+    assert not storage.exists(url / ".writer.lock")
+
+    reader = StoreReader.open(str(url), TOKENIZER)
+    assert reader.path == url and reader.num_documents == 40
+    tokens = flat_tokens(documents)
+    starts = [0, 63, 64, 100, tokens.size - 50]
+    np.testing.assert_array_equal(reader.read_windows(starts, 50), np.stack([tokens[s : s + 50] for s in starts]))
+    kinds, indices = flat_segments(documents)
+    got_kinds, got_indices = reader.read_segments(starts, 50)
+    np.testing.assert_array_equal(got_kinds, np.stack([kinds[s : s + 50] for s in starts]))
+    np.testing.assert_array_equal(got_indices, np.stack([indices[s : s + 50] for s in starts]))
+    assert reader.document(7).metadata == documents[7].metadata
+    assert reader.verify() == manifest["content_hash"]
+
+
+def test_store_content_hash_is_the_same_on_a_path_and_on_urls(tmp_path):
+    documents = make_documents(12, seed=5)
+    hashes = set()
+    for target in (tmp_path / "local", f"file://{tmp_path}/url", memory_url()):
+        writer = StoreWriter(target, TOKENIZER, layout=SMALL_CHUNKS)
+        writer.append(documents)
+        hashes.add(writer.finish()["content_hash"])
+    assert len(hashes) == 1
+
+
+def test_streaming_reads_on_memory_url():
+    documents = make_documents(30, seed=9)
+    url = memory_url()
+    writer = StoreWriter(url, TOKENIZER, layout=StoreLayout(tokens_chunk=64, tokens_shard=0, aux_chunk=32))
+    writer.append(documents)
+    writer.finish()
+    reader = StoreReader.open(url, TOKENIZER, cache_bytes=16)  # too small: every window is a tensorstore read
+    assert not reader.resident
+    tokens = flat_tokens(documents)
+    np.testing.assert_array_equal(reader.read_windows([5, 70], 100), np.stack([tokens[5:105], tokens[70:170]]))
+
+
+def test_a_second_writer_on_a_url_store_is_refused():
+    url = memory_url()
+    writer = StoreWriter(url, TOKENIZER, layout=SMALL_CHUNKS)
+    with pytest.raises(StoreError, match="another StoreWriter holds .writer.lock"):
+        StoreWriter(url, TOKENIZER, layout=SMALL_CHUNKS)
+    writer.close()
+
+
+def test_an_unfinished_url_store_is_refused_by_the_reader_until_its_manifest_commit():
+    url = memory_url()
+    writer = StoreWriter(url, TOKENIZER, layout=SMALL_CHUNKS)
+    writer.append(make_documents(5, seed=1))
+    writer.flush()
+    with pytest.raises(StoreError, match="finished is false"):
+        StoreReader.open(url, TOKENIZER)
+    assert finished_manifest(url) is None
+    writer.finish()
+    assert StoreReader.open(url, TOKENIZER).num_documents == 5
+
+
+def test_a_url_that_is_not_a_store_is_named():
+    url = memory_url()
+    storage.write_text(storage.location(url) / "notes.txt", "x")
+    with pytest.raises(StoreError, match=f"{url}: exists, is not a token store"):
+        StoreWriter(url, TOKENIZER)
+    with pytest.raises(StoreError, match=f"{url}: not a token store"):
+        StoreReader.open(url)
+    assert json.loads(json.dumps(storage.kvstore_spec(storage.location(url))))["driver"] == "memory"
