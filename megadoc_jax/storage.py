@@ -451,3 +451,65 @@ def lock_exclusive(
     if isinstance(loc, Path):
         return files.lock_exclusive(loc, holder=holder, error=error)
     return Lease(loc, holder, error, seconds=lease_seconds, renew=renew_seconds)
+
+
+# --------------------------------------------------------------------------------------------------
+# Append-only logs (metrics.jsonl, TensorBoard event files)
+# --------------------------------------------------------------------------------------------------
+
+APPEND_PUT_SECONDS = 5.0  # a URL log is put at most this often between flushes (GCS: ~1 write/s per object)
+
+
+class AppendLog:
+    """An append-only text file. Local: opened for append, every `write` flushed at once.
+    URL (objects cannot be appended to): the whole content is kept in memory and put as one object at
+    most every `put_seconds` and at every `flush`/`close`; a kill loses what was written since the last put.
+    A last line cut by a kill gets its newline first, so that the next record starts on a line of its own."""
+
+    def __init__(self, value: str | os.PathLike | Location, *, put_seconds: float = APPEND_PUT_SECONDS):
+        self.path = location(value)
+        self._put_seconds = put_seconds
+        if isinstance(self.path, Path):
+            _end_partial_line(self.path)
+            self._file = self.path.open("a", encoding="utf-8")
+            return
+        content = read_bytes(self.path) if is_file(self.path) else b""
+        self._content = bytearray(content + (b"\n" if content and not content.endswith(b"\n") else b""))
+        self._put_size, self._put_time, self._closed = -1, 0.0, False
+
+    @property
+    def closed(self) -> bool:
+        return self._file.closed if isinstance(self.path, Path) else self._closed
+
+    def write(self, text: str) -> None:
+        if isinstance(self.path, Path):
+            self._file.write(text)
+            self._file.flush()
+            return
+        self._content += text.encode("utf-8")
+        if time.monotonic() - self._put_time >= self._put_seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        if isinstance(self.path, Path):
+            self._file.flush()
+        elif len(self._content) != self._put_size:
+            write_bytes(self.path, bytes(self._content))
+            self._put_size, self._put_time = len(self._content), time.monotonic()
+
+    def close(self) -> None:
+        if isinstance(self.path, Path):
+            self._file.close()
+        elif not self._closed:
+            self.flush()
+            self._closed = True
+
+
+def _end_partial_line(path: Path) -> None:
+    if path.exists() and path.stat().st_size > 0:
+        with path.open("rb") as f:
+            f.seek(-1, 2)
+            last = f.read(1)
+        if last != b"\n":
+            with path.open("ab") as f:
+                f.write(b"\n")

@@ -10,6 +10,7 @@ import time
 import uuid
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -250,3 +251,95 @@ def test_a_url_that_is_not_a_store_is_named():
     with pytest.raises(StoreError, match=f"{url}: not a token store"):
         StoreReader.open(url)
     assert json.loads(json.dumps(storage.kvstore_spec(storage.location(url))))["driver"] == "memory"
+
+
+# --------------------------------------------------------------------------------------------------
+# A whole training run with its run directory and stores on URLs
+# --------------------------------------------------------------------------------------------------
+
+
+def copy_store(source: str, target: str) -> str:
+    """A finished store rewritten document by document at `target` (a URL)."""
+    reader = StoreReader.open(source)
+    writer = StoreWriter(target, reader.tokenizer, layout=StoreLayout.from_dict(reader.manifest["layout"]))
+    writer.append(reader.document(i) for i in range(reader.num_documents))
+    manifest = writer.finish()
+    assert manifest["content_hash"] == reader.manifest["content_hash"]
+    return target
+
+
+@pytest.fixture(scope="module")
+def url_training(tmp_path_factory):
+    """The tiny run of test_train.py with its stores copied to memory:// and its run directory on file://,
+    and the same run on local paths."""
+    from generation import demo
+    from megadoc_jax import train
+    from tests.test_train import tiny_config
+
+    root = tmp_path_factory.mktemp("url-run")
+    local = {k: str(v) for k, v in demo.ensure_demo_stores(root / "data").items()}
+    stores = {
+        "tokenizer": local["tokenizer"],
+        "train": copy_store(local["train"], memory_url("train")),
+        "heldout": copy_store(local["heldout"], memory_url("heldout")),
+    }
+    run_dir = f"file://{root}/run"
+    url_config = tiny_config(stores, run_dir, "train.checkpoint_every=6")
+    local_config = tiny_config(local, root / "local-run", "train.checkpoint_every=6")
+    devices = jax.devices()[:1]
+    return {
+        "root": root,
+        "run_dir": run_dir,
+        "config": url_config,
+        "url": train.run(url_config, devices),
+        "local": train.run(local_config, devices),
+    }
+
+
+def test_a_run_on_urls_trains_as_on_local_paths(url_training):
+    from tests.test_train import train_losses
+
+    assert url_training["url"].exit_code == 0
+    assert train_losses(url_training["url"]) == train_losses(url_training["local"])
+    final = [run.history[-1]["eval/heldout/loss"] for run in (url_training["url"], url_training["local"])]
+    assert final[0] == final[1]
+
+
+def test_the_url_run_directory_holds_orbax_commit_file_checkpoints_and_the_logs(url_training):
+    from megadoc_jax import checkpoint, metrics
+
+    run = storage.location(url_training["run_dir"])
+    assert sorted(storage.list_names(run)) == ["checkpoints", "config.yaml", "metrics.jsonl", "tensorboard"]
+    # The commit-file protocol (orbax's on GCS): steps under their final names, commit_success.txt last.
+    for step in ("6", "12"):
+        assert storage.is_file(run / "checkpoints" / step / checkpoint.COMMIT_SUCCESS)
+    assert checkpoint.committed_steps(run / "checkpoints") == [6, 12]
+    logged = metrics.read_metrics(url_training["run_dir"]).records
+    assert [r["step"] for r in logged if "loss" in r] == list(range(1, 13))
+    assert storage.list_names(run / "tensorboard")[0].startswith("events.out.tfevents")
+    assert checkpoint.read_run_config(run / "config.yaml") == url_training["config"]
+
+
+def test_a_step_without_its_commit_file_is_not_resumed_from(url_training):
+    """As after a kill during a save on GCS: step 12's commit_success.txt never arrived. The run resumes from
+    step 6 and reaches the same step-12 parameters."""
+    from megadoc_jax import checkpoint, train
+    from tests.test_train import assert_trees_equal
+
+    run = storage.location(url_training["run_dir"])
+    before = checkpoint.load_run_params(url_training["run_dir"]).params
+    storage.delete(run / "checkpoints/12" / checkpoint.COMMIT_SUCCESS)
+    assert checkpoint.committed_steps(run / "checkpoints") == [6]
+    assert checkpoint.step_dir(url_training["run_dir"]) == run / "checkpoints/6"
+    resumed = train.run(url_training["config"], jax.devices()[:1])
+    assert resumed.step == 12 and [h["step"] for h in resumed.history if "loss" in h] == list(range(7, 13))
+    after = checkpoint.load_run_params(url_training["run_dir"])
+    assert after.step == 12
+    assert_trees_equal(before, after.params)
+
+
+def test_checkpoints_refuse_memory_urls_naming_the_directory():
+    from megadoc_jax import checkpoint
+
+    with pytest.raises(checkpoint.CheckpointError, match="memory://x/run/checkpoints: orbax cannot write"):
+        checkpoint.orbax_path("memory://x/run/checkpoints")
