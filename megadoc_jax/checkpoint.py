@@ -135,14 +135,15 @@ class RunParams(NamedTuple):
 COMMIT_SUCCESS = "commit_success.txt"  # orbax's completion marker of a step on GCS (commit-file protocol)
 
 
-def _absolute(path: str | Path | storage.Location) -> storage.AnyPath:
+def absolute(path: str | Path | storage.Location) -> storage.AnyPath:
+    """A local path made absolute, a URL as it is."""
     loc = storage.location(path, "run directory")
     return loc.absolute() if isinstance(loc, Path) else loc
 
 
 def find_run_config(path: str | Path | storage.Location) -> storage.AnyPath | None:
     """config.yaml of a run directory, of a run's checkpoints/ or of one of its step directories."""
-    path = _absolute(path)
+    path = absolute(path)
     for candidate in (path, path.parent, path.parent.parent):
         if storage.is_file(candidate / RUN_CONFIG) and storage.is_dir(candidate / CHECKPOINTS):
             return candidate / RUN_CONFIG
@@ -162,7 +163,7 @@ def committed_steps(checkpoints: storage.AnyPath) -> list[int]:
 def step_dir(path: str | Path | storage.Location, step: int | None = None) -> storage.AnyPath:
     """The step directory to read: `path` itself if it is one, else the newest committed step (or `step`)
     of the run directory or checkpoints/ directory `path`."""
-    path = _absolute(path)
+    path = absolute(path)
     if path.name.isdigit() and path.parent.name == CHECKPOINTS:
         if step is not None and int(path.name) != step:
             raise CheckpointError(f"{path} is the checkpoint of step {path.name}, not of the asked step {step}")

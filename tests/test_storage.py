@@ -320,6 +320,25 @@ def test_the_url_run_directory_holds_orbax_commit_file_checkpoints_and_the_logs(
     assert checkpoint.read_run_config(run / "config.yaml") == url_training["config"]
 
 
+def test_evaluate_a_url_run_on_memory_stores_writing_to_urls(url_training):
+    from megadoc_jax import evaluate, metrics
+
+    run = storage.location(url_training["run_dir"])
+    out = memory_url("eval")
+    options = evaluate.Options(models=[f"{run}:6"], out=out, progress=False, recipes=("concat",))
+    value = evaluate.evaluate(options, jax.devices()[:1])
+    (name,) = storage.list_names(storage.location(out))
+    assert name.startswith("run_step_6_") and storage.read_json(storage.location(out) / name) == value
+    assert value["models"][0]["path"] == str(run) and value["models"][0]["step"] == 6
+    assert value["stores"]["heldout"]["path"] == url_training["config"].data.eval_stores["heldout"]
+    # The figures went into the run's metrics.jsonl on file:// as well, at step 6.
+    logged = [r for r in metrics.read_metrics(run).records if r["step"] == 6 and "eval/heldout/loss" in r]
+    assert logged[-1]["eval/heldout/loss"] == value["results"][0]["loss"]
+    # Without --out: RUN_DIR/eval/ on the URL.
+    evaluate.evaluate(evaluate.Options(models=[str(run)], progress=False, recipes=("concat",)), jax.devices()[:1])
+    assert storage.list_names(run / "eval") == ["run_step_12.json"]
+
+
 def test_a_step_without_its_commit_file_is_not_resumed_from(url_training):
     """As after a kill during a save on GCS: step 12's commit_success.txt never arrived. The run resumes from
     step 6 and reaches the same step-12 parameters."""
