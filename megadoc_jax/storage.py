@@ -475,7 +475,7 @@ class AppendLog:
             return
         content = read_bytes(self.path) if is_file(self.path) else b""
         self._content = bytearray(content + (b"\n" if content and not content.endswith(b"\n") else b""))
-        self._put_size, self._put_time, self._closed = -1, 0.0, False
+        self._put_size, self._put_time, self._closed = -1, None, False
 
     @property
     def closed(self) -> bool:
@@ -487,7 +487,7 @@ class AppendLog:
             self._file.flush()
             return
         self._content += text.encode("utf-8")
-        if time.monotonic() - self._put_time >= self._put_seconds:
+        if self._put_time is None or time.monotonic() - self._put_time >= self._put_seconds:
             self.flush()
 
     def flush(self) -> None:

@@ -362,3 +362,37 @@ def test_checkpoints_refuse_memory_urls_naming_the_directory():
 
     with pytest.raises(checkpoint.CheckpointError, match="memory://x/run/checkpoints: orbax cannot write"):
         checkpoint.orbax_path("memory://x/run/checkpoints")
+
+
+def test_a_tokenizer_directory_url_is_refused_with_what_to_do():
+    from megadoc_jax.data.store import TokenizerInfo
+
+    with pytest.raises(StoreError, match=r"gs://bucket/tok: a tokenizer directory must be local .* gcloud storage cp"):
+        TokenizerInfo.from_directory("gs://bucket/tok")
+
+
+def test_metrics_writer_on_a_memory_url_puts_the_log_and_tensorboard_events():
+    from megadoc_jax import metrics
+
+    url = storage.location(memory_url("run"))
+    with metrics.MetricsWriter(url, enabled=True) as writer:
+        writer.write(1, {"loss": 2.5})
+        writer.write(2, {"loss": 2.0})
+    assert [r["loss"] for r in metrics.read_metrics(url).records] == [2.5, 2.0]
+    (events,) = storage.list_names(url / metrics.TENSORBOARD_DIR)
+    assert events.startswith("events.out.tfevents") and storage.read_bytes(url / metrics.TENSORBOARD_DIR / events)
+    # Resumed at step 1: the earlier attempt's step 2 is dropped, as on a local run directory.
+    with metrics.MetricsWriter(url, start_step=1, enabled=True) as writer:
+        writer.write(2, {"loss": 1.5})
+    assert [r["loss"] for r in metrics.read_metrics(url).records] == [2.5, 1.5]
+
+
+def test_append_log_on_a_url_puts_at_most_every_interval_and_ends_a_cut_line(url_root):
+    path = url_root / "log.jsonl"
+    storage.write_text(path, '{"a": 1}\n{"cut')  # a line cut by a kill
+    log = storage.AppendLog(path, put_seconds=3600)
+    log.write('{"b": 2}\n')  # the first write puts at once (no put yet)
+    log.write('{"c": 3}\n')  # within the interval: kept in memory
+    assert storage.read_text(path) == '{"a": 1}\n{"cut\n{"b": 2}\n'
+    log.close()
+    assert storage.read_text(path) == '{"a": 1}\n{"cut\n{"b": 2}\n{"c": 3}\n' and log.closed
