@@ -396,3 +396,35 @@ def test_append_log_on_a_url_puts_at_most_every_interval_and_ends_a_cut_line(url
     assert storage.read_text(path) == '{"a": 1}\n{"cut\n{"b": 2}\n'
     log.close()
     assert storage.read_text(path) == '{"a": 1}\n{"cut\n{"b": 2}\n{"c": 3}\n' and log.closed
+
+
+def test_a_writer_killed_between_its_array_writes_and_its_commit_put_resumes_from_the_last_commit(
+    url_root, monkeypatch
+):
+    """On an object store the commit record is one put after every chunk put of the flush returned; a writer
+    dying between the two leaves chunks past the record, which the next writer overwrites. The result is the
+    store of an uninterrupted writer."""
+    documents = make_documents(30, seed=11)
+    url = url_root / "store"
+    writer = StoreWriter(url, TOKENIZER, layout=SMALL_CHUNKS)
+    writer.append(documents[:10])
+    writer.flush()
+
+    def killed(self):
+        raise KeyboardInterrupt("killed before the commit put")
+
+    monkeypatch.setattr(StoreWriter, "_write_commit", killed)
+    writer.append(documents[10:20])
+    with pytest.raises(KeyboardInterrupt):
+        writer.flush()
+    writer._lock.release()  # the process is gone: its lease ends (a real one would expire)
+    monkeypatch.undo()
+
+    resumed = StoreWriter(url, TOKENIZER, layout=SMALL_CHUNKS)
+    assert resumed.num_committed == 10
+    resumed.append(documents[10:])
+    interrupted = resumed.finish()
+    whole = StoreWriter(url_root / "whole", TOKENIZER, layout=SMALL_CHUNKS)
+    whole.append(documents)
+    assert interrupted["content_hash"] == whole.finish()["content_hash"]
+    assert StoreReader.open(url).verify() == interrupted["content_hash"]
