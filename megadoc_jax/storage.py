@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import re
 import socket
@@ -32,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from megadoc_jax import files
+
+log = logging.getLogger(__name__)
 
 SCHEMES = ("file", "gs", "memory")
 _DRIVERS = {"file": "file", "gs": "gcs", "memory": "memory"}
@@ -376,6 +379,7 @@ class Lease:
         self.path, self._seconds, self._renew = loc, seconds, renew
         self._stop = threading.Event()
         self._generation = self._acquire(holder, error)
+        self._renewed = time.time()
         self._thread = threading.Thread(target=self._heartbeat, name=f"lease {loc}", daemon=True)
         self._thread.start()
 
@@ -409,11 +413,20 @@ class Lease:
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(self._renew):
-            generation = _put(self.path, self._record(), if_equal=self._generation)
+            try:
+                generation = _put(self.path, self._record(), if_equal=self._generation)
+            except (ValueError, OSError) as e:  # a failed request: retried next beat while the lease lasts
+                if time.time() > self._renewed + self._seconds:
+                    log.error("%s: lease not renewed for %.0f s (%s): given up", self.path, self._seconds, e)
+                    self._generation = b""
+                    return
+                log.warning("%s: lease renewal failed (%s); retrying", self.path, e)
+                continue
             if not generation:
-                self._generation = b""  # another writer took the lease: we no longer hold it
+                log.error("%s: the lease was taken over by another writer", self.path)
+                self._generation = b""  # we no longer hold it: the guarded writer refuses to go on
                 return
-            self._generation = generation
+            self._generation, self._renewed = generation, time.time()
 
     @property
     def held(self) -> bool:
@@ -442,15 +455,16 @@ def lock_exclusive(
     *,
     holder: str = "another process",
     error: type[Exception] = files.LockHeldError,
-    lease_seconds: float = LEASE_SECONDS,
-    renew_seconds: float = RENEW_SECONDS,
+    lease_seconds: float | None = None,
+    renew_seconds: float | None = None,
 ) -> files.FileLock | Lease:
     """An exclusive lock that fails at once, naming the holder, if another writer has it: files.lock_exclusive
     (fcntl, released by the kernel when the holder exits) on a local path, a Lease on a URL."""
     loc = location(value)
     if isinstance(loc, Path):
         return files.lock_exclusive(loc, holder=holder, error=error)
-    return Lease(loc, holder, error, seconds=lease_seconds, renew=renew_seconds)
+    seconds = LEASE_SECONDS if lease_seconds is None else lease_seconds
+    return Lease(loc, holder, error, seconds=seconds, renew=RENEW_SECONDS if renew_seconds is None else renew_seconds)
 
 
 # --------------------------------------------------------------------------------------------------

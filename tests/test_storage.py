@@ -428,3 +428,15 @@ def test_a_writer_killed_between_its_array_writes_and_its_commit_put_resumes_fro
     whole.append(documents)
     assert interrupted["content_hash"] == whole.finish()["content_hash"]
     assert StoreReader.open(url).verify() == interrupted["content_hash"]
+
+
+def test_a_store_writer_that_lost_its_lease_refuses_to_write(monkeypatch):
+    monkeypatch.setattr(storage, "RENEW_SECONDS", 0.05)
+    url = storage.location(memory_url())
+    writer = StoreWriter(url, TOKENIZER, layout=SMALL_CHUNKS)
+    storage.write_json_atomic(url / ".writer.lock", {"host": "elsewhere", "pid": 1, "expires": time.time() + 60})
+    deadline = time.time() + 5
+    while writer._lock.held and time.time() < deadline:
+        time.sleep(0.05)
+    with pytest.raises(StoreError, match="lost its lease on the store to another writer"):
+        writer.append(make_documents(2, seed=1))

@@ -210,7 +210,7 @@ class StoreWriter:
         if self._finished:
             raise StoreError(f"{self.path}: the store is finished; nothing more can be written")
         if not self._lock.held:
-            raise StoreError(f"{self.path}: the writer is closed")
+            raise StoreError(f"{self.path}: the writer is closed (or lost its lease on the store to another writer)")
 
     def _open_manifest(self, layout: StoreLayout | None) -> dict[str, Any]:
         manifest_path = self.path / fmt.MANIFEST_FILE
