@@ -8,6 +8,7 @@ import json
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import jax
@@ -112,19 +113,15 @@ def test_exclusive_creation_is_one_conditional_put(url_root):
 
 
 def test_racing_exclusive_creations_have_one_winner(url_root):
-    wins = []
     barrier = threading.Barrier(8)
 
-    def claim(i: int) -> None:
-        barrier.wait()
-        if storage.create_json_exclusive(url_root / "race.json", {"worker": i}):
-            wins.append(i)
+    def claim(i: int) -> bool:
+        barrier.wait()  # all eight puts issued together
+        return storage.create_json_exclusive(url_root / "race.json", {"worker": i})
 
-    threads = [threading.Thread(target=claim, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    with ThreadPoolExecutor(8) as pool:
+        won = list(pool.map(claim, range(8)))
+    wins = [i for i, w in enumerate(won) if w]
     assert len(wins) == 1
     assert storage.read_json(url_root / "race.json") == {"worker": wins[0]}
 
