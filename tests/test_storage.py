@@ -286,6 +286,7 @@ def url_training(tmp_path_factory):
     devices = jax.devices()[:1]
     return {
         "root": root,
+        "local_data": local,
         "run_dir": run_dir,
         "config": url_config,
         "url": train.run(url_config, devices),
@@ -437,3 +438,31 @@ def test_a_store_writer_that_lost_its_lease_refuses_to_write(monkeypatch):
         time.sleep(0.05)
     with pytest.raises(StoreError, match="lost its lease on the store to another writer"):
         writer.append(make_documents(2, seed=1))
+
+
+def test_a_bad_run_dir_or_model_url_exits_2_naming_it(url_training, capsys):
+    from megadoc_jax import evaluate, train
+    from tests.test_train import tiny_overrides
+
+    assert train.main(tiny_overrides(url_training["local_data"], "gs:/bucket/run")) == 2
+    expected = "config error: train.run_dir 'gs:/bucket/run': expected gs://..., the '//' is missing"
+    assert expected in capsys.readouterr().err
+    assert evaluate.main(["--model", "s3://bucket/run", "--no-progress"]) == 2
+    assert "evaluate: --model 's3://bucket/run': unknown URL scheme s3://" in capsys.readouterr().err
+
+
+def test_gs_checkpoints_get_orbax_s_own_gcs_protocol():
+    """What runs on GCS, checked on our side: orbax is handed an epath of the gs:// URL, with the commit-file
+    protocol, the one orbax itself chooses for a GCS path."""
+    from etils import epath
+    from orbax.checkpoint._src.path import atomicity, atomicity_defaults
+
+    from megadoc_jax import checkpoint
+
+    directory = checkpoint.orbax_path("gs://my-bucket/runs/a/checkpoints")
+    assert isinstance(directory, epath.Path) and str(directory) == "gs://my-bucket/runs/a/checkpoints"
+    assert atomicity_defaults.get_default_temporary_path_class(directory) is atomicity.CommitFileTemporaryPath
+    chosen = checkpoint._atomicity(storage.location("gs://my-bucket/runs/a/checkpoints"))
+    assert chosen.mode == "commit_file"
+    assert checkpoint._atomicity(Path("runs/a/checkpoints")) is None  # local: orbax's rename, as before
+    assert checkpoint.orbax_path("file:///tmp/run/checkpoints") == Path("/tmp/run/checkpoints")
