@@ -108,6 +108,8 @@ def location(value: str | os.PathLike | Location, what: str = "path") -> AnyPath
     if match is None or len(match.group(1)) == 1:  # no scheme (a one-letter one would be a drive)
         return Path(text)
     scheme, slashes, rest = match.group(1).lower(), match.group(2), match.group(3)
+    if scheme not in SCHEMES and len(slashes) < 2:  # "run:2000", "demo:real": a name with a colon, no URL
+        return Path(text)
     if scheme not in SCHEMES:
         raise StorageError(f"{what} {text!r}: unknown URL scheme {scheme}:// (supported: {', '.join(SCHEMES)})")
     if len(slashes) < 2 and not (scheme == "file" and slashes == "/"):

@@ -53,6 +53,9 @@ def test_plain_paths_stay_pathlib_paths_with_the_file_driver_as_before():
         "path": "rel/store/input_ids/data",
     }
     assert not storage.is_url("C:/not/a/scheme") and storage.is_url("gs://bucket/x")
+    # A colon without '//' after an unknown word is part of a name (RUN_DIR:STEP, demo:NAME), not a URL.
+    assert storage.location("runs/a:2000") == Path("runs/a:2000") and storage.location("run:2000") == Path("run:2000")
+    assert storage.location("demo:real") == Path("demo:real")
 
 
 @pytest.mark.parametrize(
