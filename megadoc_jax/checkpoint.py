@@ -167,6 +167,8 @@ def step_dir(path: str | Path | storage.Location, step: int | None = None) -> st
     if path.name.isdigit() and path.parent.name == CHECKPOINTS:
         if step is not None and int(path.name) != step:
             raise CheckpointError(f"{path} is the checkpoint of step {path.name}, not of the asked step {step}")
+        if not isinstance(path, Path) and not storage.is_file(path / COMMIT_SUCCESS):
+            raise CheckpointError(f"{path}: not a committed checkpoint (no {COMMIT_SUCCESS}: its save did not finish)")
         return path
     checkpoints = path if path.name == CHECKPOINTS else path / CHECKPOINTS
     if not storage.is_dir(checkpoints):

@@ -351,6 +351,8 @@ def test_a_step_without_its_commit_file_is_not_resumed_from(url_training):
     storage.delete(run / "checkpoints/12" / checkpoint.COMMIT_SUCCESS)
     assert checkpoint.committed_steps(run / "checkpoints") == [6]
     assert checkpoint.step_dir(url_training["run_dir"]) == run / "checkpoints/6"
+    with pytest.raises(checkpoint.CheckpointError, match="12: not a committed checkpoint"):
+        checkpoint.step_dir(run / "checkpoints/12")
     resumed = train.run(url_training["config"], jax.devices()[:1])
     assert resumed.step == 12 and [h["step"] for h in resumed.history if "loss" in h] == list(range(7, 13))
     after = checkpoint.load_run_params(url_training["run_dir"])
