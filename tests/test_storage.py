@@ -310,7 +310,7 @@ def test_the_url_run_directory_holds_orbax_commit_file_checkpoints_and_the_logs(
     from megadoc_jax import checkpoint, metrics
 
     run = storage.location(url_training["run_dir"])
-    assert sorted(storage.list_names(run)) == ["checkpoints", "config.yaml", "metrics.jsonl", "tensorboard"]
+    assert {"checkpoints", "config.yaml", "metrics.jsonl", "tensorboard"} <= set(storage.list_names(run))
     # The commit-file protocol (orbax's on GCS): steps under their final names, commit_success.txt last.
     for step in ("6", "12"):
         assert storage.is_file(run / "checkpoints" / step / checkpoint.COMMIT_SUCCESS)
