@@ -471,3 +471,13 @@ def test_gs_checkpoints_get_orbax_s_own_gcs_protocol():
     assert chosen.mode == "commit_file"
     assert checkpoint._atomicity(Path("runs/a/checkpoints")) is None  # local: orbax's rename, as before
     assert checkpoint.orbax_path("file:///tmp/run/checkpoints") == Path("/tmp/run/checkpoints")
+
+
+def test_hf_export_reads_a_url_run_into_a_local_llama_directory(url_training, tmp_path):
+    from megadoc_jax import checkpoint, hf, sharding
+
+    out = hf.export_run(url_training["run_dir"], tmp_path / "llama")
+    assert (out / hf.CONFIG_JSON).is_file() and sorted(out.glob("*.safetensors"))
+    model, _, _ = hf.import_llama(out, sharding.make_mesh({}, jax.devices()[:1]))
+    run = checkpoint.load_run_params(url_training["run_dir"])
+    np.testing.assert_array_equal(np.asarray(model.embed[...], np.float32), np.asarray(run.params["embed"], np.float32))
