@@ -40,8 +40,9 @@ from generation.documents import (
     read_records,
 )
 from generation.worker_pool import WorkerPool
+from megadoc_jax import storage
 from megadoc_jax.data.store import Document, StoreWriter, TokenizerInfo, finished_manifest
-from megadoc_jax.files import read_json, write_json_atomic
+from megadoc_jax.storage import read_json, write_json_atomic
 
 PROGRESS_FILE = "export_progress.json"
 REPORT_FILE = "export_report.json"
@@ -124,7 +125,7 @@ def export_tokenizer(tokenizer_dir: str | Path) -> tuple[TokenizerInfo, str]:
 class _ExportState:
     """Counts and seen ids of one export; `progress()` is what a resume restores."""
 
-    def __init__(self, settings: dict[str, Any], progress: dict[str, Any] | None, committed: int, out: Path):
+    def __init__(self, settings: dict[str, Any], progress: dict[str, Any] | None, committed: int, out: storage.AnyPath):
         progress = progress or {}
         self.settings = settings
         self.records_done: int = progress.get("records_done", 0)
@@ -150,7 +151,7 @@ class _ExportState:
         }
 
 
-def _check_resumable(out: Path, recorded: dict[str, Any], current: dict[str, Any]) -> None:
+def _check_resumable(out: storage.AnyPath, recorded: dict[str, Any], current: dict[str, Any]) -> None:
     for key in current:
         if key == "policy":
             for reason in REASONS:
@@ -175,7 +176,7 @@ def _settings(files: list[Path], info: TokenizerInfo, **options: Any) -> dict[st
 def export(
     inputs: Sequence[str | Path],
     tokenizer_dir: str | Path,
-    out: str | Path,
+    out: str | Path | storage.Location,
     *,
     text_field: str = "text",
     id_field: str | None = "id",
@@ -197,7 +198,7 @@ def export(
             raise ExportError(f"{name} must be >= {low}, got {value}")
     files = expand_inputs(inputs)
     info, tokenizer_json = export_tokenizer(tokenizer_dir)
-    out = Path(out)
+    out = storage.location(out, "--out")
     settings = _settings(
         files, info, text_field=text_field, id_field=id_field, max_tokens=max_tokens, policy=parse_policy(on_error)
     )
@@ -228,28 +229,28 @@ def export(
         manifest = writer.finish()
     report["content_hash"] = manifest["content_hash"]
     write_json_atomic(out / REPORT_FILE, report)
-    (out / PROGRESS_FILE).unlink(missing_ok=True)
+    storage.delete(out / PROGRESS_FILE)
     return report
 
 
-def _finished_report(out: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
+def _finished_report(out: storage.AnyPath, settings: dict[str, Any]) -> dict[str, Any] | None:
     """The report of an already finished export of the same settings (a rerun does nothing), else None."""
     manifest = finished_manifest(out)
     if manifest is None:
         return None
-    if not (out / REPORT_FILE).exists():
+    if not storage.is_file(out / REPORT_FILE):
         raise ExportError(f"{out}: is a finished store not written by export (no {REPORT_FILE}); choose another out")
     report = read_json(out / REPORT_FILE, error=ExportError)
     if report.get("settings") != settings:
         raise ExportError(f"{out}: is already finished, from other inputs or settings; choose another out")
     report["content_hash"] = manifest["content_hash"]
-    (out / PROGRESS_FILE).unlink(missing_ok=True)
+    storage.delete(out / PROGRESS_FILE)
     return report
 
 
-def _resume(out: Path, settings: dict[str, Any], committed: int) -> _ExportState:
+def _resume(out: storage.AnyPath, settings: dict[str, Any], committed: int) -> _ExportState:
     progress_path = out / PROGRESS_FILE
-    progress = read_json(progress_path, error=ExportError) if progress_path.exists() else None
+    progress = read_json(progress_path, error=ExportError) if storage.is_file(progress_path) else None
     if progress is None and committed > 0:
         raise ExportError(f"{out}: unfinished store with {committed} documents but no {PROGRESS_FILE}; not ours")
     if progress is not None:

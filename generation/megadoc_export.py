@@ -19,9 +19,11 @@ A finished stream of the same settings is not rebuilt; other settings are refuse
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -36,8 +38,9 @@ from generation.documents import EXAMPLES_PER_REASON
 from generation.export import DEFAULT_FLUSH_TOKENS, NO_AUTO_FLUSH, default_workers, export_tokenizer
 from generation.megadoc_spool import SPOOL_DIR, GenerationGroup, TextSpool, ensure_spool
 from generation.megadoc_workers import BatchResult, Unit, WorkerPool, build_batch, init_worker, tokenize_separators
+from megadoc_jax import storage
 from megadoc_jax.data.store import Document, SegmentKind, StoreWriter, TokenizerInfo, finished_manifest
-from megadoc_jax.files import lock_exclusive, read_json, write_json_atomic
+from megadoc_jax.storage import lock_exclusive, read_json, write_json_atomic
 
 LOCK_FILE = ".megadocs.lock"
 PROGRESS_FILE = "megadocs_progress.json"
@@ -154,7 +157,13 @@ def _tasks(
 
 
 def build_stream(
-    spool: TextSpool, method: str, G: int, out: Path, info: TokenizerInfo, pool: WorkerPool, options: StreamOptions
+    spool: TextSpool,
+    method: str,
+    G: int,
+    out: storage.AnyPath,
+    info: TokenizerInfo,
+    pool: WorkerPool,
+    options: StreamOptions,
 ) -> dict[str, Any]:
     """Build (or resume, or find finished) the store of one stream; returns its report.
 
@@ -222,7 +231,7 @@ def build_stream(
         write_json_atomic(out / REPORT_FILE, report)  # before finish: a finished store always has its report
         report["content_hash"] = writer.finish()["content_hash"]
     write_json_atomic(out / REPORT_FILE, report)
-    (out / PROGRESS_FILE).unlink(missing_ok=True)
+    storage.delete(out / PROGRESS_FILE)
     return report
 
 
@@ -236,11 +245,11 @@ def _commit(writer: StoreWriter, state: _Progress) -> None:
     write_json_atomic(writer.path / PROGRESS_FILE, state.to_dict())
 
 
-def _finished_report(out: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
+def _finished_report(out: storage.AnyPath, settings: dict[str, Any]) -> dict[str, Any] | None:
     manifest = finished_manifest(out)
     if manifest is None:
         return None
-    if not (out / REPORT_FILE).exists():
+    if not storage.is_file(out / REPORT_FILE):
         raise MegadocExportError(f"{out}: is a finished store not written by megadocs (no {REPORT_FILE})")
     report = read_json(out / REPORT_FILE, error=MegadocExportError)
     if report.get("settings") != settings:
@@ -251,9 +260,9 @@ def _finished_report(out: Path, settings: dict[str, Any]) -> dict[str, Any] | No
     return report
 
 
-def _resume(out: Path, settings: dict[str, Any], committed: int) -> _Progress:
+def _resume(out: storage.AnyPath, settings: dict[str, Any], committed: int) -> _Progress:
     path = out / PROGRESS_FILE
-    recorded = read_json(path, error=MegadocExportError) if path.exists() else None
+    recorded = read_json(path, error=MegadocExportError) if storage.is_file(path) else None
     if recorded is None and committed:
         raise MegadocExportError(f"{out}: unfinished store with {committed} documents but no {PROGRESS_FILE}; not ours")
     if recorded is not None and recorded["settings"] != settings:
@@ -278,7 +287,7 @@ def build_megadocs(
     sources: Sequence[str | Path],
     generations: Sequence[str | Path],
     tokenizer_dir: str | Path,
-    out: str | Path,
+    out: str | Path | storage.Location,
     streams: Sequence[tuple[str, int]],
     options: StreamOptions = StreamOptions(),
     *,
@@ -296,12 +305,14 @@ def build_megadocs(
     """
     for method, G in streams:
         megadocs.check_method(method, G)
-    out = Path(out)
+    out = storage.location(out, "--out")
     workers = default_workers() if workers is None else workers
     info, tokenizer_json = export_tokenizer(tokenizer_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    storage.makedirs(out)
     with lock_exclusive(out / LOCK_FILE, holder="another megadocs run", error=MegadocExportError):
-        spool = ensure_spool(out, sources, generations, text_field=text_field, id_field=id_field, on_error=on_error)
+        spool = ensure_spool(
+            spool_parent(out), sources, generations, text_field=text_field, id_field=id_field, on_error=on_error
+        )
         _check_generations_exist(spool, streams)
         used = {name: text for method, _ in streams for name, text in options.separators.used_by(method).items()}
         tokenize_separators(Tokenizer.from_str(tokenizer_json), used)  # refused here, before any worker starts
@@ -310,6 +321,17 @@ def build_megadocs(
         if not keep_spool:
             shutil.rmtree(spool.root)
     return reports
+
+
+def spool_parent(out: storage.AnyPath) -> Path:
+    """Where the spool (memory-mapped, so local) is built: OUT itself for a local OUT; for a URL a local
+    scratch directory named after it, so that a rerun on the same host finds the spool built."""
+    if isinstance(out, Path):
+        return out
+    if out.is_local_disk:
+        return out.local_path()
+    digest = hashlib.sha256(str(out).encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"megadocs-{out.name}-{digest}"
 
 
 def _check_generations_exist(spool: TextSpool, streams: Sequence[tuple[str, int]]) -> None:

@@ -1,9 +1,13 @@
 """Orbax checkpoints of the train state: asynchronous saves, retention, restore onto any mesh; and loading
 a trained run's parameters (load_run), for the jax generation backend and hf export.
 
-Safety comes from orbax's commit protocol: a step is written into a temporary directory and renamed to
-its final name only once every file (and every host) is done, so a checkpoint that was being written when
-the process died is never listed, never restored, and its leftovers are removed on the next start.
+Safety comes from orbax's commit protocol. On a local path a step is written into a temporary directory
+and renamed to its final name only once every file (and every host) is done; on a URL (gs://, or file://
+standing in for it: object stores cannot rename) the step is written under its final name and
+`commit_success.txt` is put into it last, orbax's protocol on GCS. Either way a checkpoint that was being
+written when the process died is never listed, never restored, and its leftovers are removed on the next
+start. The run directory may be any path of megadoc_jax/storage.py but memory:// (orbax reaches storage
+through etils.epath, which has no in-memory backend; gs:// needs gcsfs, the `gcs` extra).
 
 The data position is not saved: the batch of step s is a pure function of (seed, s), so the step alone
 resumes the input pipeline.
@@ -19,12 +23,13 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import yaml
 from flax import nnx
 from orbax.checkpoint import checkpoint_managers as policies
 
 from megadoc_jax import config as config_lib
 from megadoc_jax import model as model_lib
-from megadoc_jax import sharding
+from megadoc_jax import sharding, storage
 from megadoc_jax.config import Config, ModelConfig, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -33,7 +38,7 @@ log = logging.getLogger(__name__)
 class Checkpointer:
     """Saves every `checkpoint_every` steps and at the end; keeps the last K plus every M-th step."""
 
-    def __init__(self, directory: str | Path, train: TrainConfig):
+    def __init__(self, directory: str | Path | storage.Location, train: TrainConfig):
         keep = [policies.LatestN(n=train.keep_last)]
         if train.keep_every:
             keep.append(policies.EveryNSteps(interval_steps=train.keep_every))
@@ -42,8 +47,9 @@ class Checkpointer:
             enable_async_checkpointing=True,
             cleanup_tmp_directories=True,
             create=True,
+            atomicity_options=_atomicity(storage.location(directory)),
         )
-        self.directory = Path(directory).absolute()
+        self.directory = orbax_path(directory)
         self._every = train.checkpoint_every
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
@@ -79,6 +85,28 @@ class Checkpointer:
         self.close()
 
 
+def orbax_path(directory: str | Path | storage.Location) -> Path | Any:
+    """What orbax is given for a directory: the absolute local path of a plain path or a file:// URL, the
+    epath of a gs:// URL. memory:// is refused (orbax has no in-memory backend), naming the directory."""
+    loc = storage.location(directory, "checkpoint directory")
+    if isinstance(loc, Path):
+        return loc.absolute()
+    if loc.scheme == "file":
+        return loc.local_path()
+    if loc.scheme == "gs":
+        from etils import epath
+
+        return epath.Path(str(loc))
+    raise CheckpointError(f"{loc}: orbax cannot write checkpoints to {loc.scheme}:// (use a path, file:// or gs://)")
+
+
+def _atomicity(loc: storage.AnyPath) -> ocp.options.AtomicityOptions | None:
+    """Orbax's default (rename) for a local path; its commit-file protocol, the one it uses on GCS, for a URL."""
+    if isinstance(loc, Path):
+        return None
+    return ocp.options.AtomicityOptions(mode=ocp.options.AtomicityMode.COMMIT_FILE)
+
+
 # --------------------------------------------------------------------------------------------------
 # Loading a trained run: config.yaml + checkpoints/STEP, parameters only
 # --------------------------------------------------------------------------------------------------
@@ -104,28 +132,48 @@ class RunParams(NamedTuple):
     step: int
 
 
-def find_run_config(path: str | Path) -> Path | None:
+COMMIT_SUCCESS = "commit_success.txt"  # orbax's completion marker of a step on GCS (commit-file protocol)
+
+
+def absolute(path: str | Path | storage.Location) -> storage.AnyPath:
+    """A local path made absolute, a URL as it is."""
+    loc = storage.location(path, "run directory")
+    return loc.absolute() if isinstance(loc, Path) else loc
+
+
+def find_run_config(path: str | Path | storage.Location) -> storage.AnyPath | None:
     """config.yaml of a run directory, of a run's checkpoints/ or of one of its step directories."""
-    path = Path(path).absolute()
+    path = absolute(path)
     for candidate in (path, path.parent, path.parent.parent):
-        if (candidate / RUN_CONFIG).is_file() and (candidate / CHECKPOINTS).is_dir():
+        if storage.is_file(candidate / RUN_CONFIG) and storage.is_dir(candidate / CHECKPOINTS):
             return candidate / RUN_CONFIG
     return None
 
 
-def step_dir(path: str | Path, step: int | None = None) -> Path:
+def committed_steps(checkpoints: storage.AnyPath) -> list[int]:
+    """The complete steps in a checkpoints/ directory. Locally orbax renames a step directory to its number
+    only once it is complete, so unfinished ones never match; on a URL the step is complete once orbax has
+    put commit_success.txt into it (the commit-file protocol, Checkpointer's on URLs)."""
+    names = [name for name in storage.list_names(checkpoints) if name.isdigit()]
+    if isinstance(checkpoints, Path):
+        return sorted(int(name) for name in names if (checkpoints / name).is_dir())
+    return sorted(int(name) for name in names if storage.is_file(checkpoints / name / COMMIT_SUCCESS))
+
+
+def step_dir(path: str | Path | storage.Location, step: int | None = None) -> storage.AnyPath:
     """The step directory to read: `path` itself if it is one, else the newest committed step (or `step`)
     of the run directory or checkpoints/ directory `path`."""
-    path = Path(path).absolute()
+    path = absolute(path)
     if path.name.isdigit() and path.parent.name == CHECKPOINTS:
         if step is not None and int(path.name) != step:
             raise CheckpointError(f"{path} is the checkpoint of step {path.name}, not of the asked step {step}")
+        if not isinstance(path, Path) and not storage.is_file(path / COMMIT_SUCCESS):
+            raise CheckpointError(f"{path}: not a committed checkpoint (no {COMMIT_SUCCESS}: its save did not finish)")
         return path
     checkpoints = path if path.name == CHECKPOINTS else path / CHECKPOINTS
-    if not checkpoints.is_dir():
+    if not storage.is_dir(checkpoints):
         raise CheckpointError(f"no checkpoints directory {checkpoints}")
-    # orbax renames a step directory to its number only once it is complete: unfinished ones never match.
-    steps = sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit() and p.is_dir())
+    steps = committed_steps(checkpoints)
     if not steps:
         raise CheckpointError(f"no committed checkpoint in {checkpoints}")
     if step is not None and step not in steps:
@@ -179,14 +227,16 @@ def load_run_params(path: str | Path, *, step: int | None = None) -> RunParams:
     return RunParams(_restore_params(directory, target, restore_args), config, int(directory.name))
 
 
-def _run_config_and_step(path: str | Path, step: int | None, compute_dtype: str | None) -> tuple[Config, Path]:
+def _run_config_and_step(
+    path: str | Path, step: int | None, compute_dtype: str | None
+) -> tuple[Config, storage.AnyPath]:
     config_yaml = find_run_config(path)
     if config_yaml is None:
         raise CheckpointError(
             f"{path} is not a megadoc_jax run: no {RUN_CONFIG} next to a {CHECKPOINTS}/ directory in it or above it"
         )
     try:
-        config = config_lib.load(config_yaml)
+        config = read_run_config(config_yaml)
     except config_lib.ConfigError as e:
         raise CheckpointError(f"{config_yaml}: {e}") from None
     if compute_dtype is not None:
@@ -196,13 +246,27 @@ def _run_config_and_step(path: str | Path, step: int | None, compute_dtype: str 
     return config, step_dir(path, step)
 
 
-def _restore_params(directory: Path, target: dict[str, Any], restore_args: Any) -> dict[str, Any]:
+def read_run_config(config_yaml: storage.AnyPath) -> Config:
+    """A run's resolved config.yaml (a local file through config.load; a URL read through storage)."""
+    if isinstance(config_yaml, Path):
+        return config_lib.load(config_yaml)
+    try:
+        raw = yaml.safe_load(storage.read_text(config_yaml)) or {}
+    except yaml.YAMLError as e:
+        raise config_lib.ConfigError(f"{config_yaml} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise config_lib.ConfigError(f"{config_yaml}: the top level must be a mapping")
+    return config_lib.from_dict(raw)
+
+
+def _restore_params(directory: storage.AnyPath, target: dict[str, Any], restore_args: Any) -> dict[str, Any]:
     """`params` of the train state in step directory `directory`, checked against `target` first."""
     item_dir = directory / ITEM
-    if not (item_dir / "_METADATA").is_file():
+    if not storage.is_file(item_dir / "_METADATA"):
         raise CheckpointError(f"partial or foreign checkpoint: {item_dir / '_METADATA'} does not exist")
+    orbax_item_dir = orbax_path(item_dir)
     try:
-        saved = ocp.PyTreeCheckpointer().metadata(item_dir).item_metadata.tree
+        saved = ocp.PyTreeCheckpointer().metadata(orbax_item_dir).item_metadata.tree
     except (OSError, ValueError, KeyError) as e:
         raise CheckpointError(f"cannot read the checkpoint metadata of {item_dir}: {e}") from e
     if not isinstance(saved, dict) or not isinstance(saved.get("params"), dict):
@@ -216,7 +280,7 @@ def _restore_params(directory: Path, target: dict[str, Any], restore_args: Any) 
     )
     args = ocp.args.PyTreeRestore(item={"params": target}, restore_args={"params": restore_args}, partial_restore=True)
     try:
-        return ocp.PyTreeCheckpointer().restore(item_dir, args=args)["params"]
+        return ocp.PyTreeCheckpointer().restore(orbax_item_dir, args=args)["params"]
     except (ValueError, KeyError, FileNotFoundError) as e:
         raise CheckpointError(f"cannot restore params from {item_dir}: {e}") from e
 

@@ -472,7 +472,10 @@ def to_dict(config: Config) -> dict[str, Any]:
 
 
 def dump(config: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    """The resolved config as YAML at `path` (a local path or a URL of megadoc_jax/storage.py)."""
+    from megadoc_jax import storage
+
+    storage.write_text(path, yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
 # --------------------------------------------------------------------------------------------------

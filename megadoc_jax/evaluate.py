@@ -32,7 +32,7 @@ from typing import Any
 import jax
 from tqdm import tqdm
 
-from megadoc_jax import attention, checkpoint, distributed, files, hf, sharding, xla_env
+from megadoc_jax import attention, checkpoint, distributed, files, hf, sharding, storage, xla_env
 from megadoc_jax import config as config_lib
 from megadoc_jax.data import demo, pipeline
 from megadoc_jax.data.store import StoreError, TokenizerInfo
@@ -44,6 +44,7 @@ log = logging.getLogger("megadoc_jax.evaluate")
 
 BAD_INPUT = (
     config_lib.ConfigError,
+    storage.StorageError,
     checkpoint.CheckpointError,
     hf.HFError,
     StoreError,
@@ -279,10 +280,10 @@ def evaluation_config(options: Options) -> config_lib.Config:
     """The first model's run config (a Llama directory: the defaults with its model), overrides applied;
     overrides of model.* other than MODEL_OVERRIDES are refused (the model is the checkpoint's)."""
     path, _ = models.parse_model_spec(options.models[0])
-    run_config = checkpoint.find_run_config(path) if path.exists() else None
+    run_config = checkpoint.find_run_config(path) if storage.exists(path) else None
     if run_config is not None:
-        raw = config_lib.to_dict(config_lib.load(run_config))
-    elif (path / hf.CONFIG_JSON).is_file():
+        raw = config_lib.to_dict(checkpoint.read_run_config(run_config))
+    elif isinstance(path, Path) and (path / hf.CONFIG_JSON).is_file():
         config_json = files.read_json(path / hf.CONFIG_JSON, error=hf.HFError)
         llama = hf.llama_model_config(config_json, path / hf.CONFIG_JSON)
         raw = config_lib.to_dict(config_lib.Config(model=llama))
@@ -382,7 +383,7 @@ def run_benchmarks(
 def store_identity(store) -> dict[str, Any]:
     manifest = store.manifest
     return {
-        "path": str(Path(store.path).absolute()),
+        "path": storage.display(store.path),
         "documents": store.num_documents,
         "tokens": store.num_tokens,
         "content_hash": manifest.get("content_hash"),
@@ -390,15 +391,18 @@ def store_identity(store) -> dict[str, Any]:
     }
 
 
-def output_path(options: Options, members: list[models.Member]) -> Path:
+def output_path(options: Options, members: list[models.Member]) -> storage.AnyPath:
     """RUN_DIR/eval/<run>_step_<n>.json; in a shared directory (--out, or ./eval/ for a Llama directory)
     the name also carries a hash of the model's absolute path, so that two models of the same directory
     name (runs/a/seed0 and runs/b/seed0) do not write the same file."""
     first = members[0]
-    directory = Path(options.out) if options.out else (first.path / "eval" if first.kind == "run" else Path("eval"))
+    if options.out:
+        directory = storage.location(options.out, "--out")
+    else:
+        directory = first.path / "eval" if first.kind == "run" else Path("eval")
     name = f"{first.path.name}_step_{first.step}" if first.kind == "run" else first.path.name
     if options.out or first.kind != "run":
-        name += "_" + hashlib.sha256(str(first.path.absolute()).encode()).hexdigest()[:8]
+        name += "_" + hashlib.sha256(storage.display(first.path).encode()).hexdigest()[:8]
     if len(members) > 1 or options.ensemble:
         name = f"ensemble_{options.ensemble}_{len(members)}_{name}"
     return directory / f"{name}.json"

@@ -72,16 +72,17 @@ def create_bytes_exclusive(path: str | os.PathLike, data: bytes) -> bool:
 
 def write_json_atomic(path: str | os.PathLike, value: dict[str, Any]) -> None:
     """`value` as indented JSON with sorted keys, written by write_bytes_atomic."""
-    write_bytes_atomic(path, _json_bytes(value))
+    write_bytes_atomic(path, json_bytes(value))
 
 
-def _json_bytes(value: dict[str, Any]) -> bytes:
+def json_bytes(value: dict[str, Any]) -> bytes:
+    """`value` as indented JSON with sorted keys and a final newline: how every record file is written."""
     return (json.dumps(value, indent=1, sort_keys=True) + "\n").encode()
 
 
 def create_json_exclusive(path: str | os.PathLike, value: dict[str, Any]) -> bool:
     """`value` as JSON (as write_json_atomic writes it) by create_bytes_exclusive: False if `path` exists."""
-    return create_bytes_exclusive(path, _json_bytes(value))
+    return create_bytes_exclusive(path, json_bytes(value))
 
 
 def read_json(path: str | os.PathLike, what: str | None = None, error: type[Exception] = ValueError) -> dict[str, Any]:
@@ -90,13 +91,22 @@ def read_json(path: str | os.PathLike, what: str | None = None, error: type[Exce
     path = Path(path)
     what = what or path.name
     try:
-        value = json.loads(path.read_text())
+        text = path.read_text()
     except FileNotFoundError:
         raise error(f"{path}: {what} does not exist") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except UnicodeDecodeError as e:
         raise error(f"{path}: {what} is not valid JSON ({e})") from None
+    return json_object(text, path, what, error)
+
+
+def json_object(text: str, where: object, what: str, error: type[Exception] = ValueError) -> dict[str, Any]:
+    """The JSON object in `text` (read from `where`); `error` naming `where` and `what` otherwise."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise error(f"{where}: {what} is not valid JSON ({e})") from None
     if not isinstance(value, dict):
-        raise error(f"{path}: {what} must be a JSON object")
+        raise error(f"{where}: {what} must be a JSON object")
     return value
 
 

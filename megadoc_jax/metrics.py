@@ -37,7 +37,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from megadoc_jax import hardware
+from megadoc_jax import hardware, storage
 from megadoc_jax.config import ModelConfig
 from megadoc_jax.metrics_log import JSONL_NAME, MetricsLog, read_metrics  # noqa: F401 (re-exported)
 
@@ -155,17 +155,6 @@ TENSORBOARD_DIR = "tensorboard"
 _RESERVED_KEYS = ("step", "time", "event")
 
 
-def _end_partial_line(path: Path) -> None:
-    """A kill mid-write can leave a line without its newline; end it so the next record starts clean."""
-    if path.exists() and path.stat().st_size > 0:
-        with path.open("rb") as f:
-            f.seek(-1, 2)
-            last = f.read(1)
-        if last != b"\n":
-            with path.open("ab") as f:
-                f.write(b"\n")
-
-
 def _host_scalar(key: str, value: Any) -> float:
     """A float from a host number (Python, NumPy scalar or 0-d array, as jax.device_get returns)."""
     if key in _RESERVED_KEYS:
@@ -180,8 +169,50 @@ def _host_scalar(key: str, value: Any) -> float:
     )
 
 
+class _EventObject:
+    """A TensorBoard event file on an object store: records kept in memory, the whole object put at each
+    flush (tensorboardX flushes every flush_secs and at close)."""
+
+    def __init__(self, url: str):
+        self._location, self._buffer, self._put_size = storage.location(url), bytearray(), -1
+
+    def write(self, data: bytes) -> None:
+        self._buffer += data
+
+    def flush(self) -> None:
+        if len(self._buffer) != self._put_size:
+            storage.write_bytes(self._location, bytes(self._buffer))
+            self._put_size = len(self._buffer)
+
+    def close(self) -> None:
+        self.flush()
+
+
+class _EventObjectFactory:
+    def open(self, path: str) -> _EventObject:
+        return _EventObject(path)
+
+    def directory_check(self, path: str) -> None:
+        """Object stores need no folders."""
+
+
+def tensorboard_logdir(directory: storage.AnyPath) -> str:
+    """The logdir given to tensorboardX: a local path as it is (file:// as its local path); for gs:// and
+    memory://, the URL, whose event files are written through megadoc_jax.storage (tensorstore) by the
+    factory registered here in place of tensorboardX's own gs:// writer (google-cloud-storage)."""
+    if isinstance(directory, Path):
+        return str(directory)
+    if directory.is_local_disk:
+        return str(directory.local_path())
+    from tensorboardX import record_writer
+
+    record_writer.register_writer_factory(directory.scheme, _EventObjectFactory())
+    return str(directory)
+
+
 class MetricsWriter:
-    """Per-step scalars to `<log_dir>/tensorboard/` event files and `<log_dir>/metrics.jsonl`.
+    """Per-step scalars to `<log_dir>/tensorboard/` event files and `<log_dir>/metrics.jsonl`; log_dir may be
+    a URL (megadoc_jax/storage.py: the JSONL is then put whole, at most every few seconds and at flush).
 
     Only process 0 writes (elsewhere every method is a no-op). `start_step` is the number of steps
     already done when a run resumes from a checkpoint: TensorBoard is told to hide events after it,
@@ -190,20 +221,19 @@ class MetricsWriter:
     TensorBoard file is written by tensorboardX's background thread.
     """
 
-    def __init__(self, log_dir: str | Path, *, start_step: int = 0, enabled: bool | None = None):
+    def __init__(self, log_dir: str | Path | storage.Location, *, start_step: int = 0, enabled: bool | None = None):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
-        self.log_dir = Path(log_dir)
+        self.log_dir = storage.location(log_dir, "metrics directory")
         if not self.enabled:
             return
         from tensorboardX import SummaryWriter  # imported here: only process 0 needs it
 
-        self.log_dir.mkdir(parents=True, exist_ok=True)
+        storage.makedirs(self.log_dir)
         self.jsonl_path = self.log_dir / JSONL_NAME
-        _end_partial_line(self.jsonl_path)
-        self._jsonl = self.jsonl_path.open("a", encoding="utf-8")
+        self._jsonl = storage.AppendLog(self.jsonl_path)
         self._write_line({"event": "open", "step": start_step, "time": time.time()})
         self._tensorboard = SummaryWriter(
-            logdir=str(self.log_dir / TENSORBOARD_DIR),
+            logdir=tensorboard_logdir(self.log_dir / TENSORBOARD_DIR),
             purge_step=start_step + 1 if start_step > 0 else None,
             max_queue=1000,
             flush_secs=30,
@@ -211,7 +241,6 @@ class MetricsWriter:
 
     def _write_line(self, record: dict[str, Any]) -> None:
         self._jsonl.write(json.dumps(record) + "\n")
-        self._jsonl.flush()
 
     def write(self, step: int, scalars: Mapping[str, float]) -> None:
         """Record `scalars` (Python or NumPy numbers, already on the host) for `step`."""

@@ -8,9 +8,12 @@ so that reports (megadoc_jax/study) read training logs on any machine; megadoc_j
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 from pathlib import Path
 from typing import Any
+
+from megadoc_jax import storage
 
 JSONL_NAME = "metrics.jsonl"
 
@@ -21,14 +24,15 @@ class MetricsLog:
     unreadable_lines: list[int]  # 1-based line numbers that were not JSON objects (cut by a kill)
 
 
-def read_metrics(path: str | Path) -> MetricsLog:
-    """Read a metrics.jsonl (or the run directory holding one), resume-aware; see megadoc_jax.metrics.MetricsWriter."""
-    path = Path(path)
-    if path.is_dir():
+def read_metrics(path: str | Path | storage.Location) -> MetricsLog:
+    """Read a metrics.jsonl (or the run directory holding one; a path or a URL), resume-aware; see
+    megadoc_jax.metrics.MetricsWriter."""
+    path = storage.location(path, "metrics")
+    if storage.is_dir(path):
         path = path / JSONL_NAME
     records: list[dict[str, Any]] = []
     unreadable: list[int] = []
-    with path.open(encoding="utf-8") as f:
+    with path.open(encoding="utf-8") if isinstance(path, Path) else io.StringIO(storage.read_text(path)) as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue

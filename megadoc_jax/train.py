@@ -24,7 +24,7 @@ from pathlib import Path
 
 import jax
 
-from megadoc_jax import checkpoint, distributed, evaluation, metrics, sharding, xla_env
+from megadoc_jax import checkpoint, distributed, evaluation, metrics, sharding, storage, xla_env
 from megadoc_jax import config as config_lib
 from megadoc_jax import step as step_lib
 from megadoc_jax.data import demo, pipeline
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             return dry_run.main(config, args.topology)
         distributed.initialize_from_environment()
         return run(config).exit_code
-    except config_lib.ConfigError as e:
+    except (config_lib.ConfigError, storage.StorageError) as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
 
@@ -114,9 +114,9 @@ def _run(config: config_lib.Config, devices: list[jax.Device], cleanup: contextl
     config = demo.resolve_demo_paths(config)
     mesh_sizes = config_lib.validate_for_devices(config, len(devices))
     is_main = jax.process_index() == 0
-    run_dir = Path(config.train.run_dir)
+    run_dir = storage.location(config.train.run_dir, "train.run_dir")  # a path or a URL (docs/cloud.md)
     if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        storage.makedirs(run_dir)
         config_lib.dump(config, run_dir / "config.yaml")
 
     # ============================================================================================

@@ -332,3 +332,22 @@ def test_cli_export_prints_summary_and_errors(tmp_path, tokenizer_dir, capsys):
     assert "1 documents" in out and 'skipped 1 records: {"empty": 1}' in out and f"{path}:2: " in out
     assert cli.main(argv + ["--on-error", "empty=error", "--out", str(tmp_path / "s2")]) == 2
     assert f"error: {path}:2: field 'text' is empty" in capsys.readouterr().err
+
+
+def test_export_to_a_url_store_and_rerun(tmp_path, corpus, tokenizer_dir, hf_tokenizer):
+    """--out memory://... (tensorstore's memory kvstore, the object-store code path of megadoc_jax/storage.py)."""
+    import uuid
+
+    from megadoc_jax import storage
+
+    docs = corpus[:12]
+    source = write_lines(tmp_path / "a.jsonl", [{"id": d["id"], "text": d["text"]} for d in docs])
+    url = f"memory://export-{uuid.uuid4().hex}/store"
+    report = export([source], tokenizer_dir, url, workers=0, batch_size=5, flush_tokens=50, progress=False)
+    stored = stored_documents(url, tokenizer_dir)
+    assert [d.tokens.tolist() for d in stored] == [expected_tokens(hf_tokenizer, d["text"]) for d in docs]
+    assert report["store"] == url
+    assert storage.read_json(storage.location(url) / REPORT_FILE)["content_hash"] == report["content_hash"]
+    assert not storage.exists(storage.location(url) / PROGRESS_FILE)
+    again = export([source], tokenizer_dir, url, workers=0, progress=False)  # finished: nothing is redone
+    assert again["content_hash"] == report["content_hash"]

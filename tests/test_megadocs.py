@@ -716,3 +716,25 @@ def test_cli_separators_summary_and_errors(tmp_path, inputs, tokenizer_dir, caps
     assert "needs rationale generations made for G=3" in capsys.readouterr().err
     assert cli.main(["megadocs", *base, "--out", str(tmp_path / "c"), "--methods", "stitched"]) == 2
     assert "method 'stitched'" in capsys.readouterr().err
+
+
+def test_streams_built_on_a_url_match_the_local_ones(tmp_path, inputs, tokenizer_dir):
+    """OUT as a memory:// URL: the stores and reports go through megadoc_jax/storage.py, the lock is a lease
+    object and the spool is built in a local scratch directory (removed at the end)."""
+    import uuid
+
+    from megadoc_jax import storage
+
+    sources, gens = inputs
+    options = StreamOptions(separators=SEPARATORS, flush_tokens=30, progress=False)
+    streams = [(BACK, 2), (STRETCHED, 2)]
+    url = f"memory://megadocs-{uuid.uuid4().hex}/out"
+    remote = build_megadocs([sources], [gens], tokenizer_dir, url, streams, options, workers=0)
+    local = build_megadocs([sources], [gens], tokenizer_dir, tmp_path / "out", streams, options, workers=0)
+    for r, l in zip(remote, local):
+        assert r["content_hash"] == l["content_hash"] and r["store"].startswith(url)
+        assert [as_words(d) for d in read_store(r["store"], tokenizer_dir)] == [
+            as_words(d) for d in read_store(l["store"], tokenizer_dir)
+        ]
+    assert sorted(storage.list_names(storage.location(url))) == [f"{BACK}-G2", f"{STRETCHED}-G2"]
+    assert not megadoc_export.spool_parent(storage.location(url)).joinpath(SPOOL_DIR).exists()

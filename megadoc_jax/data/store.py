@@ -14,12 +14,11 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from megadoc_jax import files
+from megadoc_jax import storage
 from megadoc_jax.data import store_format as fmt
 from megadoc_jax.data.store_format import FORMAT_VERSION, StoreError, StoreLayout
 from megadoc_jax.data.store_reader import StoreReader
@@ -59,10 +58,10 @@ DEFAULT_FLUSH_TOKENS = 1 << 22
 def finished_manifest(path: str | os.PathLike) -> dict[str, Any] | None:
     """The manifest of the finished store at `path` (its counts, content_hash, tokenizer, layout), or None
     when `path` holds no finished store (absent, empty, or still being written). Opens no arrays."""
-    manifest_path = Path(path) / fmt.MANIFEST_FILE
-    if not manifest_path.is_file():
+    manifest_path = storage.location(path) / fmt.MANIFEST_FILE
+    if not storage.is_file(manifest_path):
         return None
-    manifest = files.read_json(manifest_path, fmt.MANIFEST_FILE, StoreError)
+    manifest = storage.read_json(manifest_path, fmt.MANIFEST_FILE, StoreError)
     return manifest if manifest.get("finished") is True else None
 
 
@@ -88,13 +87,13 @@ class StoreWriter:
     ) -> None:
         if flush_tokens <= 0:
             raise ValueError(f"flush_tokens must be positive, got {flush_tokens}")
-        self.path = Path(path)
+        self.path = storage.location(path, "token store")
         self.tokenizer = tokenizer
         self.flush_tokens = flush_tokens
         self._finished = False
-        self.path.mkdir(parents=True, exist_ok=True)
-        # Two writers on one store would corrupt it.
-        self._lock = files.lock_exclusive(self.path / fmt.LOCK_FILE, holder="another StoreWriter", error=StoreError)
+        storage.makedirs(self.path)
+        # Two writers on one store would corrupt it (a lease object on a URL: docs/cloud.md).
+        self._lock = storage.lock_exclusive(self.path / fmt.LOCK_FILE, holder="another StoreWriter", error=StoreError)
         try:
             self.manifest = self._open_manifest(layout)
             self.layout = StoreLayout.from_dict(self.manifest["layout"])
@@ -184,9 +183,9 @@ class StoreWriter:
             content_hash=digest,
             flushes=self._flushes,
         )
-        files.write_json_atomic(self.path / fmt.MANIFEST_FILE, self.manifest)  # the finished flag, last
+        storage.write_json_atomic(self.path / fmt.MANIFEST_FILE, self.manifest)  # the finished flag, last
         self._finished = True
-        (self.path / fmt.LOCK_FILE).unlink(missing_ok=True)
+        storage.delete(self.path / fmt.LOCK_FILE)
         self._lock.release()
         return dict(self.manifest)
 
@@ -211,12 +210,12 @@ class StoreWriter:
         if self._finished:
             raise StoreError(f"{self.path}: the store is finished; nothing more can be written")
         if not self._lock.held:
-            raise StoreError(f"{self.path}: the writer is closed")
+            raise StoreError(f"{self.path}: the writer is closed (or lost its lease on the store to another writer)")
 
     def _open_manifest(self, layout: StoreLayout | None) -> dict[str, Any]:
         manifest_path = self.path / fmt.MANIFEST_FILE
-        if not manifest_path.exists():
-            stray = [p.name for p in self.path.iterdir() if p.name != fmt.LOCK_FILE and not p.name.endswith(".tmp")]
+        if not storage.is_file(manifest_path):
+            stray = [n for n in storage.list_names(self.path) if n != fmt.LOCK_FILE and not n.endswith(".tmp")]
             if stray:
                 raise StoreError(f"{self.path}: exists, is not a token store (no manifest.json) and is not empty")
             manifest = {
@@ -231,9 +230,9 @@ class StoreWriter:
                 "arrays": {key: dtype for key, dtype in fmt.array_keys()},
                 "levanter": "input_ids/ is a Levanter JaggedArrayStore (data, offsets; offsets[0] = rows)",
             }
-            files.write_json_atomic(manifest_path, manifest)
+            storage.write_json_atomic(manifest_path, manifest)
             return manifest
-        manifest = files.read_json(manifest_path, fmt.MANIFEST_FILE, StoreError)
+        manifest = storage.read_json(manifest_path, fmt.MANIFEST_FILE, StoreError)
         check_format_version(self.path, manifest)
         if manifest.get("finished"):
             raise StoreError(f"{self.path}: the store is finished; delete it to write it again")
@@ -247,9 +246,9 @@ class StoreWriter:
     def _read_commit(self) -> dict[str, Any]:
         """The last commit record, checked against the durable offsets it describes."""
         commit_path = self.path / fmt.COMMIT_FILE
-        if not commit_path.exists():
+        if not storage.is_file(commit_path):
             return {"num_documents": 0, "group_sizes": {g.name: 0 for g in fmt.GROUPS}, "flushes": 0}
-        commit = files.read_json(commit_path, fmt.COMMIT_FILE, StoreError)
+        commit = storage.read_json(commit_path, fmt.COMMIT_FILE, StoreError)
         documents = commit.get("num_documents")
         sizes = commit.get("group_sizes")
         if not isinstance(documents, int) or not isinstance(sizes, dict) or set(sizes) != {g.name for g in fmt.GROUPS}:
@@ -266,4 +265,4 @@ class StoreWriter:
 
     def _write_commit(self) -> None:
         record = {"num_documents": self.num_committed, "group_sizes": self._group_sizes, "flushes": self._flushes}
-        files.write_json_atomic(self.path / fmt.COMMIT_FILE, record)
+        storage.write_json_atomic(self.path / fmt.COMMIT_FILE, record)

@@ -14,18 +14,19 @@ While a store is being written every array has the unbounded shape [2**54] (as i
 appends never rewrite array metadata; `finish` shrinks each array to its exact length.
 
 This module is the storage layer only (numpy + tensorstore + stdlib), private to megadoc_jax/data; its
-small JSON files are written with megadoc_jax/files.py. store.py holds the public API.
+small JSON files are written with megadoc_jax/storage.py (local paths and URLs). store.py holds the public API.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import tensorstore as ts
+
+from megadoc_jax import storage
 
 FORMAT_NAME = "megadoc-token-store"
 FORMAT_VERSION = 1
@@ -110,7 +111,7 @@ def _codecs(codec: str, level: int, itemsize: int) -> list[dict[str, Any]]:
     return chain
 
 
-def array_spec(root: Path, key: str, dtype: str, layout: StoreLayout) -> dict[str, Any]:
+def array_spec(root: storage.AnyPath, key: str, dtype: str, layout: StoreLayout) -> dict[str, Any]:
     """The zarr3 spec that creates array `key` (e.g. 'input_ids/data') under store `root`."""
     itemsize = np.dtype(dtype).itemsize
     if key.startswith(f"{TOKENS.name}/"):
@@ -123,7 +124,7 @@ def array_spec(root: Path, key: str, dtype: str, layout: StoreLayout) -> dict[st
         codecs = [{"name": "sharding_indexed", "configuration": {"chunk_shape": [chunk], "codecs": codecs}}]
     return {
         "driver": "zarr3",
-        "kvstore": {"driver": "file", "path": str(root / key)},
+        "kvstore": storage.kvstore_spec(root / key),
         "metadata": {
             "shape": [UNBOUNDED],
             "data_type": dtype,
@@ -137,16 +138,16 @@ def array_spec(root: Path, key: str, dtype: str, layout: StoreLayout) -> dict[st
 WRITE_CONTEXT = {"file_io_sync": True}
 
 
-def open_array_for_write(root: Path, key: str, dtype: str, layout: StoreLayout) -> ts.TensorStore:
+def open_array_for_write(root: storage.AnyPath, key: str, dtype: str, layout: StoreLayout) -> ts.TensorStore:
     """Create the array, or open it as it is (re-expanded to the unbounded shape after a finish)."""
-    context = ts.Context(WRITE_CONTEXT)
+    context = storage.tensorstore_context(root, WRITE_CONTEXT)
     array = ts.open(array_spec(root, key, dtype, layout), create=True, open=True, context=context).result()
     if array.shape[0] < UNBOUNDED:
         array = array.resize(exclusive_max=[UNBOUNDED], expand_only=True, resize_metadata_only=True).result()
     return array
 
 
-def shrink_array(root: Path, key: str, array: ts.TensorStore, length: int) -> ts.TensorStore:
+def shrink_array(root: storage.AnyPath, key: str, array: ts.TensorStore, length: int) -> ts.TensorStore:
     """Set the array's shape to its exact length and delete chunk files wholly past the end.
 
     The resize is metadata-only: tensorstore's own deletion would visit every chunk of the unbounded
@@ -157,19 +158,19 @@ def shrink_array(root: Path, key: str, array: ts.TensorStore, length: int) -> ts
     file_elements = array.chunk_layout.write_chunk.shape[0]  # a chunk, or a shard of chunks
     chunks_needed = -(-length // file_elements)
     chunk_dir = root / key / "c"  # zarr3 default chunk key encoding: c/<index>
-    if chunk_dir.is_dir():
-        for path in chunk_dir.iterdir():
-            past_end = path.name.isdigit() and int(path.name) >= chunks_needed
-            if past_end or path.name.endswith(".__lock"):  # tensorstore's temporary files, left by a kill
-                path.unlink()
+    if storage.is_dir(chunk_dir):
+        for name in storage.list_names(chunk_dir):
+            past_end = name.isdigit() and int(name) >= chunks_needed
+            if past_end or name.endswith(".__lock"):  # the file driver's temporary files, left by a kill
+                storage.delete(chunk_dir / name)
     return array
 
 
-def open_array_for_read(root: Path, key: str, context: ts.Context) -> ts.TensorStore:
+def open_array_for_read(root: storage.AnyPath, key: str, context: ts.Context) -> ts.TensorStore:
     """Open a finished (immutable) array: no revalidation of cached chunks on every read."""
     spec = {
         "driver": "zarr3",
-        "kvstore": {"driver": "file", "path": str(root / key)},
+        "kvstore": storage.kvstore_spec(root / key),
         "recheck_cached_data": False,
         "recheck_cached_metadata": False,
     }

@@ -15,13 +15,12 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import tensorstore as ts
 
-from megadoc_jax import files
+from megadoc_jax import storage
 from megadoc_jax.data import store_format as fmt
 from megadoc_jax.data.store_format import StoreError
 from megadoc_jax.data.store_types import (
@@ -39,7 +38,7 @@ DEFAULT_CACHE_BYTES = 1 << 30  # per reader: stores of up to 256M tokens are rea
 class StoreReader:
     """A finished store, read-only. Build it with `StoreReader.open(path, tokenizer)`."""
 
-    def __init__(self, path: Path, manifest: dict[str, Any], cache_bytes: int) -> None:
+    def __init__(self, path: storage.AnyPath, manifest: dict[str, Any], cache_bytes: int) -> None:
         self.path = path
         self.manifest = manifest
         self.tokenizer = TokenizerInfo.from_dict(manifest["tokenizer"])
@@ -51,7 +50,8 @@ class StoreReader:
         self.cache_bytes = cache_bytes
         self.resident = self.num_tokens * np.dtype(np.int32).itemsize <= cache_bytes
         # Resident readers keep decoded chunks themselves; a tensorstore cache would only hold a copy.
-        context = ts.Context({"cache_pool": {"total_bytes_limit": 0 if self.resident else cache_bytes}})
+        cache = {"cache_pool": {"total_bytes_limit": 0 if self.resident else cache_bytes}}
+        context = storage.tensorstore_context(path, cache)
         self._arrays = {key: fmt.open_array_for_read(path, key, context) for key, _ in fmt.array_keys()}
         self._check_shapes()
         self._tokens = self._arrays["input_ids/data"]
@@ -77,11 +77,11 @@ class StoreReader:
         cache_bytes: int = DEFAULT_CACHE_BYTES,
     ) -> StoreReader:
         """Open a finished store; refuse an unfinished one, another tokenizer's, or a newer format."""
-        path = Path(path)
+        path = storage.location(path, "token store")
         manifest_path = path / fmt.MANIFEST_FILE
-        if not manifest_path.is_file():
+        if not storage.is_file(manifest_path):
             raise StoreError(f"{path}: not a token store (no {fmt.MANIFEST_FILE})")
-        manifest = files.read_json(manifest_path, fmt.MANIFEST_FILE, StoreError)
+        manifest = storage.read_json(manifest_path, fmt.MANIFEST_FILE, StoreError)
         check_format_version(path, manifest)
         if manifest.get("finished") is not True:
             raise StoreError(

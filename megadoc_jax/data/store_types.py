@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from megadoc_jax import storage
 from megadoc_jax.data import store_format as fmt
 from megadoc_jax.data.store_format import FORMAT_VERSION, StoreError
 
@@ -99,6 +100,11 @@ class TokenizerInfo:
     @classmethod
     def from_directory(cls, path: str | os.PathLike) -> TokenizerInfo:
         """Identity of a Hugging Face tokenizer directory: sha256 over its tokenizer files' bytes."""
+        if storage.is_url(path):  # the tokenizers library reads local files only (docs/cloud.md)
+            raise StoreError(
+                f"{path}: a tokenizer directory must be local (the tokenizers library reads files); copy it first, "
+                "e.g. gcloud storage cp -r URL DIR"
+            )
         root = Path(path)
         if not (root / "tokenizer.json").is_file():
             raise StoreError(f"{root}: no tokenizer.json (a fast Hugging Face tokenizer directory is needed)")

@@ -21,7 +21,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from megadoc_jax import checkpoint, hf
+from megadoc_jax import checkpoint, hf, storage
 from megadoc_jax.config import Config, ModelConfig
 from megadoc_jax.data.store import StoreError, TokenizerInfo
 from megadoc_jax.loss import ENSEMBLE_MODES
@@ -37,8 +37,8 @@ class ModelError(ValueError):
 class Member:
     spec: str  # as given on the command line
     kind: str  # "run" or "hf"
-    path: Path  # the run directory (or the Llama directory)
-    checkpoint: Path  # the step directory read (or the Llama directory)
+    path: storage.AnyPath  # the run directory, a path or a URL (or the Llama directory, local)
+    checkpoint: storage.AnyPath  # the step directory read (or the Llama directory)
     step: int | None  # the checkpoint's step; None for a Llama directory
     model_config: ModelConfig
     context_length: int
@@ -64,12 +64,12 @@ class Member:
         }
 
 
-def parse_model_spec(text: str) -> tuple[Path, int | None]:
-    """RUN_DIR[:STEP] -> (path, step); a path that exists as written is never split."""
+def parse_model_spec(text: str) -> tuple[storage.AnyPath, int | None]:
+    """RUN_DIR[:STEP] -> (path or URL, step); a path that exists as written is never split."""
     head, sep, tail = text.rpartition(":")
-    if sep and tail.isdigit() and not Path(text).exists():
-        return Path(head), int(tail)
-    return Path(text), None
+    if sep and tail.isdigit() and not storage.exists(storage.location(text, "--model")):
+        return storage.location(head, "--model"), int(tail)
+    return storage.location(text, "--model"), None
 
 
 def _tokenizer_of(candidates: Sequence[Path | None]) -> tuple[Path | None, TokenizerInfo | None]:
@@ -82,8 +82,8 @@ def _tokenizer_of(candidates: Sequence[Path | None]) -> tuple[Path | None, Token
     return None, None
 
 
-def not_a_model(spec: str, path: Path) -> ModelError:
-    if not path.exists():
+def not_a_model(spec: str, path: storage.AnyPath) -> ModelError:
+    if not storage.exists(path):
         return ModelError(f"--model {spec}: {path} does not exist")
     return ModelError(
         f"--model {spec}: {path} is neither a megadoc_jax run ({checkpoint.RUN_CONFIG} next to "
@@ -93,7 +93,7 @@ def not_a_model(spec: str, path: Path) -> ModelError:
 
 def load_member(spec: str, mesh: jax.sharding.Mesh, *, attention: str, compute_dtype: str | None = None) -> Member:
     path, step = parse_model_spec(spec)
-    if not path.exists():
+    if not storage.exists(path):
         raise not_a_model(spec, path)
     if checkpoint.find_run_config(path) is not None:
         run = checkpoint.load_run(path, mesh, step=step, compute_dtype=compute_dtype)
@@ -102,7 +102,7 @@ def load_member(spec: str, mesh: jax.sharding.Mesh, *, attention: str, compute_d
         run_dir = checkpoint.find_run_config(path).parent
         tokenizer = run_config.data.tokenizer
         tokenizer_dir, info = _tokenizer_of([Path(tokenizer) if tokenizer else None])
-    elif (path / hf.CONFIG_JSON).is_file():
+    elif isinstance(path, Path) and (path / hf.CONFIG_JSON).is_file():  # Llama directories are local
         if step is not None:
             raise ModelError(f"--model {spec}: {path} is a Hugging Face directory; it has no steps to choose")
         model, _, context = hf.import_llama(path, mesh, compute_dtype=compute_dtype)
@@ -116,8 +116,8 @@ def load_member(spec: str, mesh: jax.sharding.Mesh, *, attention: str, compute_d
     return Member(
         spec=spec,
         kind=kind,
-        path=run_dir.absolute(),
-        checkpoint=Path(step_dir).absolute(),
+        path=checkpoint.absolute(run_dir),
+        checkpoint=checkpoint.absolute(step_dir),
         step=step,
         model_config=model_config,
         context_length=int(context),

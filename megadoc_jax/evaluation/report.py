@@ -13,14 +13,13 @@ import logging
 import math
 import platform
 import time
-from pathlib import Path
 from typing import Any
 
 import flax
 import jax
 
 import megadoc_jax
-from megadoc_jax import files, metrics
+from megadoc_jax import metrics, storage
 from megadoc_jax.evaluation.loss_windows import metric_prefix
 
 log = logging.getLogger(__name__)
@@ -94,12 +93,12 @@ def benchmark_scalars(benchmarks: dict[str, Any] | None) -> dict[str, float]:
     return scalars
 
 
-def write(path: Path, value: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    files.write_json_atomic(path, value)
+def write(path: storage.AnyPath, value: dict[str, Any]) -> None:
+    storage.makedirs(path.parent)
+    storage.write_json_atomic(path, value)
 
 
-def append_to_run_metrics(run_dir: Path, step: int, scalars: dict[str, float]) -> dict[str, float]:
+def append_to_run_metrics(run_dir: storage.AnyPath, step: int, scalars: dict[str, float]) -> dict[str, float]:
     """Adds the scalars at `step` to the run's metrics.jsonl and TensorBoard files (process 0 only), but
     for those already logged at `step` with the same value (relative 1e-6: fp32 scores on another mesh):
     the training loop's final figures over the whole store, or an earlier identical evaluation. Returns
@@ -108,7 +107,7 @@ def append_to_run_metrics(run_dir: Path, step: int, scalars: dict[str, float]) -
 
     The writer is opened at the last step already logged, so that reading the log keeps every earlier
     record (MetricsWriter's resume marker drops records past the step it is opened at)."""
-    has_log = (run_dir / metrics.JSONL_NAME).exists()
+    has_log = storage.is_file(run_dir / metrics.JSONL_NAME)
     records = metrics.read_metrics(run_dir).records if has_log else []
     logged = {key: value for r in records if r["step"] == step for key, value in r.items()}
     new = {}
