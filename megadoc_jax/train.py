@@ -46,11 +46,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 class Preemption:
-    """SIGTERM (TPU preemption, scheduler stop) asks the loop to save and exit after the current step."""
+    """SIGTERM (TPU preemption, scheduler stop) asks the loop to save and exit after the current step.
 
-    def __init__(self) -> None:
+    One process only. Across processes, jax.distributed's preemption notifier already listens for SIGTERM
+    and makes every process reach the sync point at one step (checkpointer.reached_preemption); a Python
+    handler would replace its handler (no sync point ever comes) and stop only the signalled process, at
+    a step of its own, leaving the others waiting in a collective (tests/test_train.py)."""
+
+    def __init__(self, listen: bool) -> None:
         self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self._previous = signal.signal(signal.SIGTERM, self._handle) if listen else None
 
     def _handle(self, signum, frame) -> None:
         self.requested = True
@@ -59,7 +64,8 @@ class Preemption:
         return self
 
     def __exit__(self, *exc_info) -> None:
-        signal.signal(signal.SIGTERM, self._previous)
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 def log_to_console() -> None:
@@ -164,7 +170,7 @@ def _run(config: config_lib.Config, devices: list[jax.Device], cleanup: contextl
     # ============================================================================================
     writer = cleanup.enter_context(metrics.MetricsWriter(run_dir, start_step=start_step, enabled=is_main))
     throughput = metrics.Throughput(config.model, config.data.seq_len, config.train.batch_size, devices)
-    preemption = cleanup.enter_context(Preemption())
+    preemption = cleanup.enter_context(Preemption(listen=jax.process_count() == 1))
     history: list[dict[str, float]] = []
     log.info("training steps %d..%d", start_step, total_steps)
 

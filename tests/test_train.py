@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -202,12 +203,21 @@ def test_two_process_distributed_run_matches_one_process(demo_data, tmp_path, ei
         demo_data, tmp_path, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "train.checkpoint_every=6"
     )
     processes = [run_train_process(overrides, devices=4, env=LAUNCH_ENVIRONMENTS[launch](port, i)) for i in range(2)]
+    if launch == "slurm":  # scancel's SIGTERM reaching one task first: both must stop at one step
+        wait_for_step(processes[0], tmp_path, 3, timeout=400)
+        processes[1].send_signal(signal.SIGTERM)
+    saved: list[list[str]] = []  # each process's saved step
     for i, p in enumerate(processes):
         output, _ = p.communicate(timeout=400)
         assert p.returncode == 0, output
         assert f"joined: process {i} of 2, 4 local devices of 8" in output, output
         if launch == "slurm":
             assert f"SLURM: process {i} of 2 on node 0 of 1 (2 processes per node)" in output, output
+            saved.append(re.findall(r"preemption requested: saved step (\d+)", output))
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     losses = [entry["loss"] for entry in logged if "loss" in entry]
-    np.testing.assert_allclose(losses, train_losses(eight), rtol=2e-4)
+    if launch == "slurm":  # through jax.distributed's preemption sync point, the same step on both
+        assert saved[0] == saved[1] and len(saved[0]) == 1, saved
+        step = saved[0][0]
+        assert 3 <= int(step) < STEPS and max(logged_steps(tmp_path)) == int(step)
+    np.testing.assert_allclose(losses, train_losses(eight)[: len(losses)], rtol=2e-4)
