@@ -21,6 +21,7 @@ Imports no JAX; tensorstore only when a URL is used.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import logging
@@ -29,6 +30,7 @@ import re
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +142,26 @@ def _clean_key(key: str, text: str, scheme: str, what: str = "path") -> str:
 
 def is_url(value: str | os.PathLike | Location) -> bool:
     return isinstance(location(value), Location)
+
+
+def local_path(value: str | os.PathLike, what: str) -> Path:
+    """`value` as a local Path, for the inputs that only work on a local filesystem (docs/cloud.md lists
+    them); a URL is refused naming `what`, rather than becoming a local directory named 'gs:'."""
+    if isinstance(location(value, what), Location):
+        raise StorageError(f"{what} {os.fspath(value)!r}: must be a local path here, not a URL (docs/cloud.md)")
+    return Path(value)
+
+
+def local_path_argument(what: str) -> Callable[[str], Path]:
+    """An argparse `type=` for a local-only path (local_path): argparse prints the message and exits 2."""
+
+    def parse(value: str) -> Path:
+        try:
+            return local_path(value, what)
+        except StorageError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return parse
 
 
 def display(value: AnyPath) -> str:

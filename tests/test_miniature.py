@@ -1,6 +1,6 @@
 """The CPU miniature (megadoc_jax.miniature): its plan, its configs and its stage runner.
 
-The whole miniature takes a quarter of an hour on 2 cores: too slow for the suite. Its measured run is in
+The whole miniature takes about 19 minutes on 2 cores: too slow for the suite. Its measured run is in
 docs/miniature.md. Here: every config it writes composes and validates, the subsets are nested, the
 commands it plans are ones our CLIs accept, and the runner's order, resume, failure and stale-directory
 rules, with real (small) child processes.
@@ -233,6 +233,22 @@ def test_a_rerun_with_another_resolved_config_is_refused(tmp_path):
     other = Plan(Settings(work_dir=tmp_path, overrides=("optim.lr=0.001",)))
     with pytest.raises(StaleWorkDir, match="stage 'train real-1of8' ran with another config"):
         run_stages([baseline(other)], tmp_path, jobs=1)
+
+
+def test_a_refused_rerun_leaves_the_work_directory_as_it_was(tmp_path, capsys):
+    from megadoc_jax.miniature.__main__ import main
+    from megadoc_jax.miniature.runner import _as_text
+
+    plan = Plan(Settings(work_dir=tmp_path))
+    plan.write_configs()
+    stage = next(s for s in plan.stages() if s.name == "train real-1of8")
+    marker = {"stage": stage.name, "commands": _as_text(stage.command_list()), "fingerprint": stage.fingerprint()}
+    (tmp_path / "stages").mkdir()
+    (tmp_path / "stages" / "train-real-1of8.json").write_text(json.dumps(marker | {"seconds": 1.0}))
+    before = {p.name: p.read_text() for p in (tmp_path / "configs").iterdir()}
+    assert main(["--work-dir", str(tmp_path), "optim.lr=0.001"]) == 2
+    assert "stage 'train real-1of8' ran other commands" in capsys.readouterr().err
+    assert {p.name: p.read_text() for p in (tmp_path / "configs").iterdir()} == before
 
 
 def test_a_stage_listed_after_what_it_needs_is_refused(tmp_path):

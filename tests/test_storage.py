@@ -81,6 +81,17 @@ def test_a_url_is_never_silently_used_as_a_local_path():
         open(storage.location("memory://x/y"))  # noqa: SIM115
 
 
+def test_local_only_inputs_refuse_urls_naming_the_argument(tmp_path):
+    assert storage.local_path(str(tmp_path), "RUNS_DIR") == tmp_path
+    with pytest.raises(storage.StorageError, match="RUNS_DIR 'gs://bucket/runs': must be a local path here"):
+        storage.local_path("gs://bucket/runs", "RUNS_DIR")
+    from megadoc_jax.study.cli import parse_args
+
+    with pytest.raises(SystemExit) as exited:  # argparse: the message on stderr, exit status 2
+        parse_args(["gs://bucket/runs"])
+    assert exited.value.code == 2
+
+
 # --------------------------------------------------------------------------------------------------
 # Files, listing, exclusive creation, leases
 # --------------------------------------------------------------------------------------------------

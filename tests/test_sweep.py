@@ -124,6 +124,7 @@ def test_pending_points_stay_to_run_until_they_have_an_outcome():
         ({"overrides": ["train.run_dir=x"]}, "overrides: 'train.run_dir=x': the sweep sets train.run_dir"),
         ({"overrides": ["optim.lr=1"]}, r"overrides: .optim.lr=1.: optim.lr is swept \(grids.lr\)"),
         ({"surprise": 1}, "unknown key surprise"),
+        ({"sweep_dir": "gs://bucket/sweeps/a"}, "sweep_dir: must be a local or shared filesystem path, not a URL"),
     ],
 )
 def test_bad_sweep_files_name_the_file_and_the_key(tmp_path, change, message):

@@ -17,15 +17,16 @@ import sys
 import time
 from pathlib import Path
 
-from megadoc_jax import files
+from megadoc_jax import files, storage
 from megadoc_jax.miniature import summary
 from megadoc_jax.miniature.plan import Plan, Settings
-from megadoc_jax.miniature.runner import StaleWorkDir, run_stages
+from megadoc_jax.miniature.runner import StaleWorkDir, check_recorded, run_stages
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m megadoc_jax.miniature", description=__doc__.split("\n")[0])
-    parser.add_argument("--work-dir", type=Path, default=Path("runs/miniature"), help="everything goes here")
+    work_dir = storage.local_path_argument("--work-dir")
+    parser.add_argument("--work-dir", type=work_dir, default=Path("runs/miniature"), help="everything goes here")
     parser.add_argument("--jobs", type=int, default=2, help="processes at once (default 2: this project's CPU)")
     parser.add_argument(
         "overrides", nargs="*", help="key=value for every training run (e.g. train.steps=20 for a smoke run)"
@@ -33,9 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     settings = Settings(work_dir=args.work_dir, jobs=args.jobs, overrides=tuple(args.overrides))
     plan = Plan(settings)
-    plan.write_configs()
     started = time.monotonic()
     try:
+        check_recorded(plan.stages(), plan.work)  # before the configs are rewritten: refused, nothing changes
+        plan.write_configs()
         outcomes = run_stages(plan.stages(), plan.work, settings.jobs)
     except StaleWorkDir as e:
         print(f"miniature: {e}", file=sys.stderr)

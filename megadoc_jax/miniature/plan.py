@@ -27,6 +27,7 @@ import functools
 import hashlib
 import json
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -149,11 +150,10 @@ class Plan:
 
     # -- config files -----------------------------------------------------------------------------
 
-    def _write_config(self, name: str, base: Path, values: dict) -> Path:
-        path = self.path("configs", f"{name}.yaml")
+    @staticmethod
+    def _config_text(base: Path, values: dict) -> str:
         text = f"# written by python -m megadoc_jax.miniature (docs/miniature.md)\nbase: {base}\n"
-        self._write(path, text + yaml.safe_dump(values, sort_keys=False))
-        return path
+        return text + yaml.safe_dump(values, sort_keys=False)
 
     def _data(self, streams: list[dict]) -> dict:
         return {
@@ -163,17 +163,21 @@ class Plan:
         }
 
     def write_configs(self) -> None:
-        """Every run's config file and the sweep file: small and deterministic, written before any stage
-        starts, on every invocation (a rerun compares the stages' resolved configs with what they ran)."""
+        """Every run's config file and the sweep file into WORK/configs/: small and deterministic, written
+        on every invocation once the done markers are known to match them (__main__.py)."""
+        for name, text in self.config_files().items():
+            self._write(self.path("configs", name), text)
+
+    def config_files(self) -> dict[str, str]:
+        """{file name: text} of every run's config and of the sweep file, as write_configs writes them."""
+        out: dict[str, str] = {}
         real = {"name": "real", "store": str(self.real_store(1.0)), "weight": 1.0}
-        self._write_config("generator", CONFIGS / "generator.yaml", {"data": self._data([real])})
+        out["generator.yaml"] = self._config_text(CONFIGS / "generator.yaml", {"data": self._data([real])})
         for f in self.s.fractions:
             store = {"name": "real", "store": str(self.real_store(f)), "weight": 1.0}
             data = self._data([store]) | {"real_epochs": self.s.baseline_epochs}
-            self._write_config(
-                f"real-{fraction_label(f)}",
-                CONFIGS / "study.yaml",
-                {"data": data, "experiment": {"method": "real", "name": "baseline"}},
+            out[f"real-{fraction_label(f)}.yaml"] = self._config_text(
+                CONFIGS / "study.yaml", {"data": data, "experiment": {"method": "real", "name": "baseline"}}
             )
         for m in self.s.methods:
             for g in self.s.generations:
@@ -182,8 +186,8 @@ class Plan:
                     {"name": "synthetic", "store": str(self.stream_store(m, g)), "weight": self.s.r},
                 ]
                 experiment = {"method": m, "generations": g, "name": f"{m}-g{g}"}
-                self._write_config(
-                    f"{m}-g{g}", CONFIGS / "study.yaml", {"data": self._data(streams), "experiment": experiment}
+                out[f"{m}-g{g}.yaml"] = self._config_text(
+                    CONFIGS / "study.yaml", {"data": self._data(streams), "experiment": experiment}
                 )
         method, g = self.swept
         sweep = {
@@ -196,7 +200,8 @@ class Plan:
             "max_attempts": 2,
             "lease_seconds": 300,
         }
-        self._write(self.path("configs", "sweep.yaml"), yaml.safe_dump(sweep, sort_keys=False))
+        out["sweep.yaml"] = yaml.safe_dump(sweep, sort_keys=False)
+        return out
 
     def write_subsets(self) -> None:
         """The baselines' JSONL inputs: nested subsets of the demo's train split (not the whole split)."""
@@ -225,14 +230,18 @@ class Plan:
         return self._module("megadoc_jax.evaluate", *models, *stores, *benchmarks, "--no-progress")
 
     def config_digest(self, name: str) -> str:
-        """sha256 of run config WORK/configs/<name>.yaml resolved (bases, the miniature's overrides)."""
-        resolved = config_lib.load(self.path("configs", f"{name}.yaml"), list(self.s.overrides))
+        """sha256 of run config <name>.yaml resolved (bases, the miniature's overrides), from the text
+        write_configs would write (its base is an absolute path), so nothing in WORK is read or written."""
+        with tempfile.TemporaryDirectory() as scratch:
+            path = Path(scratch) / f"{name}.yaml"
+            path.write_text(self.config_files()[path.name])
+            resolved = config_lib.load(path, list(self.s.overrides))
         return hashlib.sha256(json.dumps(config_lib.to_dict(resolved), sort_keys=True).encode()).hexdigest()
 
     def sweep_digest(self) -> str:
         """sha256 of the sweep file and of the resolved config it sweeps."""
         method, g = self.swept
-        text = self.path("configs", "sweep.yaml").read_text() + self.config_digest(f"{method}-g{g}")
+        text = self.config_files()["sweep.yaml"] + self.config_digest(f"{method}-g{g}")
         return hashlib.sha256(text.encode()).hexdigest()
 
     def generator_context(self) -> int:

@@ -74,6 +74,12 @@ def _recorded(work_dir: Path, stage: Stage) -> dict | None:
     return marker
 
 
+def check_recorded(stages: Sequence[Stage], work_dir: Path) -> None:
+    """StaleWorkDir if a done marker in work_dir disagrees with its stage (before anything is written)."""
+    for stage in stages:
+        _recorded(work_dir, stage)
+
+
 def _as_text(commands: Sequence[Command]) -> list[str]:
     return [shlex.join(map(str, c)) for c in commands]
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
+from megadoc_jax import storage
 from megadoc_jax.study import report
 from megadoc_jax.study.runs import StudyError, discover, load_runs
 
@@ -31,8 +31,9 @@ def store_tokens(text: str) -> tuple[str, int]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m megadoc_jax.evaluate report", description=__doc__.split("\n")[0])
-    parser.add_argument("runs_dir", type=Path, help="directory whose subdirectories (any depth) hold runs")
-    parser.add_argument("--out", type=Path, help=f"output directory (default RUNS_DIR/{DEFAULT_OUT})")
+    local = storage.local_path_argument  # the report reads and writes local files only (docs/cloud.md)
+    parser.add_argument("runs_dir", type=local("RUNS_DIR"), help="directory whose subdirectories (any depth) hold runs")
+    parser.add_argument("--out", type=local("--out"), help=f"output directory (default RUNS_DIR/{DEFAULT_OUT})")
     parser.add_argument(
         "--store", help="the objective (i.i.d.) store (default: each run's first data.eval_stores name)"
     )

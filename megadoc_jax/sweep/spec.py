@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from megadoc_jax import config as config_lib
-from megadoc_jax import run_names
+from megadoc_jax import run_names, storage
 from megadoc_jax.config import ConfigError
 from megadoc_jax.sweep.search import Point, Space
 
@@ -83,6 +83,7 @@ def _check(condition: bool, key: str, message: str) -> None:
 def validate_spec(spec: SweepSpec) -> None:
     _check(bool(spec.config), "config", "is empty: name the base training config")
     _check(bool(spec.sweep_dir), "sweep_dir", "is empty")
+    _check(not storage.is_url(spec.sweep_dir), "sweep_dir", "must be a local or shared filesystem path, not a URL")
     _check(bool(spec.objective), "objective", "is empty: name a metric such as eval/heldout/loss")
     _check(spec.max_attempts >= 1, "max_attempts", f"must be >= 1, got {spec.max_attempts}")
     _check(spec.lease_seconds > 0, "lease_seconds", f"must be positive, got {spec.lease_seconds}")

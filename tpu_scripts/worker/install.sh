@@ -42,5 +42,5 @@ venv=$(cd "$venv" && pwd)
 "$venv/bin/python" -m pip install -q --upgrade pip
 # A reinstall of the same version must still take the new source.
 "$venv/bin/python" -m pip uninstall -q -y megadoc-jax 2>/dev/null || true
-(cd "$source_dir" && "$venv/bin/python" -m pip install -q ".[tpu]")
+(cd "$source_dir" && "$venv/bin/python" -m pip install -q ".[tpu,gcs]")  # gcs: orbax checkpoints on gs:// (docs/cloud.md)
 "$venv/bin/python" -c 'import megadoc_jax, jax; print("megadoc-jax installed with jax", jax.__version__)'
