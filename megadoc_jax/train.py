@@ -45,6 +45,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+RUN_LOCK = "train.lock"  # in the run directory, held by process 0 while it trains
+
+
+class RunDirInUse(RuntimeError):
+    """Another training run holds the run directory's lock."""
+
+
 class Preemption:
     """SIGTERM (TPU preemption, scheduler stop) asks the loop to save and exit after the current step.
 
@@ -94,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     except (config_lib.ConfigError, storage.StorageError) as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    except RunDirInUse as e:
+        print(f"train: {e}; wait for it to finish or choose another train.run_dir", file=sys.stderr)
+        return 2
 
 
 @dataclasses.dataclass
@@ -123,6 +133,9 @@ def _run(config: config_lib.Config, devices: list[jax.Device], cleanup: contextl
     run_dir = storage.location(config.train.run_dir, "train.run_dir")  # a path or a URL (docs/cloud.md)
     if is_main:
         storage.makedirs(run_dir)
+        # One run per directory: a second would interleave checkpoints and metrics with this one's.
+        lock = storage.lock_exclusive(run_dir / RUN_LOCK, holder="another training run", error=RunDirInUse)
+        cleanup.enter_context(lock)
         config_lib.dump(config, run_dir / "config.yaml")
 
     # ============================================================================================

@@ -197,6 +197,24 @@ def test_store_vocabulary_larger_than_the_model(stores):
         pipeline.TrainData(config)
 
 
+def test_a_damaged_chunk_stops_training_naming_the_store_and_the_window(tmp_path):
+    """What a bad disk or a cut copy does: bytes in the middle of a token chunk XOR-ed."""
+    store = write_store(tmp_path / "real", random_documents(150, seed=0, token_range=REAL_TOKENS))
+    token_array = tmp_path / "real" / "input_ids" / "data"  # the token ids (docs/store.md)
+    chunk = max(
+        (p for p in token_array.rglob("*") if p.is_file() and p.name != "zarr.json"), key=lambda p: p.stat().st_size
+    )
+    data = bytearray(chunk.read_bytes())
+    middle = StoreReader.open(store).num_tokens * 4 // 2  # the middle of the ids (int32, from the shard's start)
+    data[middle : middle + 300] = bytes(b ^ 0x5A for b in data[middle : middle + 300])
+    chunk.write_bytes(bytes(data))
+    config = make_config({"real": (store, 1.0)}, data=dict(seq_len=SEQ_LEN, real_epochs=1.0), train=dict(batch_size=8))
+    train_data = pipeline.TrainData(config)
+    with pytest.raises(StoreError, match=r"real: window \d+ \(step \d+, stream 'real'\) holds token id -?\d+, outside"):
+        for step in range(train_data.plan.total_steps):
+            train_data.batch(step)
+
+
 def test_stream_too_small_for_one_window(stores, tmp_path):
     tiny = write_store(tmp_path / "tiny", [np.array([5, 6, 0], np.int32)])
     config = make_config({"real": (stores["real"], 0.5), "tiny": (tiny, 0.5)}, data=dict(seq_len=SEQ_LEN))

@@ -174,6 +174,19 @@ def test_sigterm_saves_and_exits_then_resumes(demo_data, tmp_path):
     assert max(logged_steps(tmp_path)) == STEPS
 
 
+def test_a_second_run_on_the_same_run_directory_is_refused(demo_data, tmp_path, capsys):
+    from megadoc_jax import files
+
+    # The first run's lock, as its process holds it (an flock on another open file conflicts, in one
+    # process too); the real two-process case is the same kernel lock.
+    tmp_path.mkdir(exist_ok=True)
+    with files.lock_exclusive(tmp_path / train.RUN_LOCK):
+        args = ["--config", str(REPO / "configs" / "tiny.yaml"), *tiny_overrides(demo_data, tmp_path, "mesh.data=8")]
+        assert train.main(args) == 2
+    assert f"{tmp_path}: another training run holds {train.RUN_LOCK}" in capsys.readouterr().err
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "metrics.jsonl").exists()
+
+
 def test_non_finite_step_stops_and_keeps_last_good_checkpoint(demo_data, tmp_path):
     # An absurd learning rate overflows fp32 within a few steps.
     config = tiny_config(

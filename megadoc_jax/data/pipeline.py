@@ -87,6 +87,23 @@ def check_same_tokenizer(stores: dict[str, StoreReader]) -> None:
             )
 
 
+def check_token_ids(rows: Rows, windows_P: np.ndarray, store: StoreReader, where: str) -> None:
+    """StoreError unless every id read lies in [0, the store's vocabulary): a damaged chunk (a bad disk, a
+    cut copy) reads as ids in the billions, which the model's embedding would take without a word. Cheap:
+    a min and a max over the rows; the offending window is looked for only when they are out of range."""
+    vocab = store.vocab_size
+    for ids_NxL in (rows.inputs_NxL, rows.targets_NxL):
+        if ids_NxL.size and (ids_NxL.min() < 0 or ids_NxL.max() >= vocab):
+            bad_NxL = (ids_NxL < 0) | (ids_NxL >= vocab)
+            row = int(np.argmax(bad_NxL.any(axis=1)))
+            value = int(ids_NxL[row][bad_NxL[row]][0])
+            raise StoreError(
+                f"{store.path}: window {int(windows_P[row])} ({where}) holds token id {value}, outside the "
+                f"vocabulary of {vocab}: the store is damaged; check it against its content hash "
+                "(StoreReader.verify) and export it again"
+            )
+
+
 def local_rows(batch_size: int, process_index: int, process_count: int) -> tuple[int, int]:
     """This process's rows [lo, hi) of a global batch."""
     if process_count <= 0 or not 0 <= process_index < process_count:
@@ -189,7 +206,9 @@ class TrainData:
                 continue
             source, name = self.sources[k], self.config.data.streams[k].name
             windows_P = mixture.epoch_windows(example_N[rows_P], len(source), self.config.data.seed, name)
-            parts.append((rows_P, source.read(windows_P)))
+            rows = source.read(windows_P)
+            check_token_ids(rows, windows_P, source.store, f"step {step}, stream {name!r}")
+            parts.append((rows_P, rows))
         return Rows.merge(parts, hi - lo).to_batch()
 
     def iterate(self, start_step: int, prefetch: int = 2) -> Iterator[tuple[int, Batch]]:
