@@ -77,6 +77,25 @@ def test_batch_format_and_row_consistency(stores, windows):
         assert (segments[:, 0] == 1).all() and (np.diff(segments, axis=1) >= 0).all()
 
 
+@pytest.mark.parametrize("streams", [("real",), ("real", "synth")])  # one stream's rows are views of one read
+@pytest.mark.parametrize("windows", ["concat", "document"])
+def test_batch_arrays_are_contiguous_and_shared_constants_read_only(stores, windows, streams):
+    # Strided arrays would be copied when placed on the devices, in the training thread.
+    config = make_config(
+        {name: (stores[name], 1 / len(streams)) for name in streams},
+        data=dict(seq_len=SEQ_LEN, windows=windows),
+        train=dict(batch_size=8),
+    )
+    data = pipeline.TrainData(config)
+    first, second = data.batch(0), data.batch(1)
+    assert all(array.flags.c_contiguous for array in first.values())
+    for key in BATCH_KEYS:  # an array shared between batches (positions 0..L-1, a mask of ones) can't be written
+        if np.shares_memory(first[key], second[key]):
+            assert not first[key].flags.writeable, key
+            with pytest.raises(ValueError, match="read-only"):
+                first[key][0, 0] = 1
+
+
 def test_document_masking_restarts_positions(stores):
     batch = pipeline.TrainData(config_for(stores, masking=True)).batch(0)
     assert_positions_restart_per_segment(batch)

@@ -12,7 +12,8 @@ and like stitched megadocs), then times
 in the reader's two modes: streaming (stores larger than its cache: every window is a tensorstore
 read, OS page cache warm) and resident (the store decoded in memory: reads are memory copies, so
 the pipeline's own work shows most). Then the packing plan for millions of documents from their
-offsets alone. Prints figures and ratios (each call timed as the best of 5 passes).
+offsets alone. Prints figures and ratios (bare and pipeline calls interleaved; each call timed as the
+best of 5 passes).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -54,20 +56,24 @@ def write_random_store(path: Path, total_tokens: int, mean_length: float, seed: 
     return str(path)
 
 
-def seconds_per_call(run, calls: int, passes: int = 5) -> float:
-    """Mean over calls i < `calls` of the fastest of `passes` timings of run(i).
+def seconds_per_call(runs: dict[str, Callable[[int], object]], calls: int, passes: int = 5) -> dict[str, float]:
+    """For each run: the mean over calls i < `calls` of the fastest of `passes` timings of run(i).
 
-    The best of several passes per call estimates the cost without the other jobs that share this
-    machine's cores; every call still does its own, different work (another step's batch).
+    The runs are interleaved call by call (bare(i), pipeline(i), ..., then i + 1), so that the load of
+    the other jobs on this machine's cores falls on all of them alike and their ratios hold within one
+    run; the best of several passes per call estimates the cost without that load. Every call still does
+    its own, different work (another step's batch).
     """
-    run(0)  # warm: permutations and plans computed
-    best = np.full(calls, np.inf)
+    for run in runs.values():
+        run(0)  # warm: permutations and plans computed
+    best = {name: np.full(calls, np.inf) for name in runs}
     for _ in range(passes):
         for i in range(calls):
-            start = time.perf_counter()
-            run(i)
-            best[i] = min(best[i], time.perf_counter() - start)
-    return float(best.mean())
+            for name, run in runs.items():
+                start = time.perf_counter()
+                run(i)
+                best[name][i] = min(best[name][i], time.perf_counter() - start)
+    return {name: float(times.mean()) for name, times in best.items()}
 
 
 def batch_windows(data: TrainData, step: int) -> list[tuple[int, np.ndarray]]:
@@ -134,15 +140,16 @@ def main() -> None:
                 source.store = StoreReader.open(source.store.path, cache_bytes=cache_bytes)
             for store in bare_stores + [source.store for source in sources]:
                 store.read_windows(np.arange(0, store.num_tokens - length, length), length)  # warm caches
-            bare = seconds_per_call(read_bare, args.steps)
+            seconds = seconds_per_call(
+                {"bare": read_bare, **{name: data.batch for name, data in pipelines.items()}}, args.steps
+            )
+            bare = seconds.pop("bare")
             print(f"  [{regime}]")
             print(f"    {'bare read_windows':<26} {bare * 1e3:8.2f} ms  {tokens / bare / 1e6:8.1f} M tokens/s")
-            for name, data in pipelines.items():
-                seconds = seconds_per_call(data.batch, args.steps)
-                throughput = tokens / seconds / 1e6
+            for name, spent in seconds.items():
                 print(
-                    f"    {'pipeline ' + name:<26} {seconds * 1e3:8.2f} ms  {throughput:8.1f} M tokens/s  "
-                    f"{seconds / bare - 1:+7.1%}"
+                    f"    {'pipeline ' + name:<26} {spent * 1e3:8.2f} ms  {tokens / spent / 1e6:8.1f} M tokens/s  "
+                    f"{spent / bare - 1:+7.1%}"
                 )
         padding = ", ".join(f"{s.name} {s.padding_fraction:.1%}" for s in pipelines["document"].plan.streams)
         print(f"  document rows padding: {padding} (goal for concat: < +20% over bare)")

@@ -162,7 +162,7 @@ class PackedWindows(RowSource):
         source_T = np.repeat(run_sources_R - run_starts_R, lengths_R) + np.arange(n * length)
         inputs_NxL = tokens_T[source_T].reshape(n, length)
         targets_NxL = tokens_T[source_T + 1].reshape(n, length)
-        return Rows(inputs_NxL, targets_NxL, run_starts_R, run_segments_R, restart_positions=True)
+        return Rows(inputs_NxL, targets_NxL, run_starts_R, run_segments_R, restart_positions=True, ids_read=(tokens_T,))
 
     def _read_pieces(self, starts_I: np.ndarray, lengths_I: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """All pieces' tokens in one flat buffer that ends with L + 1 zeros, and where each piece begins.

@@ -90,17 +90,21 @@ def check_same_tokenizer(stores: dict[str, StoreReader]) -> None:
 def check_token_ids(rows: Rows, windows_P: np.ndarray, store: StoreReader, where: str) -> None:
     """StoreError unless every id read lies in [0, the store's vocabulary): a damaged chunk (a bad disk, a
     cut copy) reads as ids in the billions, which the model's embedding would take without a word. Cheap:
-    a min and a max over the rows; the offending window is looked for only when they are out of range."""
+    one max over the contiguous buffers the rows were read into, as uint32 (a negative id wraps to above
+    any vocabulary); the offending window is looked for only when that fails."""
     vocab = store.vocab_size
+    buffers = rows.ids_read or (rows.inputs_NxL, rows.targets_NxL)
+    if all(ids.size == 0 or int(ids.view(np.uint32).max()) < vocab for ids in buffers):
+        return
     for ids_NxL in (rows.inputs_NxL, rows.targets_NxL):
-        if ids_NxL.size and (ids_NxL.min() < 0 or ids_NxL.max() >= vocab):
-            bad_NxL = (ids_NxL < 0) | (ids_NxL >= vocab)
+        bad_NxL = (ids_NxL < 0) | (ids_NxL >= vocab)
+        if bad_NxL.any():
             row = int(np.argmax(bad_NxL.any(axis=1)))
             value = int(ids_NxL[row][bad_NxL[row]][0])
             raise StoreError(
                 f"{store.path}: window {int(windows_P[row])} ({where}) holds token id {value}, outside the "
                 f"vocabulary of {vocab}: the store is damaged; check it against its content hash "
-                "(StoreReader.verify) and export it again"
+                "(python -m megadoc_jax.data.verify) and export it again"
             )
 
 

@@ -19,6 +19,7 @@ merged. This module is numpy only.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -63,12 +64,31 @@ def rows_from_runs(
     if restart_positions:  # column minus the column where the token's run starts
         positions_NxL = np.repeat((run_starts_R % length).astype(np.int32), lengths_R).reshape(n, length)
         np.subtract(np.arange(length, dtype=np.int32), positions_NxL, out=positions_NxL)
-    else:
+    elif (run_segments_R == 0).any():
         positions_NxL = np.empty(shape, np.int32)
         positions_NxL[:] = np.arange(length, dtype=np.int32)
+    else:
+        return segment_ids_NxL, column_positions(shape)
     if (run_segments_R == 0).any():
         positions_NxL[segment_ids_NxL == 0] = 0
     return segment_ids_NxL, positions_NxL
+
+
+@functools.lru_cache(maxsize=8)
+def column_positions(shape: tuple[int, int]) -> np.ndarray:
+    """Positions 0..L-1 in every row, read-only: built once per shape and shared by every batch of it."""
+    positions_NxL = np.empty(shape, np.int32)
+    positions_NxL[:] = np.arange(shape[1], dtype=np.int32)
+    positions_NxL.flags.writeable = False
+    return positions_NxL
+
+
+@functools.lru_cache(maxsize=8)
+def full_loss_mask(shape: tuple[int, int]) -> np.ndarray:
+    """A loss mask of ones, read-only: the mask of every batch without padding, built once per shape."""
+    mask_NxL = np.ones(shape, np.float32)
+    mask_NxL.flags.writeable = False
+    return mask_NxL
 
 
 def concat_runs(offsets: np.ndarray, starts_N: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
@@ -92,6 +112,9 @@ class Rows:
     run_starts_R: np.ndarray  # flat positions (row * L + column) where runs begin; increasing; each row begins one
     run_segments_R: np.ndarray  # segment id of each run: 1, 2, ... within a row; 0 is padding
     restart_positions: bool  # positions restart at every run, else they are the column
+    # Every id read from the store (the buffers inputs and targets are cut from), contiguous: one pass
+    # over them checks all ids (pipeline.check_token_ids).
+    ids_read: tuple[np.ndarray, ...] = ()
 
     def to_batch(self) -> dict[str, np.ndarray]:
         """The batch format: inputs, targets, positions, segment_ids, loss_mask."""
@@ -100,12 +123,14 @@ class Rows:
             self.run_starts_R, self.run_segments_R, shape, restart_positions=self.restart_positions
         )
         has_padding = bool((self.run_segments_R == 0).any())
+        # C-contiguous, made here in the prefetch thread: placing a strided view on the devices copies it
+        # in the training thread, at about 3x the cost (one stream's concat rows are views of one buffer).
         return {
-            "inputs": self.inputs_NxL,
-            "targets": self.targets_NxL,
+            "inputs": np.ascontiguousarray(self.inputs_NxL),
+            "targets": np.ascontiguousarray(self.targets_NxL),
             "positions": positions_NxL,
             "segment_ids": segment_ids_NxL,
-            "loss_mask": (segment_ids_NxL != 0).astype(np.float32) if has_padding else np.ones(shape, np.float32),
+            "loss_mask": (segment_ids_NxL != 0).astype(np.float32) if has_padding else full_loss_mask(shape),
         }
 
     @classmethod
@@ -131,6 +156,7 @@ class Rows:
             run_starts_R[order_R],
             np.concatenate(run_segments)[order_R],
             parts[0][1].restart_positions,
+            tuple(ids for _, part in parts for ids in part.ids_read),
         )
 
 
@@ -195,4 +221,6 @@ class ConcatWindows(RowSource):
         starts_N = ids_N * length
         tokens_NxL1 = np.asarray(self.store.read_windows(starts_N, length + 1), dtype=np.int32)
         run_starts_R, run_segments_R = concat_runs(self._offsets, starts_N, length)
-        return Rows(tokens_NxL1[:, :-1], tokens_NxL1[:, 1:], run_starts_R, run_segments_R, self.document_masking)
+        return Rows(
+            tokens_NxL1[:, :-1], tokens_NxL1[:, 1:], run_starts_R, run_segments_R, self.document_masking, (tokens_NxL1,)
+        )
