@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -170,13 +171,21 @@ def test_content_hash_ignores_flush_splits_and_layout(tmp_path: Path) -> None:
     assert write_store(tmp_path / "d", changed)["content_hash"] != one_flush["content_hash"]
 
 
-def test_verify_detects_damaged_chunk(tmp_path: Path) -> None:
-    write_store(tmp_path / "s", make_documents(10, seed=3), layout=SMALL_CHUNKS)
+@pytest.mark.parametrize(
+    "checksum, message",
+    [
+        (True, r"content hash check failed: .*array input_ids/data, chunk 1 \(elements \[64, 128\) .*Digest mismatch"),
+        (False, r"content hash .* differs from manifest.json content_hash"),  # no crc32c: only the hash sees it
+    ],
+)
+def test_verify_detects_damaged_chunk(tmp_path: Path, checksum: bool, message: str) -> None:
+    layout = dataclasses.replace(SMALL_CHUNKS, checksum=checksum)
+    write_store(tmp_path / "s", make_documents(10, seed=3), layout=layout)
     chunk = tmp_path / "s" / "input_ids" / "data" / "c" / "1"
     raw = bytearray(chunk.read_bytes())
     raw[8] ^= 0x01
     chunk.write_bytes(bytes(raw))
-    with pytest.raises(StoreError, match=r"content hash .* differs from manifest.json content_hash"):
+    with pytest.raises(StoreError, match=message):
         StoreReader.open(tmp_path / "s").verify()
 
 

@@ -2,6 +2,7 @@
 
     python -m megadoc_jax.benchmarks.store_read                  # 32M tokens, default layout
     python -m megadoc_jax.benchmarks.store_read --sweep --tokens 16000000   # chunk size x codec table
+    python -m megadoc_jax.benchmarks.store_read --checksum-cost             # the crc32c's read cost
 
 Builds a store of random tokens (documents of random length) in a temporary directory, writes the same
 flat token array as a raw file, warms the page cache with both, then reads the same random windows in
@@ -13,6 +14,9 @@ Store figures (StoreReader's two modes, see store_reader.py):
   resident, warm           the same reader again: every window is a numpy slice of a cached chunk
 The sweep prints, per layout (the last row is StoreLayout.levanter()): files, write speed, size on
 disk, and the streaming (no cache) and resident (warm) read speeds against the same memmap.
+--checksum-cost builds the default layout with and without the crc32c codec on every chunk and reads
+both round-robin: streaming windows, a resident reader's first pass (every chunk decoded once) and
+verify() (every chunk of every array); it prints each speed and the ratio with/without.
 """
 
 from __future__ import annotations
@@ -78,7 +82,8 @@ def memmap_reader(path: Path, length: int) -> Callable[[np.ndarray], np.ndarray]
 
 
 def build(root: Path, documents: list[Document], layout: StoreLayout) -> tuple[Path, float]:
-    path = root / f"store-{layout.tokens_chunk}-{layout.tokens_shard}-{layout.tokens_codec}-{layout.codec_level}"
+    name = f"store-{layout.tokens_chunk}-{layout.tokens_shard}-{layout.tokens_codec}-{layout.codec_level}"
+    path = root / (name if layout.checksum else f"{name}-no-checksum")
     begin = time.perf_counter()
     writer = StoreWriter(path, TOKENIZER, layout=layout)
     writer.append(documents)
@@ -186,6 +191,42 @@ def sweep(args: argparse.Namespace, root: Path, documents: list[Document], token
         )
 
 
+def checksum_cost(args: argparse.Namespace, root: Path, documents: list[Document], tokens_T: np.ndarray) -> None:
+    """The default layout with and without crc32c on every chunk, measured round-robin in one run."""
+    layouts = {"without crc32c": StoreLayout(checksum=False), "with crc32c": StoreLayout()}
+    built = {name: build(root, documents, layout) for name, layout in layouts.items()}
+    warm_page_cache(root)
+    rng = np.random.default_rng(args.seed + 1)
+    starts_W = rng.integers(0, tokens_T.size - args.length + 1, args.windows)
+    resident_bytes = max(args.cache_mib << 20, tokens_T.nbytes)
+    speeds: dict[tuple[str, str], list[float]] = {}
+    for _ in range(args.repeats):
+        for name, (path, _) in built.items():
+            streaming = StoreReader.open(path, TOKENIZER, cache_bytes=0)
+            resident = StoreReader.open(path, TOKENIZER, cache_bytes=resident_bytes)
+            for mode, reader in (("streaming, no cache", streaming), ("resident, first pass", resident)):
+                speed = tokens_per_second(
+                    lambda s: reader.read_windows(s, args.length), starts_W, args.batch, args.length
+                )
+                speeds.setdefault((mode, name), []).append(speed)
+            begin = time.perf_counter()
+            streaming.verify()
+            speeds.setdefault(("verify (all arrays)", name), []).append(tokens_T.size / (time.perf_counter() - begin))
+
+    print(f"store: {tokens_T.size:,} tokens, {len(documents):,} documents, default layout with and without crc32c")
+    print(
+        f"{args.windows} windows of {args.length} tokens in batches of {args.batch}; median of {args.repeats} "
+        "round-robin rounds; page cache warm; verify: M tokens/s of the whole store"
+    )
+    for name, (path, write_speed) in built.items():
+        print(f"  {name:<15} write {write_speed / 1e6:5.1f} M tokens/s, {directory_bytes(path) / 2**20:7.2f} MiB")
+    print(f"  {'':<22} {'without M tok/s':>15} {'with M tok/s':>13} {'with/without':>13}")
+    for mode in ("streaming, no cache", "resident, first pass", "verify (all arrays)"):
+        without = statistics.median(speeds[(mode, "without crc32c")])
+        with_crc = statistics.median(speeds[(mode, "with crc32c")])
+        print(f"  {mode:<22} {without / 1e6:15.1f} {with_crc / 1e6:13.1f} {with_crc / without:13.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=32_000_000, help="store size in tokens")
@@ -200,11 +241,13 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, nargs="+", default=[1 << 12, 1 << 14, 1 << 16, 1 << 18])
     parser.add_argument("--shards", type=int, nargs="+", default=[0, 1 << 22], help="0: one file per chunk")
     parser.add_argument("--codecs", nargs="+", default=["none", "zstd"])
+    parser.add_argument("--checksum-cost", action="store_true", help="read speed with/without crc32c on every chunk")
     args = parser.parse_args()
 
     documents, tokens_T = random_documents(args.tokens, args.seed)
+    run = checksum_cost if args.checksum_cost else sweep if args.sweep else compare
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="store_read-") as tmp:
-        (sweep if args.sweep else compare)(args, Path(tmp), documents, tokens_T)
+        run(args, Path(tmp), documents, tokens_T)
     print(f"(cores available to this process: {len(os.sched_getaffinity(0))}; load average {os.getloadavg()[0]:.1f})")
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import tensorstore as ts
 
 from megadoc_jax import storage
+from megadoc_jax.data import store_checks
 from megadoc_jax.data import store_format as fmt
 from megadoc_jax.data.store_format import StoreError
 from megadoc_jax.data.store_types import (
@@ -60,9 +61,9 @@ class StoreReader:
         self.offsets = self._read_offsets(fmt.TOKENS.name)  # int64 [num_documents + 1], offsets[0] = 0
         self._metadata_offsets = self._read_offsets(fmt.METADATA.name)
         self._document_runs = self._read_offsets(fmt.SEGMENTS.name)  # document i: runs [r[i], r[i+1])
-        self._run_kinds = self._arrays["segments/kind"].read().result()
-        self._run_indices = self._arrays["segments/index"].read().result()
-        self._run_ends = np.cumsum(self._arrays["segments/length"].read().result(), dtype=np.int64)
+        self._run_kinds = self._read_all("segments/kind")
+        self._run_indices = self._read_all("segments/index")
+        self._run_ends = np.cumsum(self._read_all("segments/length"), dtype=np.int64)
         if self.offsets[-1] != self.num_tokens or (self._run_ends.size and self._run_ends[-1] != self.num_tokens):
             raise StoreError(f"{path}: offsets or segment runs do not end at num_tokens={self.num_tokens}")
 
@@ -119,7 +120,9 @@ class StoreReader:
             )
         )
         meta_start, meta_stop = int(self._metadata_offsets[i]), int(self._metadata_offsets[i + 1])
-        metadata_bytes = self._arrays["metadata/data"][meta_start:meta_stop].read().result()
+        metadata_bytes = fmt.read_elements(
+            self.path, "metadata/data", self._arrays["metadata/data"], meta_start, meta_stop
+        )
         return Document(tokens, json.loads(metadata_bytes.tobytes()), segments)
 
     # ---- windows ------------------------------------------------------------------------------
@@ -132,9 +135,9 @@ class StoreReader:
             self._slice_cached_chunks(starts_N, out_NxL)
         else:
             with ts.Batch() as batch:
-                futures = [self._tokens[start : start + length].read(batch=batch) for start in starts_N.tolist()]
-            for row, future in enumerate(futures):
-                out_NxL[row] = future.result()
+                reads = [self._read_tokens(start, start + length, batch) for start in starts_N.tolist()]
+            for row, pending in enumerate(reads):
+                out_NxL[row] = pending.result()
         return out_NxL
 
     def read_segments(self, starts: Sequence[int], length: int) -> tuple[np.ndarray, np.ndarray]:
@@ -151,16 +154,14 @@ class StoreReader:
             index_NxL[row] = np.repeat(self._run_indices[first : last + 1], lengths)
         return kind_NxL, index_NxL
 
-    def verify(self) -> str:
-        """Recompute the content hash from the stored arrays; StoreError unless it matches the manifest."""
-        lengths = {key: int(self._arrays[key].shape[0]) for key, _ in fmt.array_keys()}
-        digest = fmt.content_hash(self._arrays, lengths)
-        if digest != self.manifest["content_hash"]:
-            raise StoreError(
-                f"{self.path}: content hash {digest} differs from manifest.json content_hash "
-                f"{self.manifest['content_hash']}: the store was modified or damaged"
-            )
-        return digest
+    def verify(self, progress: bool = False) -> str:
+        """Every check of store_checks.CHECKS (manifest, arrays, offsets, segments, the content hash, the
+        token ids); StoreError at the first that fails. Returns the content hash."""
+        view = store_checks.StoreView(self.path, self.manifest, dict(self._arrays), progress)
+        for result in store_checks.run_checks(view):
+            if result.status != "ok":
+                raise StoreError(f"verify: the {result.name} check failed: {result.detail}")
+        return view.scan()[0]
 
     # ---- internals ----------------------------------------------------------------------------
 
@@ -210,16 +211,22 @@ class StoreReader:
         missing = [c for c in chunk_ids if c not in found]
         if missing:
             with ts.Batch() as batch:
-                futures = [
-                    (c, self._tokens[c * self._chunk : min((c + 1) * self._chunk, self.num_tokens)].read(batch=batch))
+                reads = [
+                    (c, self._read_tokens(c * self._chunk, min((c + 1) * self._chunk, self.num_tokens), batch))
                     for c in missing
                 ]
-            for chunk_id, future in futures:
-                found[chunk_id] = self._chunk_cache[chunk_id] = future.result()
+            for chunk_id, pending in reads:
+                found[chunk_id] = self._chunk_cache[chunk_id] = pending.result()
         return found
 
+    def _read_tokens(self, start: int, stop: int, batch: ts.Batch) -> fmt.PendingRead:
+        return fmt.PendingRead(self.path, "input_ids/data", self._tokens, start, stop, batch)
+
+    def _read_all(self, key: str) -> np.ndarray:
+        return fmt.read_elements(self.path, key, self._arrays[key], 0, self._arrays[key].shape[0])
+
     def _read_offsets(self, group: str) -> np.ndarray:
-        offsets = self._arrays[f"{group}/offsets"].read().result()
+        offsets = self._read_all(f"{group}/offsets")
         offsets[0] = 0  # cell 0 holds Levanter's row count; the first row starts at 0
         return offsets
 
