@@ -200,8 +200,10 @@ def checksum_cost(args: argparse.Namespace, root: Path, documents: list[Document
     starts_W = rng.integers(0, tokens_T.size - args.length + 1, args.windows)
     resident_bytes = max(args.cache_mib << 20, tokens_T.nbytes)
     speeds: dict[tuple[str, str], list[float]] = {}
-    for _ in range(args.repeats):
-        for name, (path, _) in built.items():
+    for round_index in range(args.repeats):
+        names = list(built) if round_index % 2 == 0 else list(built)[::-1]  # alternate who goes first
+        for name in names:
+            path = built[name][0]
             streaming = StoreReader.open(path, TOKENIZER, cache_bytes=0)
             resident = StoreReader.open(path, TOKENIZER, cache_bytes=resident_bytes)
             for mode, reader in (("streaming, no cache", streaming), ("resident, first pass", resident)):
@@ -220,11 +222,17 @@ def checksum_cost(args: argparse.Namespace, root: Path, documents: list[Document
     )
     for name, (path, write_speed) in built.items():
         print(f"  {name:<15} write {write_speed / 1e6:5.1f} M tokens/s, {directory_bytes(path) / 2**20:7.2f} MiB")
-    print(f"  {'':<22} {'without M tok/s':>15} {'with M tok/s':>13} {'with/without':>13}")
+    print("  ratio: with/without of the medians; paired: the median of each round's with/without (load drifts less")
+    print("  within a round)")
+    print(f"  {'':<22} {'without M tok/s':>15} {'with M tok/s':>13} {'ratio':>6} {'paired':>7}")
     for mode in ("streaming, no cache", "resident, first pass", "verify (all arrays)"):
-        without = statistics.median(speeds[(mode, "without crc32c")])
-        with_crc = statistics.median(speeds[(mode, "with crc32c")])
-        print(f"  {mode:<22} {without / 1e6:15.1f} {with_crc / 1e6:13.1f} {with_crc / without:13.2f}")
+        without, with_crc = speeds[(mode, "without crc32c")], speeds[(mode, "with crc32c")]
+        paired = statistics.median(w / o for w, o in zip(with_crc, without))
+        ratio = statistics.median(with_crc) / statistics.median(without)
+        print(
+            f"  {mode:<22} {statistics.median(without) / 1e6:15.1f} {statistics.median(with_crc) / 1e6:13.1f} "
+            f"{ratio:6.2f} {paired:7.2f}"
+        )
 
 
 def main() -> None:
