@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from megadoc_jax.data import store_reader
 from megadoc_jax.data.store import (
     FORMAT_VERSION,
     Document,
@@ -202,9 +203,13 @@ def test_empty_store(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("read_chunks", [1, 3], ids=["chunk-blocks", "3-chunk-blocks"])
 @pytest.mark.parametrize("layout", [SMALL_CHUNKS, SMALL_SHARDS], ids=["chunks", "shards"])
 @pytest.mark.parametrize("cache_bytes", [0, 1000, 1 << 20], ids=["streaming", "streaming-cached", "resident"])
-def test_windows_match_numpy_slicing(tmp_path: Path, cache_bytes: int, layout: StoreLayout) -> None:
+def test_windows_match_numpy_slicing(
+    tmp_path: Path, cache_bytes: int, layout: StoreLayout, read_chunks: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_reader, "RESIDENT_READ_CHUNKS", read_chunks)  # blocks the resident mode reads
     documents = make_documents(60, seed=4)
     write_store(tmp_path / "s", documents, flush_tokens=333, layout=layout)
     reader = StoreReader.open(tmp_path / "s", cache_bytes=cache_bytes)

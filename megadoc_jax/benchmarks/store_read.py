@@ -3,6 +3,7 @@
     python -m megadoc_jax.benchmarks.store_read                  # 32M tokens, default layout
     python -m megadoc_jax.benchmarks.store_read --sweep --tokens 16000000   # chunk size x codec table
     python -m megadoc_jax.benchmarks.store_read --checksum-cost             # the crc32c's read cost
+    python -m megadoc_jax.benchmarks.store_read --read-unit                 # resident first pass, page cache cold
 
 Builds a store of random tokens (documents of random length) in a temporary directory, writes the same
 flat token array as a raw file, warms the page cache with both, then reads the same random windows in
@@ -17,11 +18,15 @@ disk, and the streaming (no cache) and resident (warm) read speeds against the s
 --checksum-cost builds the default layout with and without the crc32c codec on every chunk and reads
 both round-robin: streaming windows, a resident reader's first pass (every chunk decoded once) and
 verify() (every chunk of every array); it prints each speed and the ratio with/without.
+--read-unit measures a resident reader's first pass with blocks of 1, 4, 16 and 64 chunks
+(store_reader.RESIDENT_READ_CHUNKS) against the memmap, with the page cache cold for both (every file
+fsynced, then posix_fadvise(POSIX_FADV_DONTNEED): `fincore` shows 0 pages resident after it) and warm.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import tempfile
@@ -31,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from megadoc_jax.data import store_reader
 from megadoc_jax.data.store import Document, StoreLayout, StoreReader, StoreWriter, TokenizerInfo
 from megadoc_jax.data.store_reader import DEFAULT_CACHE_BYTES
 
@@ -54,6 +60,17 @@ def warm_page_cache(root: Path) -> None:
         with open(path, "rb") as f:
             while f.read(1 << 24):
                 pass
+
+
+def drop_page_cache(root: Path) -> None:
+    """Evict every file under root from the page cache (needs no root: the kernel drops clean pages)."""
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # dirty pages are not dropped
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 def directory_bytes(root: Path) -> int:
@@ -235,6 +252,54 @@ def checksum_cost(args: argparse.Namespace, root: Path, documents: list[Document
         )
 
 
+def read_unit(args: argparse.Namespace, root: Path, documents: list[Document], tokens_T: np.ndarray) -> None:
+    """A resident reader's first pass by read unit (chunks per block), page cache cold and warm."""
+    store_path, _ = build(root, documents, StoreLayout())
+    raw_path = root / "tokens.bin"
+    tokens_T.tofile(raw_path)
+    rng = np.random.default_rng(args.seed + 1)
+    starts_W = rng.integers(0, tokens_T.size - args.length + 1, args.windows)
+    units = [1, 4, 16, 64]
+    speeds: dict[tuple[str, bool], list[float]] = {}
+    default_unit = store_reader.RESIDENT_READ_CHUNKS
+    for round_index in range(args.repeats):
+        for cold in (True, False):
+            for name in ["memmap", *(units if round_index % 2 == 0 else units[::-1])]:
+                if cold:
+                    drop_page_cache(root)
+                else:
+                    warm_page_cache(root)
+                if name == "memmap":
+                    read = memmap_reader(raw_path, args.length)
+                else:
+                    store_reader.RESIDENT_READ_CHUNKS = name  # read by the reader's constructor
+                    reader = StoreReader.open(
+                        store_path, TOKENIZER, cache_bytes=max(args.cache_mib << 20, tokens_T.nbytes)
+                    )
+                    store_reader.RESIDENT_READ_CHUNKS = default_unit
+                    read = functools.partial(reader.read_windows, length=args.length)
+                speeds.setdefault((str(name), cold), []).append(
+                    tokens_per_second(read, starts_W, args.batch, args.length)
+                )
+
+    chunk = StoreLayout().tokens_chunk
+    print(f"store: {tokens_T.size:,} tokens, default layout (chunks of {chunk}); a fresh resident reader per pass")
+    print(
+        f"{args.windows} windows of {args.length} tokens in batches of {args.batch}; median of {args.repeats} rounds; "
+        f"paired: the median of each round's ratio to the memmap; the default unit is {default_unit} chunks"
+    )
+    for cold in (True, False):
+        memmap = speeds[("memmap", cold)]
+        print(f"  page cache {'cold' if cold else 'warm'}: memmap {statistics.median(memmap) / 1e6:.1f} M tokens/s")
+        for unit in units:
+            first = speeds[(str(unit), cold)]
+            paired = statistics.median(f / m for f, m in zip(first, memmap))
+            print(
+                f"    read unit {unit:>3} chunks ({unit * chunk:>9,} tokens): "
+                f"{statistics.median(first) / 1e6:7.1f} M tokens/s  {paired:5.2f}x memmap"
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=32_000_000, help="store size in tokens")
@@ -250,10 +315,11 @@ def main() -> None:
     parser.add_argument("--shards", type=int, nargs="+", default=[0, 1 << 22], help="0: one file per chunk")
     parser.add_argument("--codecs", nargs="+", default=["none", "zstd"])
     parser.add_argument("--checksum-cost", action="store_true", help="read speed with/without crc32c on every chunk")
+    parser.add_argument("--read-unit", action="store_true", help="resident first pass by read unit, cache cold/warm")
     args = parser.parse_args()
 
     documents, tokens_T = random_documents(args.tokens, args.seed)
-    run = checksum_cost if args.checksum_cost else sweep if args.sweep else compare
+    run = checksum_cost if args.checksum_cost else read_unit if args.read_unit else sweep if args.sweep else compare
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="store_read-") as tmp:
         run(args, Path(tmp), documents, tokens_T)
     print(f"(cores available to this process: {len(os.sched_getaffinity(0))}; load average {os.getloadavg()[0]:.1f})")
