@@ -3,6 +3,7 @@ checks of store_checks and the verify command, and format-1 stores (tests/data/s
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -16,7 +17,7 @@ import tensorstore as ts
 from test_store import SMALL_CHUNKS, TOKENIZER, assert_same_documents, make_documents, write_store
 
 from megadoc_jax.data import verify
-from megadoc_jax.data.store import StoreError, StoreLayout, StoreReader
+from megadoc_jax.data.store import StoreError, StoreLayout, StoreReader, StoreWriter
 
 # Written by the format-1 code (commit c0e9943) with make_documents(12, seed=11) and this layout.
 V1_STORE = Path(__file__).parent / "data" / "store_v1"
@@ -209,3 +210,24 @@ def test_layout_without_checksums(tmp_path: Path) -> None:
     assert {"name": "crc32c"} not in codecs[0]["configuration"]["codecs"]
     assert manifest["layout"]["checksum"] is False and StoreLayout.levanter().checksum is False
     assert StoreReader.open(tmp_path / "s").verify() == manifest["content_hash"]
+
+
+def test_an_unfinished_format_1_store_resumes_as_format_1(tmp_path: Path) -> None:
+    """A format-1 store cut during its export: the new code finishes it without chunk checksums."""
+    documents = make_documents(20, seed=3)
+    writer = StoreWriter(tmp_path / "s", TOKENIZER, layout=dataclasses.replace(V1_LAYOUT, checksum=False))
+    writer.append(documents[:10])
+    writer.close()
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    manifest["format_version"] = 1
+    del manifest["layout"]["checksum"]  # what the format-1 code wrote
+    (tmp_path / "s" / "manifest.json").write_text(json.dumps(manifest))
+
+    resumed = StoreWriter(tmp_path / "s", TOKENIZER)
+    assert resumed.num_committed == 10 and resumed.layout.checksum is False
+    resumed.append(documents[10:])
+    finished = resumed.finish()
+    assert finished["format_version"] == 1 and "checksum" not in finished["layout"]
+    reader = StoreReader.open(tmp_path / "s", TOKENIZER)
+    assert_same_documents(reader, documents)
+    assert reader.verify() == write_store(tmp_path / "fresh", documents, layout=V1_LAYOUT)["content_hash"]
