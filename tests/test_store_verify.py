@@ -69,12 +69,14 @@ def test_xor_in_a_token_file_raises_at_read(tmp_path: Path, layout: StoreLayout,
         reader.read_windows([per_file + per_file // 2 - 20], 40)
 
 
-def test_truncated_shard_file_raises_at_read(store: Path) -> None:
+def test_truncated_shard_file_raises_at_read(store: Path, capsys: pytest.CaptureFixture[str]) -> None:
     shard = token_file(store, 1)
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     reader = StoreReader.open(store, cache_bytes=0)
     with pytest.raises(StoreError, match=rf"{store}: array input_ids/data, chunk \d+ .*c/1\) cannot be read"):
         reader.read_windows([SHARDS.tokens_shard + 10], 10)
+    code, _, err = run_verify(capsys, store)
+    assert code == 1 and "check 'content hash' failed" in err and "Digest mismatch" in err
 
 
 def test_damaged_segment_runs_refuse_the_open(store: Path) -> None:
