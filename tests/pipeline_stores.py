@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from megadoc_jax.config import Config, from_dict
-from megadoc_jax.data.store import Document, StoreWriter, TokenizerInfo
+from megadoc_jax.data.store import Document, StoreLayout, StoreWriter, TokenizerInfo
 
 VOCAB = 100
 EOS = 0
@@ -25,8 +25,10 @@ def random_documents(
     ]
 
 
-def write_store(path: Path, documents: Sequence[np.ndarray], tokenizer: TokenizerInfo = TOKENIZER) -> str:
-    with StoreWriter(path, tokenizer) as writer:
+def write_store(
+    path: Path, documents: Sequence[np.ndarray], tokenizer: TokenizerInfo = TOKENIZER, layout: StoreLayout | None = None
+) -> str:
+    with StoreWriter(path, tokenizer, layout=layout) as writer:
         writer.append(Document(tokens, {}) for tokens in documents)
         writer.finish()
     return str(path)

@@ -11,7 +11,7 @@ from pipeline_stores import TOKENIZER, VOCAB, make_config, random_documents, wri
 
 from megadoc_jax.config import ConfigError
 from megadoc_jax.data import pipeline
-from megadoc_jax.data.store import StoreError, StoreReader, TokenizerInfo
+from megadoc_jax.data.store import StoreError, StoreLayout, StoreReader, TokenizerInfo
 from megadoc_jax.evaluation import eval_batches
 from megadoc_jax.evaluation.loss_windows import concat_plan
 
@@ -216,9 +216,18 @@ def test_store_vocabulary_larger_than_the_model(stores):
         pipeline.TrainData(config)
 
 
-def test_a_damaged_chunk_stops_training_naming_the_store_and_the_window(tmp_path):
-    """What a bad disk or a cut copy does: bytes in the middle of a token chunk XOR-ed."""
-    store = write_store(tmp_path / "real", random_documents(150, seed=0, token_range=REAL_TOKENS))
+@pytest.mark.parametrize(
+    "checksum, message",
+    [
+        (False, r"real: window \d+ \(step \d+, stream 'real'\) holds token id -?\d+, outside"),  # the id check
+        (True, r"real: array input_ids/data, chunk \d+ .* cannot be read: the store is damaged"),  # the crc32c
+    ],
+)
+def test_a_damaged_chunk_stops_training_naming_the_store_and_the_window(tmp_path, checksum, message):
+    """What a bad disk or a cut copy does: bytes in the middle of a token chunk XOR-ed. Without chunk
+    checksums (format 1 stores) the ids decode to garbage and the pipeline's range check stops it."""
+    documents = random_documents(150, seed=0, token_range=REAL_TOKENS)
+    store = write_store(tmp_path / "real", documents, layout=StoreLayout(checksum=checksum))
     token_array = tmp_path / "real" / "input_ids" / "data"  # the token ids (docs/store.md)
     chunk = max(
         (p for p in token_array.rglob("*") if p.is_file() and p.name != "zarr.json"), key=lambda p: p.stat().st_size
@@ -229,7 +238,7 @@ def test_a_damaged_chunk_stops_training_naming_the_store_and_the_window(tmp_path
     chunk.write_bytes(bytes(data))
     config = make_config({"real": (store, 1.0)}, data=dict(seq_len=SEQ_LEN, real_epochs=1.0), train=dict(batch_size=8))
     train_data = pipeline.TrainData(config)
-    with pytest.raises(StoreError, match=r"real: window \d+ \(step \d+, stream 'real'\) holds token id -?\d+, outside"):
+    with pytest.raises(StoreError, match=message):
         for step in range(train_data.plan.total_steps):
             train_data.batch(step)
 

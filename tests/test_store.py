@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -13,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from megadoc_jax.data import store_reader
 from megadoc_jax.data.store import (
     FORMAT_VERSION,
     Document,
@@ -170,13 +172,21 @@ def test_content_hash_ignores_flush_splits_and_layout(tmp_path: Path) -> None:
     assert write_store(tmp_path / "d", changed)["content_hash"] != one_flush["content_hash"]
 
 
-def test_verify_detects_damaged_chunk(tmp_path: Path) -> None:
-    write_store(tmp_path / "s", make_documents(10, seed=3), layout=SMALL_CHUNKS)
+@pytest.mark.parametrize(
+    "checksum, message",
+    [
+        (True, r"content hash check failed: .*array input_ids/data, chunk 1 \(elements \[64, 128\) .*Digest mismatch"),
+        (False, r"content hash .* differs from manifest.json content_hash"),  # no crc32c: only the hash sees it
+    ],
+)
+def test_verify_detects_damaged_chunk(tmp_path: Path, checksum: bool, message: str) -> None:
+    layout = dataclasses.replace(SMALL_CHUNKS, checksum=checksum)
+    write_store(tmp_path / "s", make_documents(10, seed=3), layout=layout)
     chunk = tmp_path / "s" / "input_ids" / "data" / "c" / "1"
     raw = bytearray(chunk.read_bytes())
     raw[8] ^= 0x01
     chunk.write_bytes(bytes(raw))
-    with pytest.raises(StoreError, match=r"content hash .* differs from manifest.json content_hash"):
+    with pytest.raises(StoreError, match=message):
         StoreReader.open(tmp_path / "s").verify()
 
 
@@ -193,9 +203,13 @@ def test_empty_store(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("read_chunks", [1, 3], ids=["chunk-blocks", "3-chunk-blocks"])
 @pytest.mark.parametrize("layout", [SMALL_CHUNKS, SMALL_SHARDS], ids=["chunks", "shards"])
 @pytest.mark.parametrize("cache_bytes", [0, 1000, 1 << 20], ids=["streaming", "streaming-cached", "resident"])
-def test_windows_match_numpy_slicing(tmp_path: Path, cache_bytes: int, layout: StoreLayout) -> None:
+def test_windows_match_numpy_slicing(
+    tmp_path: Path, cache_bytes: int, layout: StoreLayout, read_chunks: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_reader, "RESIDENT_READ_CHUNKS", read_chunks)  # blocks the resident mode reads
     documents = make_documents(60, seed=4)
     write_store(tmp_path / "s", documents, flush_tokens=333, layout=layout)
     reader = StoreReader.open(tmp_path / "s", cache_bytes=cache_bytes)

@@ -2,6 +2,8 @@
 
     python -m megadoc_jax.benchmarks.store_read                  # 32M tokens, default layout
     python -m megadoc_jax.benchmarks.store_read --sweep --tokens 16000000   # chunk size x codec table
+    python -m megadoc_jax.benchmarks.store_read --checksum-cost             # the crc32c's read cost
+    python -m megadoc_jax.benchmarks.store_read --read-unit                 # resident first pass, page cache cold
 
 Builds a store of random tokens (documents of random length) in a temporary directory, writes the same
 flat token array as a raw file, warms the page cache with both, then reads the same random windows in
@@ -13,11 +15,18 @@ Store figures (StoreReader's two modes, see store_reader.py):
   resident, warm           the same reader again: every window is a numpy slice of a cached chunk
 The sweep prints, per layout (the last row is StoreLayout.levanter()): files, write speed, size on
 disk, and the streaming (no cache) and resident (warm) read speeds against the same memmap.
+--checksum-cost builds the default layout with and without the crc32c codec on every chunk and reads
+both round-robin: streaming windows, a resident reader's first pass (every chunk decoded once) and
+verify() (every chunk of every array); it prints each speed and the ratio with/without.
+--read-unit measures a resident reader's first pass with blocks of 1, 4, 16 and 64 chunks
+(store_reader.RESIDENT_READ_CHUNKS) against the memmap, with the page cache cold for both (every file
+fsynced, then posix_fadvise(POSIX_FADV_DONTNEED): `fincore` shows 0 pages resident after it) and warm.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import tempfile
@@ -27,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from megadoc_jax.data import store_reader
 from megadoc_jax.data.store import Document, StoreLayout, StoreReader, StoreWriter, TokenizerInfo
 from megadoc_jax.data.store_reader import DEFAULT_CACHE_BYTES
 
@@ -50,6 +60,17 @@ def warm_page_cache(root: Path) -> None:
         with open(path, "rb") as f:
             while f.read(1 << 24):
                 pass
+
+
+def drop_page_cache(root: Path) -> None:
+    """Evict every file under root from the page cache (needs no root: the kernel drops clean pages)."""
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # dirty pages are not dropped
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 def directory_bytes(root: Path) -> int:
@@ -78,7 +99,8 @@ def memmap_reader(path: Path, length: int) -> Callable[[np.ndarray], np.ndarray]
 
 
 def build(root: Path, documents: list[Document], layout: StoreLayout) -> tuple[Path, float]:
-    path = root / f"store-{layout.tokens_chunk}-{layout.tokens_shard}-{layout.tokens_codec}-{layout.codec_level}"
+    name = f"store-{layout.tokens_chunk}-{layout.tokens_shard}-{layout.tokens_codec}-{layout.codec_level}"
+    path = root / (name if layout.checksum else f"{name}-no-checksum")
     begin = time.perf_counter()
     writer = StoreWriter(path, TOKENIZER, layout=layout)
     writer.append(documents)
@@ -186,6 +208,98 @@ def sweep(args: argparse.Namespace, root: Path, documents: list[Document], token
         )
 
 
+def checksum_cost(args: argparse.Namespace, root: Path, documents: list[Document], tokens_T: np.ndarray) -> None:
+    """The default layout with and without crc32c on every chunk, measured round-robin in one run."""
+    layouts = {"without crc32c": StoreLayout(checksum=False), "with crc32c": StoreLayout()}
+    built = {name: build(root, documents, layout) for name, layout in layouts.items()}
+    warm_page_cache(root)
+    rng = np.random.default_rng(args.seed + 1)
+    starts_W = rng.integers(0, tokens_T.size - args.length + 1, args.windows)
+    resident_bytes = max(args.cache_mib << 20, tokens_T.nbytes)
+    speeds: dict[tuple[str, str], list[float]] = {}
+    for round_index in range(args.repeats):
+        names = list(built) if round_index % 2 == 0 else list(built)[::-1]  # alternate who goes first
+        for name in names:
+            path = built[name][0]
+            streaming = StoreReader.open(path, TOKENIZER, cache_bytes=0)
+            resident = StoreReader.open(path, TOKENIZER, cache_bytes=resident_bytes)
+            for mode, reader in (("streaming, no cache", streaming), ("resident, first pass", resident)):
+                speed = tokens_per_second(
+                    lambda s: reader.read_windows(s, args.length), starts_W, args.batch, args.length
+                )
+                speeds.setdefault((mode, name), []).append(speed)
+            begin = time.perf_counter()
+            streaming.verify()
+            speeds.setdefault(("verify (all arrays)", name), []).append(tokens_T.size / (time.perf_counter() - begin))
+
+    print(f"store: {tokens_T.size:,} tokens, {len(documents):,} documents, default layout with and without crc32c")
+    print(
+        f"{args.windows} windows of {args.length} tokens in batches of {args.batch}; median of {args.repeats} "
+        "round-robin rounds; page cache warm; verify: M tokens/s of the whole store"
+    )
+    for name, (path, write_speed) in built.items():
+        print(f"  {name:<15} write {write_speed / 1e6:5.1f} M tokens/s, {directory_bytes(path) / 2**20:7.2f} MiB")
+    print("  ratio: with/without of the medians; paired: the median of each round's with/without (load drifts less")
+    print("  within a round)")
+    print(f"  {'':<22} {'without M tok/s':>15} {'with M tok/s':>13} {'ratio':>6} {'paired':>7}")
+    for mode in ("streaming, no cache", "resident, first pass", "verify (all arrays)"):
+        without, with_crc = speeds[(mode, "without crc32c")], speeds[(mode, "with crc32c")]
+        paired = statistics.median(w / o for w, o in zip(with_crc, without))
+        ratio = statistics.median(with_crc) / statistics.median(without)
+        print(
+            f"  {mode:<22} {statistics.median(without) / 1e6:15.1f} {statistics.median(with_crc) / 1e6:13.1f} "
+            f"{ratio:6.2f} {paired:7.2f}"
+        )
+
+
+def read_unit(args: argparse.Namespace, root: Path, documents: list[Document], tokens_T: np.ndarray) -> None:
+    """A resident reader's first pass by read unit (chunks per block), page cache cold and warm."""
+    store_path, _ = build(root, documents, StoreLayout())
+    raw_path = root / "tokens.bin"
+    tokens_T.tofile(raw_path)
+    rng = np.random.default_rng(args.seed + 1)
+    starts_W = rng.integers(0, tokens_T.size - args.length + 1, args.windows)
+    units = [1, 4, 16, 64]
+    speeds: dict[tuple[str, bool], list[float]] = {}
+    default_unit = store_reader.RESIDENT_READ_CHUNKS
+    for round_index in range(args.repeats):
+        for cold in (True, False):
+            for name in ["memmap", *(units if round_index % 2 == 0 else units[::-1])]:
+                if cold:
+                    drop_page_cache(root)
+                else:
+                    warm_page_cache(root)
+                if name == "memmap":
+                    read = memmap_reader(raw_path, args.length)
+                else:
+                    store_reader.RESIDENT_READ_CHUNKS = name  # read by the reader's constructor
+                    reader = StoreReader.open(
+                        store_path, TOKENIZER, cache_bytes=max(args.cache_mib << 20, tokens_T.nbytes)
+                    )
+                    store_reader.RESIDENT_READ_CHUNKS = default_unit
+                    read = functools.partial(reader.read_windows, length=args.length)
+                speeds.setdefault((str(name), cold), []).append(
+                    tokens_per_second(read, starts_W, args.batch, args.length)
+                )
+
+    chunk = StoreLayout().tokens_chunk
+    print(f"store: {tokens_T.size:,} tokens, default layout (chunks of {chunk}); a fresh resident reader per pass")
+    print(
+        f"{args.windows} windows of {args.length} tokens in batches of {args.batch}; median of {args.repeats} rounds; "
+        f"paired: the median of each round's ratio to the memmap; the default unit is {default_unit} chunks"
+    )
+    for cold in (True, False):
+        memmap = speeds[("memmap", cold)]
+        print(f"  page cache {'cold' if cold else 'warm'}: memmap {statistics.median(memmap) / 1e6:.1f} M tokens/s")
+        for unit in units:
+            first = speeds[(str(unit), cold)]
+            paired = statistics.median(f / m for f, m in zip(first, memmap))
+            print(
+                f"    read unit {unit:>3} chunks ({unit * chunk:>9,} tokens): "
+                f"{statistics.median(first) / 1e6:7.1f} M tokens/s  {paired:5.2f}x memmap"
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=32_000_000, help="store size in tokens")
@@ -200,11 +314,14 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, nargs="+", default=[1 << 12, 1 << 14, 1 << 16, 1 << 18])
     parser.add_argument("--shards", type=int, nargs="+", default=[0, 1 << 22], help="0: one file per chunk")
     parser.add_argument("--codecs", nargs="+", default=["none", "zstd"])
+    parser.add_argument("--checksum-cost", action="store_true", help="read speed with/without crc32c on every chunk")
+    parser.add_argument("--read-unit", action="store_true", help="resident first pass by read unit, cache cold/warm")
     args = parser.parse_args()
 
     documents, tokens_T = random_documents(args.tokens, args.seed)
+    run = checksum_cost if args.checksum_cost else read_unit if args.read_unit else sweep if args.sweep else compare
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="store_read-") as tmp:
-        (sweep if args.sweep else compare)(args, Path(tmp), documents, tokens_T)
+        run(args, Path(tmp), documents, tokens_T)
     print(f"(cores available to this process: {len(os.sched_getaffinity(0))}; load average {os.getloadavg()[0]:.1f})")
 
 

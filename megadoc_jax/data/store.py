@@ -170,7 +170,7 @@ class StoreWriter:
         # Levanter's row count lives in offsets[0].
         for group in fmt.GROUPS:
             self._arrays[f"{group.name}/offsets"][0:1].write(np.array([self.num_committed], np.int64)).result()
-        digest = fmt.content_hash(self._arrays, lengths)
+        digest = fmt.content_hash(self.path, self._arrays, lengths)
         for key, length in lengths.items():
             self._arrays[key] = fmt.shrink_array(self.path, key, self._arrays[key], length)
         self.manifest.update(
@@ -237,7 +237,7 @@ class StoreWriter:
         if manifest.get("finished"):
             raise StoreError(f"{self.path}: the store is finished; delete it to write it again")
         check_tokenizer(self.path, TokenizerInfo.from_dict(manifest["tokenizer"]), self.tokenizer)
-        if layout is not None and layout.to_dict() != manifest["layout"]:
+        if layout is not None and layout != StoreLayout.from_dict(manifest["layout"]):
             raise StoreError(
                 f"{self.path}: manifest.json layout {manifest['layout']} differs from the requested {layout.to_dict()}"
             )
@@ -255,7 +255,8 @@ class StoreWriter:
             raise StoreError(f"{commit_path}: malformed commit record {commit}")
         if documents > 0:
             for group in fmt.GROUPS:
-                end = int(self._arrays[f"{group.name}/offsets"][documents].read().result())
+                key = f"{group.name}/offsets"
+                end = int(fmt.read_elements(self.path, key, self._arrays[key], documents, documents + 1)[0])
                 if end != sizes[group.name]:
                     raise StoreError(
                         f"{commit_path}: {group.name}/offsets[{documents}] is {end} but the commit record says "

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -29,7 +30,12 @@ import tensorstore as ts
 from megadoc_jax import storage
 
 FORMAT_NAME = "megadoc-token-store"
-FORMAT_VERSION = 1
+# 2: every chunk carries a crc32c checksum (StoreLayout.checksum); 1: none (docs/store.md says what
+# that loses). Both are read.
+FORMAT_VERSION = 2
+# The content hash's header. It stays at 1 through format 2: the checksums are encoding, like
+# compression, so a store's content hash depends on its content only, whatever its format version.
+CONTENT_HASH_HEADER = f"{FORMAT_NAME}/1"
 MANIFEST_FILE = "manifest.json"
 COMMIT_FILE = "commit.json"
 LOCK_FILE = ".writer.lock"
@@ -51,6 +57,9 @@ class StoreLayout:
       tokens_chunk is the unit of reading and decoding; tokens_shard > 0 packs that many elements
       per file (zarr3 sharding: fewer files, chunks still read alone); 0 stores one file per chunk.
     aux_*: every other array (segment runs, metadata bytes and their offsets), read whole or per document.
+    checksum: a crc32c codec on every chunk of every array (format 2), so that a damaged or truncated
+      chunk fails its read instead of decoding to wrong values. The index of a shard file carries one
+      in every layout (tensorstore's default index codecs).
     """
 
     tokens_chunk: int = 1 << 14
@@ -59,6 +68,7 @@ class StoreLayout:
     aux_chunk: int = 1 << 17
     aux_codec: str = "zstd"
     codec_level: int = 3
+    checksum: bool = True
 
     def __post_init__(self) -> None:
         for name in ("tokens_chunk", "aux_chunk"):
@@ -72,15 +82,20 @@ class StoreLayout:
 
     @classmethod
     def levanter(cls) -> StoreLayout:
-        """Levanter's own JaggedArrayStore chunking, so that its JaggedArrayStore.open accepts input_ids/."""
-        return cls(tokens_chunk=1 << 18, tokens_shard=1 << 27, tokens_codec="blosc", codec_level=5)
+        """Levanter's own JaggedArrayStore chunking, so that its JaggedArrayStore.open accepts input_ids/.
+
+        Without chunk checksums: Levanter's open asks for its codec chain exactly, and tensorstore refuses
+        an array whose chain has a crc32c more ("Mismatch in number of bytes -> bytes codecs").
+        """
+        return cls(tokens_chunk=1 << 18, tokens_shard=1 << 27, tokens_codec="blosc", codec_level=5, checksum=False)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> StoreLayout:
-        return cls(**raw)
+        # A format-1 manifest has no `checksum`: its chunks have none.
+        return cls(**{"checksum": False, **raw})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +112,7 @@ METADATA = JaggedGroup("metadata", (("data", "uint8"),))
 GROUPS = (TOKENS, SEGMENTS, METADATA)
 
 
-def _codecs(codec: str, level: int, itemsize: int) -> list[dict[str, Any]]:
+def _codecs(codec: str, level: int, itemsize: int, checksum: bool) -> list[dict[str, Any]]:
     chain: list[dict[str, Any]] = [{"name": "bytes", "configuration": {"endian": "little"}}]
     if codec == "zstd":
         chain.append({"name": "zstd", "configuration": {"level": level}})
@@ -108,6 +123,8 @@ def _codecs(codec: str, level: int, itemsize: int) -> list[dict[str, Any]]:
                 "configuration": {"cname": "zstd", "clevel": level, "shuffle": "shuffle", "typesize": itemsize},
             }
         )
+    if checksum:  # last, so that it covers the stored (compressed) bytes
+        chain.append({"name": "crc32c"})
     return chain
 
 
@@ -116,12 +133,19 @@ def array_spec(root: storage.AnyPath, key: str, dtype: str, layout: StoreLayout)
     itemsize = np.dtype(dtype).itemsize
     if key.startswith(f"{TOKENS.name}/"):
         chunk, shard = layout.tokens_chunk, layout.tokens_shard
-        codecs = _codecs(layout.tokens_codec, layout.codec_level, itemsize)
+        codecs = _codecs(layout.tokens_codec, layout.codec_level, itemsize, layout.checksum)
     else:
         chunk, shard = layout.aux_chunk, 0
-        codecs = _codecs(layout.aux_codec, layout.codec_level, itemsize)
+        codecs = _codecs(layout.aux_codec, layout.codec_level, itemsize, layout.checksum)
     if shard:
-        codecs = [{"name": "sharding_indexed", "configuration": {"chunk_shape": [chunk], "codecs": codecs}}]
+        # The shard index carries a crc32c in every layout (tensorstore's default, written out here).
+        index = [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}]
+        codecs = [
+            {
+                "name": "sharding_indexed",
+                "configuration": {"chunk_shape": [chunk], "codecs": codecs, "index_codecs": index},
+            }
+        ]
     return {
         "driver": "zarr3",
         "kvstore": storage.kvstore_spec(root / key),
@@ -177,6 +201,69 @@ def open_array_for_read(root: storage.AnyPath, key: str, context: ts.Context) ->
     return ts.open(spec, read=True, context=context).result()
 
 
+def has_chunk_checksums(array: ts.TensorStore) -> bool:
+    """Whether the array's chunks (a sharded array's inner chunks) carry a crc32c codec."""
+    codecs = array.codec.to_json()["codecs"]
+    if codecs and codecs[0]["name"] == "sharding_indexed":
+        codecs = codecs[0]["configuration"]["codecs"]
+    return any(codec["name"] == "crc32c" for codec in codecs)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reads that name the damage: tensorstore reports a failed checksum, a truncated file or an undecodable
+# chunk as a ValueError (DATA_LOSS, FAILED_PRECONDITION) naming the file; these re-raise it as a
+# StoreError naming the store, the array and the chunk.
+# --------------------------------------------------------------------------------------------------
+
+READ_ERRORS = (ValueError, OSError, RuntimeError)
+
+
+class PendingRead:
+    """A tensorstore read of elements [start, stop) of array `key`, issued at construction."""
+
+    def __init__(
+        self,
+        root: storage.AnyPath,
+        key: str,
+        array: ts.TensorStore,
+        start: int,
+        stop: int,
+        batch: ts.Batch | None = None,
+    ) -> None:
+        self.root, self.key, self.array, self.start, self.stop = root, key, array, start, stop
+        self._future = array[start:stop].read(batch=batch)
+
+    def result(self) -> np.ndarray:
+        try:
+            return self._future.result()
+        except READ_ERRORS as error:
+            raise damage_error(self.root, self.key, self.array, self.start, self.stop, error) from error
+
+
+def read_elements(root: storage.AnyPath, key: str, array: ts.TensorStore, start: int, stop: int) -> np.ndarray:
+    return PendingRead(root, key, array, start, stop).result()
+
+
+def damage_error(
+    root: storage.AnyPath, key: str, array: ts.TensorStore, start: int, stop: int, error: Exception
+) -> StoreError:
+    """The StoreError for a failed read of [start, stop): finds the chunk that fails on its own (a rare
+    path, so re-reading the range chunk by chunk costs nothing in normal reads)."""
+    chunk = array.chunk_layout.read_chunk.shape[0]
+    file_elements = array.chunk_layout.write_chunk.shape[0]  # a chunk, or a shard of chunks
+    for chunk_id in range(start // chunk, -(-stop // chunk)):
+        begin, end = chunk_id * chunk, min((chunk_id + 1) * chunk, array.shape[0])
+        try:
+            array[begin:end].read().result()
+        except READ_ERRORS as chunk_error:
+            file = root / key / "c" / str(begin // file_elements)
+            return StoreError(
+                f"{root}: array {key}, chunk {chunk_id} (elements [{begin}, {end}) in file {file}) cannot be "
+                f"read: the store is damaged ({chunk_error})"
+            )
+    return StoreError(f"{root}: array {key}, elements [{start}, {stop}) cannot be read ({error})")
+
+
 def array_keys() -> list[tuple[str, str]]:
     """(key, dtype) of every array in the store, in the fixed order the content hash uses."""
     keys = []
@@ -192,14 +279,22 @@ def array_keys() -> list[tuple[str, str]]:
 # --------------------------------------------------------------------------------------------------
 
 
-def content_hash(arrays: dict[str, ts.TensorStore], lengths: dict[str, int]) -> str:
-    digest = hashlib.sha256(f"{FORMAT_NAME}/{FORMAT_VERSION}".encode())
+def content_hash(
+    root: storage.AnyPath,
+    arrays: dict[str, ts.TensorStore],
+    lengths: dict[str, int],
+    on_block: Callable[[str, np.ndarray], None] | None = None,
+) -> str:
+    """The hash; `on_block(key, values)` sees every block read (verify's token range and progress)."""
+    digest = hashlib.sha256(CONTENT_HASH_HEADER.encode())
     for key, dtype in array_keys():
         length = lengths[key]
         digest.update(f"\n{key} {dtype} {length}\n".encode())
         array = arrays[key]
         for start in range(0, length, HASH_BLOCK_ELEMENTS):
-            block = array[start : min(start + HASH_BLOCK_ELEMENTS, length)].read().result()
+            block = read_elements(root, key, array, start, min(start + HASH_BLOCK_ELEMENTS, length))
+            if on_block is not None:
+                on_block(key, block)
             digest.update(np.ascontiguousarray(block, dtype=np.dtype(dtype).newbyteorder("<")).tobytes())
     return "sha256:" + digest.hexdigest()
 

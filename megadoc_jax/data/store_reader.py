@@ -2,9 +2,9 @@
 
 Token windows are read in one of two ways, chosen at open by the store's size (docs/store.md has the
 measurements behind it):
-  resident   the token array fits in `cache_bytes`: decoded chunks are kept in memory as they are
-             first read (the missing chunks of a batch with tensorstore futures issued together, one
-             ts.Batch), and every window is then a numpy slice.
+  resident   the token array fits in `cache_bytes`: decoded blocks of RESIDENT_READ_CHUNKS chunks are
+             kept in memory as they are first read (the missing blocks of a batch with tensorstore
+             futures issued together, one ts.Batch), and every window is then a numpy slice.
   streaming  a larger store: each window is one tensorstore read, all of a batch issued together,
              through a tensorstore cache pool of `cache_bytes`, on top of the OS page cache.
 Offsets and segment runs are small and kept in memory. Reads may come from several threads.
@@ -21,6 +21,7 @@ import numpy as np
 import tensorstore as ts
 
 from megadoc_jax import storage
+from megadoc_jax.data import store_checks
 from megadoc_jax.data import store_format as fmt
 from megadoc_jax.data.store_format import StoreError
 from megadoc_jax.data.store_types import (
@@ -33,6 +34,9 @@ from megadoc_jax.data.store_types import (
 )
 
 DEFAULT_CACHE_BYTES = 1 << 30  # per reader: stores of up to 256M tokens are read resident
+# Chunks per resident read. 4 read a first pass 1.1x to 1.8x faster with the page cache cold, but warm
+# runs were mixed (0.7x to 2x) on the loaded machine: not a clear win, so 1 stays (docs/store.md).
+RESIDENT_READ_CHUNKS = 1
 
 
 class StoreReader:
@@ -55,18 +59,20 @@ class StoreReader:
         self._arrays = {key: fmt.open_array_for_read(path, key, context) for key, _ in fmt.array_keys()}
         self._check_shapes()
         self._tokens = self._arrays["input_ids/data"]
-        self._chunk: int = self._tokens.chunk_layout.read_chunk.shape[0]
+        # Resident mode reads and keeps blocks of RESIDENT_READ_CHUNKS chunks (docs/store.md, "Where a cold
+        # read goes"); the benchmark's --read-unit compares block sizes.
+        self._block: int = self._tokens.chunk_layout.read_chunk.shape[0] * RESIDENT_READ_CHUNKS
 
         self.offsets = self._read_offsets(fmt.TOKENS.name)  # int64 [num_documents + 1], offsets[0] = 0
         self._metadata_offsets = self._read_offsets(fmt.METADATA.name)
         self._document_runs = self._read_offsets(fmt.SEGMENTS.name)  # document i: runs [r[i], r[i+1])
-        self._run_kinds = self._arrays["segments/kind"].read().result()
-        self._run_indices = self._arrays["segments/index"].read().result()
-        self._run_ends = np.cumsum(self._arrays["segments/length"].read().result(), dtype=np.int64)
+        self._run_kinds = self._read_all("segments/kind")
+        self._run_indices = self._read_all("segments/index")
+        self._run_ends = np.cumsum(self._read_all("segments/length"), dtype=np.int64)
         if self.offsets[-1] != self.num_tokens or (self._run_ends.size and self._run_ends[-1] != self.num_tokens):
             raise StoreError(f"{path}: offsets or segment runs do not end at num_tokens={self.num_tokens}")
 
-        self._chunk_cache: dict[int, np.ndarray] = {}  # resident mode: chunk id -> its tokens
+        self._block_cache: dict[int, np.ndarray] = {}  # resident mode: block id -> its tokens
 
     @classmethod
     def open(
@@ -119,7 +125,9 @@ class StoreReader:
             )
         )
         meta_start, meta_stop = int(self._metadata_offsets[i]), int(self._metadata_offsets[i + 1])
-        metadata_bytes = self._arrays["metadata/data"][meta_start:meta_stop].read().result()
+        metadata_bytes = fmt.read_elements(
+            self.path, "metadata/data", self._arrays["metadata/data"], meta_start, meta_stop
+        )
         return Document(tokens, json.loads(metadata_bytes.tobytes()), segments)
 
     # ---- windows ------------------------------------------------------------------------------
@@ -129,12 +137,12 @@ class StoreReader:
         starts_N = self._check_windows(starts, length)
         out_NxL = np.empty((starts_N.size, length), np.int32)
         if self.resident:
-            self._slice_cached_chunks(starts_N, out_NxL)
+            self._slice_cached_blocks(starts_N, out_NxL)
         else:
             with ts.Batch() as batch:
-                futures = [self._tokens[start : start + length].read(batch=batch) for start in starts_N.tolist()]
-            for row, future in enumerate(futures):
-                out_NxL[row] = future.result()
+                reads = [self._read_tokens(start, start + length, batch) for start in starts_N.tolist()]
+            for row, pending in enumerate(reads):
+                out_NxL[row] = pending.result()
         return out_NxL
 
     def read_segments(self, starts: Sequence[int], length: int) -> tuple[np.ndarray, np.ndarray]:
@@ -151,16 +159,14 @@ class StoreReader:
             index_NxL[row] = np.repeat(self._run_indices[first : last + 1], lengths)
         return kind_NxL, index_NxL
 
-    def verify(self) -> str:
-        """Recompute the content hash from the stored arrays; StoreError unless it matches the manifest."""
-        lengths = {key: int(self._arrays[key].shape[0]) for key, _ in fmt.array_keys()}
-        digest = fmt.content_hash(self._arrays, lengths)
-        if digest != self.manifest["content_hash"]:
-            raise StoreError(
-                f"{self.path}: content hash {digest} differs from manifest.json content_hash "
-                f"{self.manifest['content_hash']}: the store was modified or damaged"
-            )
-        return digest
+    def verify(self, progress: bool = False) -> str:
+        """Every check of store_checks.CHECKS (manifest, arrays, offsets, segments, the content hash, the
+        token ids); StoreError at the first that fails. Returns the content hash."""
+        view = store_checks.StoreView(self.path, self.manifest, dict(self._arrays), progress)
+        for result in store_checks.run_checks(view):
+            if result.status != "ok":
+                raise StoreError(f"verify: the {result.name} check failed: {result.detail}")
+        return view.scan()[0]
 
     # ---- internals ----------------------------------------------------------------------------
 
@@ -180,46 +186,52 @@ class StoreReader:
             )
         return starts_N
 
-    def _slice_cached_chunks(self, starts_N: np.ndarray, out_NxL: np.ndarray) -> None:
-        """Resident mode: fill each row of out_NxL with slices of the (cached) chunks it spans."""
-        length, chunk = out_NxL.shape[1], self._chunk
-        first_chunk_N = starts_N // chunk
-        last_chunk_N = (starts_N + length - 1) // chunk
-        if length <= chunk:  # a window touches at most two chunks
-            needed = np.unique(np.concatenate([first_chunk_N, last_chunk_N]))
+    def _slice_cached_blocks(self, starts_N: np.ndarray, out_NxL: np.ndarray) -> None:
+        """Resident mode: fill each row of out_NxL with slices of the (cached) blocks it spans."""
+        length, block = out_NxL.shape[1], self._block
+        first_block_N = starts_N // block
+        last_block_N = (starts_N + length - 1) // block
+        if length <= block:  # a window touches at most two blocks
+            needed = np.unique(np.concatenate([first_block_N, last_block_N]))
         else:
-            spans = [np.arange(first, last + 1) for first, last in zip(first_chunk_N, last_chunk_N)]
+            spans = [np.arange(first, last + 1) for first, last in zip(first_block_N, last_block_N)]
             needed = np.unique(np.concatenate(spans))
-        chunks = self._chunks(needed.tolist())
-        rows = zip(starts_N.tolist(), first_chunk_N.tolist(), last_chunk_N.tolist())
+        blocks = self._blocks(needed.tolist())
+        rows = zip(starts_N.tolist(), first_block_N.tolist(), last_block_N.tolist())
         for row, (start, first, last) in enumerate(rows):
-            if first == last:  # the common case: the window lies inside one chunk
-                begin = start - first * chunk
-                out_NxL[row] = chunks[first][begin : begin + length]
+            if first == last:  # the common case: the window lies inside one block
+                begin = start - first * block
+                out_NxL[row] = blocks[first][begin : begin + length]
                 continue
             filled = 0
-            for chunk_id in range(first, last + 1):
-                begin = max(start, chunk_id * chunk) - chunk_id * chunk
-                end = min(start + length, (chunk_id + 1) * chunk) - chunk_id * chunk
-                out_NxL[row, filled : filled + end - begin] = chunks[chunk_id][begin:end]
+            for block_id in range(first, last + 1):
+                begin = max(start, block_id * block) - block_id * block
+                end = min(start + length, (block_id + 1) * block) - block_id * block
+                out_NxL[row, filled : filled + end - begin] = blocks[block_id][begin:end]
                 filled += end - begin
 
-    def _chunks(self, chunk_ids: list[int]) -> dict[int, np.ndarray]:
-        """Decoded token chunks by id: cached ones, and the missing ones read together in one batch."""
-        found = {c: self._chunk_cache[c] for c in chunk_ids if c in self._chunk_cache}
-        missing = [c for c in chunk_ids if c not in found]
+    def _blocks(self, block_ids: list[int]) -> dict[int, np.ndarray]:
+        """Decoded token blocks by id: cached ones, and the missing ones read together in one batch."""
+        found = {c: self._block_cache[c] for c in block_ids if c in self._block_cache}
+        missing = [c for c in block_ids if c not in found]
         if missing:
             with ts.Batch() as batch:
-                futures = [
-                    (c, self._tokens[c * self._chunk : min((c + 1) * self._chunk, self.num_tokens)].read(batch=batch))
+                reads = [
+                    (c, self._read_tokens(c * self._block, min((c + 1) * self._block, self.num_tokens), batch))
                     for c in missing
                 ]
-            for chunk_id, future in futures:
-                found[chunk_id] = self._chunk_cache[chunk_id] = future.result()
+            for block_id, pending in reads:
+                found[block_id] = self._block_cache[block_id] = pending.result()
         return found
 
+    def _read_tokens(self, start: int, stop: int, batch: ts.Batch) -> fmt.PendingRead:
+        return fmt.PendingRead(self.path, "input_ids/data", self._tokens, start, stop, batch)
+
+    def _read_all(self, key: str) -> np.ndarray:
+        return fmt.read_elements(self.path, key, self._arrays[key], 0, self._arrays[key].shape[0])
+
     def _read_offsets(self, group: str) -> np.ndarray:
-        offsets = self._arrays[f"{group}/offsets"].read().result()
+        offsets = self._read_all(f"{group}/offsets")
         offsets[0] = 0  # cell 0 holds Levanter's row count; the first row starts at 0
         return offsets
 
