@@ -1,15 +1,16 @@
 """Our training step at the shape of the MaxText comparison, against this machine's own matmul rate.
 
-    python -m megadoc_jax.benchmarks.cpu_step [--rounds 3] [--steps 3] [--variants f32/none,f32/full,bf16/none]
+    python -m megadoc_jax.benchmarks.cpu_step [--rounds 3] [--steps 3] [--variants f32/none,f32/none/unrolled]
 
 The shape is the one MaxText 0.2.5 was run at on this machine (issue 13): hidden 256, MLP 1024, 4 layers,
 4 heads (and 4 KV heads) of 64, vocabulary 32,000, sequence 512, batch 4, one device, random tokens.
-Each variant (compute dtype / model.remat) is compiled once; then, in `--rounds` rounds, every variant
-runs `--steps` timed steps and the f32 and bf16 rates of a 2048-square matmul are measured, all
-interleaved, so that the ratios hold on a machine whose load moves. Prints per variant the median
-s/step, the model FLOP/s (metrics.train_flops_per_token: 6 x matmul weights + causal attention, the
-count MaxText's 0.16 TFLOP a step also comes from) and that rate as a fraction of the f32 (and, for
-bf16, the bf16) matmul rate. Goal (issue 13): at least 0.5 of the f32 rate in f32 with remat off.
+Each variant (compute dtype / model.remat [/ unrolled: model.scan_layers off]) is compiled once; then,
+in `--rounds` rounds, every variant runs `--steps` timed steps and the f32 and bf16 rates of a
+2048-square matmul are measured, all interleaved, so that the ratios hold on a machine whose load
+moves. Prints per variant the median s/step, the model FLOP/s (metrics.train_flops_per_token: 6 x
+matmul weights + causal attention, the count MaxText's 0.16 TFLOP a step also comes from) and that rate
+as a fraction of the f32 (and, for bf16, the bf16) matmul rate. Goal (issue 13): at least 0.5 of the
+f32 rate in f32 with remat off.
 `--phases` also times the forward pass, the loss's gradient alone and the optimizer update of the first
 variant, to show where a step's time goes.
 """
@@ -33,8 +34,10 @@ MAXTEXT_SHAPE = dict(size="custom", hidden=256, mlp=1024, layers=4, heads=4, kv_
 SEQ_LEN, BATCH = 512, 4
 
 
-def step_config(compute_dtype: str, remat: str) -> config_lib.Config:
-    model = dict(MAXTEXT_SHAPE, compute_dtype=compute_dtype, param_dtype="float32", remat=remat)
+def step_config(compute_dtype: str, remat: str, scan_layers: bool = True) -> config_lib.Config:
+    model = dict(
+        MAXTEXT_SHAPE, compute_dtype=compute_dtype, param_dtype="float32", remat=remat, scan_layers=scan_layers
+    )
     return config_lib.from_dict(
         dict(model=model, data=dict(seq_len=SEQ_LEN), train=dict(batch_size=BATCH, checkpoints=False))
     )
@@ -53,17 +56,21 @@ def random_batch(seed: int) -> dict[str, np.ndarray]:
 
 
 class Variant:
-    """One compiled train step and its state; `run(steps)` returns the seconds of each step."""
+    """One compiled train step and its state; `run(steps)` returns the seconds of each step.
+
+    name: DTYPE/REMAT[/unrolled], e.g. f32/none or bf16/full/unrolled (layers unrolled, not scanned)."""
 
     def __init__(self, name: str) -> None:
-        compute_dtype, remat = name.split("/")
+        compute_dtype, remat, *layers = name.split("/")
+        if layers not in ([], ["unrolled"]):
+            raise SystemExit(f"--variants: {name!r}: the third field, if any, must be 'unrolled'")
         dtype = {"f32": "float32", "bf16": "bfloat16"}.get(compute_dtype)
         if dtype is None:
             raise SystemExit(f"--variants: {name!r}: the dtype must be f32 or bf16")
         if remat not in ("none", *step_lib.model_lib.REMAT_POLICIES):
             raise SystemExit(f"--variants: {name!r}: remat must be one of none, full, dots")
         self.name = name
-        self.config = step_config(dtype, remat)
+        self.config = step_config(dtype, remat, scan_layers=not layers)
         device = jax.devices()[0]
         self.mesh = sharding.make_mesh(config_lib.validate_for_devices(self.config, 1), [device])
         self.setup = step_lib.train_setup(self.config, self.mesh, total_steps=10_000)
