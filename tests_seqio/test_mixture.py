@@ -69,7 +69,6 @@ def test_sampled_proportions_match_the_weights(config_path):
     expected = DRAWS * np.array(list(WEIGHTS.values()))
     chi2 = float(((counts - expected) ** 2 / expected).sum())
     bound = stats.chi2.ppf(1 - ALPHA, df=len(WEIGHTS) - 1)
-    print("mixture draws", counts.tolist(), "chi2", chi2, "bound", bound)
     assert chi2 < bound, (counts.tolist(), expected.tolist(), chi2, bound)
     # each stream alone: a two-sided binomial bound at the same level
     z = stats.norm.ppf(1 - ALPHA / 2)
