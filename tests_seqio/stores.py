@@ -9,8 +9,6 @@ import numpy as np
 from megadoc_jax.data import demo
 from megadoc_jax.data.store import Document, Segment, SegmentKind, StoreReader, StoreWriter, TokenizerInfo
 
-EOS = demo.EOS_TOKEN
-
 
 def corpus(count: int, skip: int = 0) -> list[str]:
     """`count` demo documents' texts, from document `skip` on (deterministic)."""
@@ -22,24 +20,8 @@ def corpus(count: int, skip: int = 0) -> list[str]:
 
 def train_bang_tokenizer(texts: list[str], out_dir: Path, vocab_size: int = 600) -> Path:
     """A byte-level BPE whose id 0 is '!' (the first byte of the byte-level alphabet, as in Llama 3) and
-    whose EOS is added after training, at the end of the vocabulary."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        min_frequency=2,
-        special_tokens=[],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(texts, trainer=trainer)
-    tokenizer.add_special_tokens([AddedToken(EOS, special=True)])
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS).save_pretrained(str(out_dir))
-    return out_dir
+    whose EOS is the last id."""
+    return demo.train_tokenizer(texts, out_dir, vocab_size, eos_last=True)
 
 
 def segments_for(i: int, n: int) -> tuple[Segment, ...] | None:
