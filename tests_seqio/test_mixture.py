@@ -27,7 +27,8 @@ def config_path(tmp_path_factory, bang_tokenizer):
     for name, (skip, count) in SLICES.items():
         store = stores.write_store(root / name, bang_tokenizer, stores.corpus(count, skip=skip))
         streams.append({"name": name, "store": str(store), "weight": WEIGHTS[name]})
-    raw = {"model": {"vocab_size": 1024}, "data": {"tokenizer": str(bang_tokenizer), "streams": streams}}
+    data = {"tokenizer": str(bang_tokenizer), "streams": streams, "eval_stores": {"held-out": streams[0]["store"]}}
+    raw = {"model": {"vocab_size": 1024}, "data": data}
     path = root / "config.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
@@ -52,6 +53,20 @@ def test_mixture_registers_a_task_per_stream(config_path):
     }
     with pytest.raises(ValueError, match="duplicate provider"):
         register_config_mixture(config_path, "test_mix_tasks")
+    held_out = seqio.get_mixture_or_task("test_mix_tasks_eval_held_out")
+    assert held_out.splits == ("validation",) and held_out.source.num_input_examples("validation") == 30
+
+
+def test_config_refusals_name_the_key(config_path, tmp_path):
+    config = config_lib.load(config_path)
+    with pytest.raises(config_lib.ConfigError, match="data.streams: is empty"):
+        register_config_mixture(config_lib.load(config_path, ["data.streams=[]"]), "test_mix_empty")
+    raw = yaml.safe_load(config_path.read_text())
+    raw["data"]["tokenizer"] = ""
+    (tmp_path / "no_tokenizer.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(config_lib.ConfigError, match="data.tokenizer: is empty; set it or pass tokenizer_dir"):
+        register_config_mixture(tmp_path / "no_tokenizer.yaml", "test_mix_no_tokenizer")
+    assert register_config_mixture(config, "test_mix_given", tokenizer_dir=config.data.tokenizer, replace=True).tasks
 
 
 def test_sampled_proportions_match_the_weights(config_path):

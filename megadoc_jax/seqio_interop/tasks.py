@@ -140,8 +140,9 @@ def register_config_mixture(
     **task_options,
 ) -> seqio.Mixture:
     """Register a Task per stream of config.data.streams (named NAME_STREAM) and a Mixture NAME over them with
-    mixture_rates of the streams' weights. config: a Config or a YAML config path (with overrides);
-    `demo:` store paths resolve as in training. The tokenizer is tokenizer_dir, else data.tokenizer."""
+    mixture_rates of the streams' weights, and a Task NAME_eval_KEY with split 'validation' per held-out store
+    of data.eval_stores. config: a Config or a YAML config path (with overrides); `demo:` store paths resolve
+    as in training. The tokenizer is tokenizer_dir, else data.tokenizer."""
     if not isinstance(config, config_lib.Config):
         config = config_lib.load(config, list(overrides))
     config = demo.resolve_demo_paths(config)
@@ -162,6 +163,16 @@ def register_config_mixture(
         )
         for stream in streams
     ]
+    for key, store in config.data.eval_stores.items():
+        options = {**task_options, "shuffle_buffer_size": None}  # evaluation reads in store order
+        register_store_task(
+            task_name(f"{name}_eval_{key}"),
+            {"validation": store},
+            tokenizer_dir,
+            id_offset=id_offset,
+            replace=replace,
+            **options,
+        )
     rates = mixture_rates([stream.weight for stream in streams])
     if replace:
         seqio.MixtureRegistry.remove(name)
