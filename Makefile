@@ -7,7 +7,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: demo test miniature clean
+.PHONY: demo test test-seqio miniature clean
 
 # The demo data (stores and synthetic stream) is built by the generation stage, once, into
 # $MEGADOC_DEMO_DIR (default ~/.cache/megadoc_jax/demo); training only reads it.
@@ -42,6 +42,19 @@ $(VENV)/.installed-dev: pyproject.toml
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e ".[dev,tpu,torch]"
 	touch $@ $(VENV)/.installed
+
+# seqio interop (docs/seqio.md): its own environment, because seqio pulls tensorflow, which the main one
+# stays free of. The tests are in tests_seqio/, outside the main suite's testpaths.
+SEQIO_VENV ?= .venv-seqio
+
+test-seqio: $(SEQIO_VENV)/.installed
+	$(SEQIO_VENV)/bin/python -m pytest -n 1 tests_seqio $(PYTEST_ARGS)
+
+$(SEQIO_VENV)/.installed: pyproject.toml
+	test -x $(SEQIO_VENV)/bin/python || $(PYTHON) -m venv $(SEQIO_VENV)
+	$(SEQIO_VENV)/bin/python -m pip install -q --upgrade pip
+	$(SEQIO_VENV)/bin/python -m pip install -q -e ".[dev,seqio]"
+	touch $@
 
 clean:
 	rm -rf $(VENV) runs

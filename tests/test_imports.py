@@ -108,3 +108,32 @@ def test_the_checks_see_circles_and_lazy_imports(tmp_path, monkeypatch):
     (package / "c.py").write_text("import pkg.a\n")
     monkeypatch.setattr(__import__(__name__), "ROOT", tmp_path)
     assert circles(import_graph("pkg")) == [["pkg.a", "pkg.b"]]
+
+
+# seqio and tensorflow are the `seqio` extra's: only megadoc_jax.seqio_interop may import them (docs/seqio.md).
+SEQIO_ONLY = ("seqio", "tensorflow", "tensorflow_text", "tensorflow_datasets", "megadoc_jax.seqio_interop")
+
+
+def test_only_the_seqio_interop_imports_seqio_or_tensorflow():
+    offending = sorted(
+        f"{path.relative_to(ROOT)}:{line}: {name}"
+        for package in ("megadoc_jax", "generation")
+        for module, path in module_files(package).items()
+        if not module.startswith("megadoc_jax.seqio_interop")
+        for line, name in imported_names(module, path)
+        if any(name == banned or name.startswith(banned + ".") for banned in SEQIO_ONLY)
+    )
+    assert offending == []
+
+
+def test_training_and_evaluation_modules_load_no_seqio_or_tensorflow():
+    """Run where seqio is installed too (tests_seqio/test_isolation.py): importing them loads neither."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, megadoc_jax, megadoc_jax.train, megadoc_jax.evaluate, megadoc_jax.data.pipeline\n"
+        f"print(sorted(m for m in sys.modules if m.split('.')[0] in {SEQIO_ONLY[:4]!r}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]"

@@ -181,22 +181,28 @@ def write_jsonl(documents: Iterable[dict[str, str]], path: Path) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def train_tokenizer(texts: Iterable[str], out_dir: Path, vocab_size: int = DEMO_VOCAB_SIZE) -> Path:
-    """Train a byte-level BPE (vocabulary <= vocab_size, EOS included) and save it as a HF directory."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def train_tokenizer(
+    texts: Iterable[str], out_dir: Path, vocab_size: int = DEMO_VOCAB_SIZE, *, eos_last: bool = False
+) -> Path:
+    """Train a byte-level BPE (vocabulary <= vocab_size, EOS included) and save it as a HF directory.
+    EOS is id 0; eos_last: EOS is added after training as the last id, so id 0 is the byte '!' (Llama 3's
+    layout, where id 0 is a text token: the seqio tests need one)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
+        vocab_size=vocab_size - 1 if eos_last else vocab_size,
         min_frequency=2,
-        special_tokens=[EOS_TOKEN],
+        special_tokens=[] if eos_last else [EOS_TOKEN],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte: no unknown tokens
         show_progress=False,
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
+    if eos_last:
+        tokenizer.add_special_tokens([AddedToken(EOS_TOKEN, special=True)])
     if tokenizer.get_vocab_size() > vocab_size:
         raise RuntimeError(f"trained vocabulary {tokenizer.get_vocab_size()} exceeds {vocab_size}")
     PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS_TOKEN).save_pretrained(str(out_dir))
