@@ -24,7 +24,7 @@ from pathlib import Path
 
 import jax
 
-from megadoc_jax import checkpoint, distributed, evaluation, metrics, sharding, storage, xla_env
+from megadoc_jax import checkpoint, distributed, evaluation, files, metrics, sharding, storage, xla_env
 from megadoc_jax import config as config_lib
 from megadoc_jax import step as step_lib
 from megadoc_jax.data import demo, pipeline
@@ -104,11 +104,14 @@ def main(argv: list[str] | None = None) -> int:
     except RunDirInUse as e:
         print(f"train: {e}; wait for it to finish or choose another train.run_dir", file=sys.stderr)
         return 2
+    except (checkpoint.CheckpointDamaged, files.DiskFullError) as e:
+        print(f"train: {e}", file=sys.stderr)
+        return 4
 
 
 @dataclasses.dataclass
 class RunResult:
-    exit_code: int  # 0 done or preempted and saved, 3 stopped on a non-finite step
+    exit_code: int  # 0 done or preempted and saved, 3 stopped on a non-finite step (main: 2 config, 4 storage)
     step: int  # steps completed
     history: list[dict[str, float]]  # the logged metrics, one dict per log step (with "step")
 
@@ -162,12 +165,12 @@ def _run(config: config_lib.Config, devices: list[jax.Device], cleanup: contextl
     # Resume: the newest complete checkpoint in the run directory, restored onto this mesh.
     # ============================================================================================
     checkpointer = cleanup.enter_context(checkpoint.Checkpointer(run_dir / "checkpoints", config.train))
-    start_step = checkpointer.latest_step() or 0
-    if start_step:
-        state = checkpointer.restore(start_step, setup.abstract_state)
+    restored = checkpointer.restore_latest(setup.abstract_state, fallback_on_damage=config.train.fallback_on_damage)
+    if restored:
+        start_step, state = restored
         log.info("resumed from step %d", start_step)
     else:
-        state = step_lib.initial_state(setup, config, mesh)
+        start_step, state = 0, step_lib.initial_state(setup, config, mesh)
 
     # ============================================================================================
     # Compiled steps.
