@@ -37,19 +37,29 @@ _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 _NO_SPACE_TEXT = ("no space left on device", "disk quota exceeded")  # strerror text, as tensorstore reports it
 
 
+def _chain(error: BaseException | None):
+    """`error` and the exceptions it was raised from or during, newest first."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or error.__context__
+
+
 def is_disk_full(error: BaseException) -> bool:
     """True when `error` or an exception it was raised from is a full disk: an OSError with errno ENOSPC or
     EDQUOT, or an error whose text carries that errno's message (tensorstore and orbax re-raise OS errors
     as ValueError or RuntimeError with the message inside)."""
-    seen: set[int] = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, OSError) and error.errno in _NO_SPACE:
-            return True
-        if any(text in str(error).lower() for text in _NO_SPACE_TEXT):
-            return True
-        error = error.__cause__ or error.__context__
-    return False
+    return any(
+        (isinstance(e, OSError) and e.errno in _NO_SPACE) or any(text in str(e).lower() for text in _NO_SPACE_TEXT)
+        for e in _chain(error)
+    )
+
+
+def disk_full_report(error: BaseException) -> DiskFullError | None:
+    """The DiskFullError (the one that names what was being written) among `error` and its causes: cleanup
+    after a full disk often fails on the same disk, and that later error must not hide the first."""
+    return next((e for e in _chain(error) if isinstance(e, DiskFullError)), None)
 
 
 @contextlib.contextmanager

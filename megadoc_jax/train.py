@@ -89,8 +89,10 @@ def log_to_console() -> None:
 def main(argv: list[str] | None = None) -> int:
     log_to_console()
     args = parse_args(argv)
+    run_dir = "train.run_dir"  # named in a disk-full message
     try:
         config = config_lib.load(args.config or DEMO_CONFIG, args.overrides)
+        run_dir = config.train.run_dir
         xla_env.apply_and_report(config.hardware)  # before anything starts a JAX backend (xla_env.py)
         if args.dry_run:
             from megadoc_jax import dry_run
@@ -104,8 +106,14 @@ def main(argv: list[str] | None = None) -> int:
     except RunDirInUse as e:
         print(f"train: {e}; wait for it to finish or choose another train.run_dir", file=sys.stderr)
         return 2
-    except (checkpoint.CheckpointDamaged, files.DiskFullError) as e:
+    except checkpoint.CheckpointDamaged as e:
         print(f"train: {e}", file=sys.stderr)
+        return 4
+    except Exception as e:  # a full disk, met by a checkpoint save or by any other file of the run
+        if not files.is_disk_full(e):
+            raise
+        named = files.disk_full_report(e)
+        print(f"train: {named or f'{run_dir}: no space left on device ({e})'}", file=sys.stderr)
         return 4
 
 
