@@ -109,17 +109,21 @@ def main(argv: list[str] | None = None) -> int:
     except checkpoint.CheckpointDamaged as e:
         print(f"train: {e}", file=sys.stderr)
         return 4
-    except Exception as e:  # a full disk, met by a checkpoint save or by any other file of the run
-        if not files.is_disk_full(e):
-            raise
-        named = files.disk_full_report(e)
-        print(f"train: {named or f'{run_dir}: no space left on device ({e})'}", file=sys.stderr)
-        return 4
+    except distributed.LostProcess as e:
+        print(f"train: {e}: restart every process; the run resumes from its last checkpoint", file=sys.stderr)
+        return 5
+    except Exception as e:
+        if files.is_disk_full(e):  # met by a checkpoint save or by any other file of the run
+            named = files.disk_full_report(e)
+            print(f"train: {named or f'{run_dir}: no space left on device ({e})'}", file=sys.stderr)
+            return 4
+        raise
 
 
 @dataclasses.dataclass
 class RunResult:
-    exit_code: int  # 0 done or preempted and saved, 3 stopped on a non-finite step (main: 2 config, 4 storage)
+    # 0 done or preempted and saved, 3 stopped on a non-finite step (main: 2 config, 4 storage, 5 lost process)
+    exit_code: int
     step: int  # steps completed
     history: list[dict[str, float]]  # the logged metrics, one dict per log step (with "step")
 
@@ -131,7 +135,16 @@ def run(config: config_lib.Config, devices: list[jax.Device] | None = None) -> R
     the metric files are closed before it returns.
     """
     with contextlib.ExitStack() as cleanup:
-        return _run(config, devices or jax.devices(), cleanup)
+        try:
+            return _run(config, devices or jax.devices(), cleanup)
+        except Exception as e:
+            # A collective that failed because another process died: said now, before the cleanup, which
+            # may wait on that process until the coordination service ends this one (distributed.py).
+            lost = None if files.is_disk_full(e) else distributed.lost_processes()
+            if lost is None:
+                raise
+            log.error("%s", lost)
+            raise distributed.LostProcess(lost) from e
 
 
 def _run(config: config_lib.Config, devices: list[jax.Device], cleanup: contextlib.ExitStack) -> RunResult:
