@@ -113,16 +113,23 @@ def damage(step_dir: Path, how: str) -> None:
         (item / "_METADATA").unlink()
 
 
-@pytest.mark.parametrize("how", ["truncated", "removed"])
-def test_a_damaged_newest_step_is_named_and_skipped_only_when_asked(run, tmp_path, how):
+def damaged_copy(run, tmp_path, damaged: dict[int, str]) -> tuple[Path, checkpoint.Checkpointer, object]:
+    """A copy of the run with steps damaged ({step: how}), a Checkpointer on it and the restore target."""
     root, saved = run
     copy = tmp_path / "run"
     shutil.copytree(root, copy)
-    damage(copy / "checkpoints" / "4", how)
+    for step, how in damaged.items():
+        damage(copy / "checkpoints" / str(step), how)
     config = config_lib.load(copy / "config.yaml")
     tx, _ = optim.make_optimizer(config.optim, total_steps=10)
     target = jax.eval_shape(lambda: step_lib.init_state(saved[2], tx))
-    with checkpoint.Checkpointer(copy / "checkpoints", config.train) as restorer:
+    return copy, checkpoint.Checkpointer(copy / "checkpoints", config.train), target
+
+
+@pytest.mark.parametrize("how", ["truncated", "removed"])
+def test_a_damaged_newest_step_is_named_and_skipped_only_when_asked(run, tmp_path, how):
+    copy, restorer, target = damaged_copy(run, tmp_path, {4: how})
+    with restorer:
         with pytest.raises(
             checkpoint.CheckpointDamaged, match=r"run/checkpoints/4: the checkpoint of step 4 is damaged"
         ):
@@ -130,20 +137,13 @@ def test_a_damaged_newest_step_is_named_and_skipped_only_when_asked(run, tmp_pat
         assert checkpoint.committed_steps(copy / "checkpoints") == [2, 4]  # nothing deleted without the flag
         step, state = restorer.restore_latest(target, fallback_on_damage=True)
     assert step == 2 and checkpoint.committed_steps(copy / "checkpoints") == [2]
-    for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(saved[2])):
+    for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(run[1][2])):
         np.testing.assert_array_equal(np.asarray(a), b)
 
 
 def test_no_step_that_restores_is_an_error_even_with_the_flag(run, tmp_path):
-    root, saved = run
-    copy = tmp_path / "run"
-    shutil.copytree(root, copy)
-    for step in (2, 4):
-        damage(copy / "checkpoints" / str(step), "removed")
-    config = config_lib.load(copy / "config.yaml")
-    tx, _ = optim.make_optimizer(config.optim, total_steps=10)
-    target = jax.eval_shape(lambda: step_lib.init_state(saved[2], tx))
-    with checkpoint.Checkpointer(copy / "checkpoints", config.train) as restorer:
+    copy, restorer, target = damaged_copy(run, tmp_path, {2: "removed", 4: "removed"})
+    with restorer:
         with pytest.raises(
             checkpoint.CheckpointDamaged, match=r"no checkpoint in .*checkpoints restores: .*step 4.*step 2"
         ):

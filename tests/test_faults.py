@@ -6,18 +6,12 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from pathlib import Path
 
 import pytest
+from test_checkpoint import damage
 from test_train import REPO, STEPS, assert_trees_equal, demo_data, final_params, tiny_overrides  # noqa: F401
 
 from megadoc_jax import train
-
-
-def truncate_largest_file(step_dir: Path) -> None:
-    """What a bad disk or an interrupted copy does to a finalized step: its largest data file cut in half."""
-    largest = max((p for p in step_dir.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
-    os.truncate(largest, largest.stat().st_size // 2)
 
 
 @pytest.fixture
@@ -41,7 +35,7 @@ def test_a_damaged_newest_checkpoint_stops_the_run_unless_fallback_is_asked(demo
     assert train.main(args) == 0
     clean = tmp_path / "clean"
     shutil.copytree(tmp_path / "checkpoints", clean / "checkpoints")
-    truncate_largest_file(tmp_path / "checkpoints" / str(STEPS))
+    damage(tmp_path / "checkpoints" / str(STEPS), "truncated")
 
     assert train.main(args) == 4
     err = capsys.readouterr().err
