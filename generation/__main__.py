@@ -139,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     from generation.merge import OutputError
     from generation.prompts import PromptError
     from megadoc_jax.data.store import StoreError
+    from megadoc_jax.files import DiskFullError
 
     errors = (
         InputError,
@@ -151,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         PromptError,
         MegadocExportError,
         MissingGenerationsError,
+        DiskFullError,  # the message says what a rerun does once space is back
     )
     try:
         return args.run(args)

@@ -42,6 +42,7 @@ from generation.documents import (
 from generation.worker_pool import WorkerPool
 from megadoc_jax import storage
 from megadoc_jax.data.store import Document, StoreWriter, TokenizerInfo, finished_manifest
+from megadoc_jax.files import on_disk_full
 from megadoc_jax.storage import read_json, write_json_atomic
 
 PROGRESS_FILE = "export_progress.json"
@@ -206,6 +207,22 @@ def export(
     if finished is not None:
         return finished
 
+    advice = "free space and rerun the same command: it resumes from the last commit"
+    with on_disk_full(out, "writing the store", advice):
+        return _export(files, settings, out, info, tokenizer_json, workers, batch_size, flush_tokens, progress)
+
+
+def _export(
+    files: list[Path],
+    settings: dict[str, Any],
+    out: storage.AnyPath,
+    info: TokenizerInfo,
+    tokenizer_json: str,
+    workers: int,
+    batch_size: int,
+    flush_tokens: int,
+    progress: bool,
+) -> dict[str, Any]:
     started = time.monotonic()
     with StoreWriter(out, info, flush_tokens=NO_AUTO_FLUSH) as writer:
         state = _resume(out, settings, writer.num_committed)

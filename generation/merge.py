@@ -38,7 +38,7 @@ from typing import Any
 
 from generation.backends import generator_label
 from megadoc_jax import files
-from megadoc_jax.files import fsync_directory, lock_exclusive, write_bytes_atomic
+from megadoc_jax.files import fsync_directory, lock_exclusive, on_disk_full, write_bytes_atomic
 
 FORMAT_VERSION = 1
 PROVENANCE, LEDGER, PARTS, SUMMARY, LOCK = "provenance.json", "ledger.jsonl", "parts", "summary.json", ".lock"
@@ -67,11 +67,20 @@ def worker_dir(out: str | Path, worker_index: int, num_workers: int) -> Path:
 
 
 def append_line(path: Path, entry: dict) -> None:
-    """Append one JSON line with its newline in a single write, then fsync."""
+    """Append one JSON line with its newline, then fsync. A write that cannot finish (a full disk writes
+    part of the line, then fails) is undone, the file cut back to its old end: no torn line stays behind
+    for the next commit to append after."""
+    data = memoryview(json.dumps(entry, ensure_ascii=False).encode() + b"\n")
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        os.write(fd, json.dumps(entry, ensure_ascii=False).encode() + b"\n")
-        os.fsync(fd)
+        end = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            while data:
+                data = data[os.write(fd, data) :]
+            os.fsync(fd)
+        except BaseException:
+            os.ftruncate(fd, end)
+            raise
     finally:
         os.close(fd)
 
@@ -135,10 +144,16 @@ class WorkerOutput:
 
     def add_session(self, session: dict[str, Any]) -> None:
         self.provenance["sessions"].append(session)
-        write_bytes_atomic(self.dir / PROVENANCE, _dumps(self.provenance))
+        with self._on_disk_full(f"writing {PROVENANCE}"):
+            write_bytes_atomic(self.dir / PROVENANCE, _dumps(self.provenance))
 
     def commit(self, records: list[dict], stats: dict, last_position: int, wall_seconds: float, devices: dict) -> None:
-        """Make one chunk durable: its part (if it has documents), then its ledger line."""
+        """Make one chunk durable: its part (if it has documents), then its ledger line. A full disk raises
+        DiskFullError; the chunk is then not committed, and a rerun generates it again."""
+        with self._on_disk_full(f"committing chunk {len(self.entries)}"):
+            self._commit(records, stats, last_position, wall_seconds, devices)
+
+    def _commit(self, records: list[dict], stats: dict, last_position: int, wall_seconds: float, devices: dict) -> None:
         chunk = len(self.entries)
         data = b"".join(json.dumps(r, ensure_ascii=False).encode() + b"\n" for r in records)
         part = f"part-{chunk:06d}.jsonl" if records else None
@@ -160,8 +175,13 @@ class WorkerOutput:
 
     def finish(self) -> dict[str, Any]:
         summary = {"finished": True, **summarize(self.entries)}
-        write_bytes_atomic(self.dir / SUMMARY, _dumps(summary))
+        with self._on_disk_full(f"writing {SUMMARY}"):
+            write_bytes_atomic(self.dir / SUMMARY, _dumps(summary))
         return summary
+
+    def _on_disk_full(self, writing: str):
+        advice = "free space and rerun the same command: it resumes after the last committed chunk"
+        return on_disk_full(self.dir, writing, advice)
 
     def close(self) -> None:
         self._lock.release()

@@ -15,6 +15,7 @@ resumes the input pipeline.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from pathlib import Path
@@ -28,8 +29,8 @@ from flax import nnx
 from orbax.checkpoint import checkpoint_managers as policies
 
 from megadoc_jax import config as config_lib
+from megadoc_jax import files, sharding, storage
 from megadoc_jax import model as model_lib
-from megadoc_jax import sharding, storage
 from megadoc_jax.config import Config, ModelConfig, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ class Checkpointer:
         )
         self.directory = orbax_path(directory)
         self._every = train.checkpoint_every
+        self._saving: int | None = None  # the step of the last save started
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
@@ -60,23 +62,74 @@ class Checkpointer:
         return bool(self._every) and step % self._every == 0
 
     def save(self, step: int, state: Any) -> None:
-        """Starts an asynchronous save; returns once the arrays are copied off the devices."""
+        """Starts an asynchronous save; returns once the arrays are copied off the devices. A full disk met
+        by this save or by the previous one (its error surfaces here) raises files.DiskFullError."""
         if step in self._manager.all_steps():
             return
-        self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
+        with self._on_disk_full():
+            self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
+        self._saving = step
 
     def restore(self, step: int, abstract_state: Any) -> Any:
         """Restores `step` onto the shardings of `abstract_state` (ShapeDtypeStructs), whatever mesh
         or device count wrote it."""
         return self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
 
+    def restore_latest(self, abstract_state: Any, *, fallback_on_damage: bool) -> tuple[int, Any] | None:
+        """(step, state) of the newest committed step, or None when there is none.
+
+        A committed step that does not restore (a file of it removed or truncated after orbax finalized
+        it) raises CheckpointDamaged naming the step. With fallback_on_damage the next older step is tried
+        instead, each damaged step named in a warning and, once an older one has restored (so the damage
+        is not a model that fits no step), deleted: the run then writes those steps afresh."""
+        damaged: list[tuple[int, str]] = []
+        for step in sorted(self._manager.all_steps(), reverse=True):
+            try:
+                state = self.restore(step, abstract_state)
+            except Exception as e:  # orbax and tensorstore raise ValueError, OSError, KeyError, ... for damage
+                problem = f"{self.directory}/{step}: the checkpoint of step {step} is damaged: {_first_line(e)}"
+                if not fallback_on_damage:
+                    raise CheckpointDamaged(
+                        f"{problem}. Set train.fallback_on_damage=true to resume from the newest step that "
+                        f"restores (the damaged steps are then deleted), or restore this one from a copy"
+                    ) from e
+                log.warning("%s; trying the previous step (train.fallback_on_damage)", problem)
+                damaged.append((step, problem))
+                continue
+            for bad, _ in damaged:
+                self._manager.delete(bad)
+                log.warning("deleted the damaged checkpoint of step %d; resuming from step %d", bad, step)
+            return step, state
+        if damaged:
+            raise CheckpointDamaged(
+                f"no checkpoint in {self.directory} restores: " + "; ".join(problem for _, problem in damaged)
+            )
+        return None
+
     def reached_preemption(self, step: int) -> bool:
         """True on every host once JAX's preemption notice (multi-host TPU slices) reached this step."""
         return jax.process_count() > 1 and self._manager.reached_preemption(step)
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
+        with self._on_disk_full():
+            self._manager.wait_until_finished()
         self._manager.close()
+
+    @contextlib.contextmanager
+    def _on_disk_full(self):
+        """A full disk as files.DiskFullError naming the step being saved and the last complete one, which
+        is kept (orbax finalizes a step only once all of it is written, and deletes old steps after that)."""
+        try:
+            yield
+        except Exception as e:
+            if not files.is_disk_full(e):
+                raise
+            complete = committed_steps(storage.location(str(self.directory)))
+            saving = f"the checkpoint of step {self._saving}" if self._saving is not None else "a checkpoint"
+            raise files.DiskFullError(
+                f"{self.directory}: no space left on device while saving {saving}; the last complete checkpoint "
+                f"(step {complete[-1] if complete else 'none'}) is kept: free space and rerun, which resumes from it"
+            ) from e
 
     def __enter__(self) -> Checkpointer:
         return self
@@ -118,6 +171,15 @@ ITEM = "default"  # the directory of the train state inside a step directory (or
 
 class CheckpointError(ValueError):
     """A run directory or checkpoint that cannot be loaded; the message names the path."""
+
+
+class CheckpointDamaged(CheckpointError):
+    """A committed checkpoint step that cannot be restored; the message names the step directory."""
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"
 
 
 class Run(NamedTuple):

@@ -195,6 +195,9 @@ class TrainConfig:
     keep_last: int = 2
     keep_every: int = 0  # also keep every M-th step's checkpoint; 0: none
     checkpoints: bool = True
+    # A newest checkpoint that cannot be restored (a file removed or truncated after it was finalized) stops
+    # the run, naming the step; true: resume from the newest step that restores, deleting the damaged ones.
+    fallback_on_damage: bool = False
 
 
 # --------------------------------------------------------------------------------------------------

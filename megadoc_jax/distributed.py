@@ -11,12 +11,20 @@ Four ways a run learns that it spans processes:
 - MEGADOC_DISTRIBUTED=auto: let JAX detect the cluster (TPU pod slices, ...);
 - none of these: a single process, nothing to initialise.
 On CPU the processes talk through gloo collectives, so a 2-process test runs on one machine.
+
+A lost process. JAX's coordination service (in process 0) ends every process once one has sent no
+heartbeat for MEGADOC_HEARTBEAT_TIMEOUT seconds (jax.distributed.initialize's heartbeat_timeout_seconds,
+default 100), so a survivor never hangs longer than that. Sooner, a collective with the dead peer fails in
+the survivor; `lost_processes` then says which process is gone from our own beats in the service's
+key-value store (each process bumps its counter every second), for the message the command prints.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
+import time
 
 import jax
 
@@ -25,6 +33,70 @@ from megadoc_jax import cluster_env
 log = logging.getLogger(__name__)
 
 MODES = ("auto", "slurm")
+HEARTBEAT_TIMEOUT = "MEGADOC_HEARTBEAT_TIMEOUT"  # seconds without a heartbeat before the job is ended
+BEAT_PREFIX = "megadoc/beat/"  # + process id: a counter each process bumps every BEAT_SECONDS
+BEAT_SECONDS = 1.0
+
+_beats: threading.Event | None = None  # set to stop the beating thread
+
+
+class LostProcess(RuntimeError):
+    """Another process of the job is gone; the message names it."""
+
+
+def heartbeat_timeout() -> int | None:
+    """MEGADOC_HEARTBEAT_TIMEOUT as a positive integer, or None (JAX's default) when unset."""
+    value = os.environ.get(HEARTBEAT_TIMEOUT, "")
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise SystemExit(f"{HEARTBEAT_TIMEOUT}={value!r}: expected a whole number of seconds >= 1")
+    return int(value)
+
+
+def _client():
+    from jax._src import distributed as jax_distributed  # the coordination client; no public accessor
+
+    return jax_distributed.global_state.client
+
+
+def _start_beats(process_id: int) -> None:
+    """A daemon thread bumping this process's counter in the coordination service's key-value store."""
+    global _beats
+    client, stop = _client(), threading.Event()
+
+    def beat() -> None:
+        count = 0
+        while not stop.is_set():
+            try:
+                client.key_value_set(f"{BEAT_PREFIX}{process_id}", str(count), allow_overwrite=True)
+            except Exception:  # the service is gone: lost_processes reports it
+                return
+            count += 1
+            stop.wait(BEAT_SECONDS)
+
+    threading.Thread(target=beat, name="megadoc-beat", daemon=True).start()
+    _beats = stop
+
+
+def lost_processes(wait: float = 3 * BEAT_SECONDS) -> str | None:
+    """After a failed collective: which process is gone, as a sentence, or None in a single-process run or
+    when every process still beats. Compares every process's counter over `wait` seconds; a key-value
+    store that cannot be reached means process 0 (the coordinator, which hosts it) is gone."""
+    if _beats is None or jax.process_count() < 2:
+        return None
+    me, count, client = jax.process_index(), jax.process_count(), _client()
+    try:
+        before = dict(client.key_value_dir_get(BEAT_PREFIX))
+        time.sleep(wait)
+        after = dict(client.key_value_dir_get(BEAT_PREFIX))
+    except Exception:
+        return f"process 0 of {count} (the coordinator) is gone: its coordination service does not answer process {me}"
+    lost = [i for i in range(count) if i != me and before.get(f"{BEAT_PREFIX}{i}") == after.get(f"{BEAT_PREFIX}{i}")]
+    if not lost:
+        return None
+    names = ", ".join(str(i) for i in lost)
+    return f"process {names} of {count} is gone (no heartbeat for {wait:.0f} s); process {me} stops"
 
 
 def _on_cpu() -> bool:
@@ -34,12 +106,15 @@ def _on_cpu() -> bool:
 def _join(coordinator: str, num_processes: int, process_id: int, local_device_ids=None) -> None:
     if _on_cpu():
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    timeout = heartbeat_timeout()
     jax.distributed.initialize(
         coordinator_address=coordinator,
         num_processes=num_processes,
         process_id=process_id,
         local_device_ids=None if local_device_ids is None else list(local_device_ids),
+        **({} if timeout is None else {"heartbeat_timeout_seconds": timeout}),
     )
+    _start_beats(process_id)
     log.info(
         "joined: process %d of %d, %d local devices of %d",
         jax.process_index(),

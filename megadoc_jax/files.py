@@ -3,11 +3,14 @@
 The store (megadoc_jax/data), the generation stage's outputs and the exporters all keep their records
 (manifests, commit and progress records, summaries) as small files that a kill must never leave half
 written, and guard a directory against a second writer with a lock. Sweeps (megadoc_jax/sweep) claim
-runs by creating lease files exclusively. Standard library only.
+runs by creating lease files exclusively. A full disk is reported as DiskFullError naming the file
+(`on_disk_full`), whatever layer (os, tensorstore, orbax) met it. Standard library only.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -19,6 +22,58 @@ from typing import Any
 
 class LockHeldError(RuntimeError):
     """Another process holds the lock (the default error of `lock_exclusive`)."""
+
+
+class DiskFullError(OSError):
+    """A write failed for lack of space (ENOSPC, or a quota); the message names the path and what was
+    being written, and says what a rerun does once space is back."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.errno = errno.ENOSPC
+
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+_NO_SPACE_TEXT = ("no space left on device", "disk quota exceeded")  # strerror text, as tensorstore reports it
+
+
+def _chain(error: BaseException | None):
+    """`error` and the exceptions it was raised from or during, newest first."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or error.__context__
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """True when `error` or an exception it was raised from is a full disk: an OSError with errno ENOSPC or
+    EDQUOT, or an error whose text carries that errno's message (tensorstore and orbax re-raise OS errors
+    as ValueError or RuntimeError with the message inside)."""
+    return any(
+        (isinstance(e, OSError) and e.errno in _NO_SPACE) or any(text in str(e).lower() for text in _NO_SPACE_TEXT)
+        for e in _chain(error)
+    )
+
+
+def disk_full_report(error: BaseException) -> DiskFullError | None:
+    """The DiskFullError (the one that names what was being written) among `error` and its causes: cleanup
+    after a full disk often fails on the same disk, and that later error must not hide the first."""
+    return next((e for e in _chain(error) if isinstance(e, DiskFullError)), None)
+
+
+@contextlib.contextmanager
+def on_disk_full(path: object, writing: str, advice: str):
+    """Re-raise a full disk met inside the block as DiskFullError("PATH: no space left on device while
+    WRITING; ADVICE"); any other error passes unchanged."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except Exception as e:
+        if not is_disk_full(e):
+            raise
+        raise DiskFullError(f"{path}: no space left on device while {writing}; {advice}") from e
 
 
 def fsync_directory(path: str | os.PathLike) -> None:
@@ -37,11 +92,16 @@ def _temporary_name(path: Path) -> Path:
 
 
 def _write_temporary(path: Path, data: bytes) -> Path:
+    """`data` in a temporary file beside `path`, fsynced; a failed write (a full disk) leaves no file behind."""
     tmp = _temporary_name(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return tmp
 
 

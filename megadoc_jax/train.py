@@ -24,7 +24,7 @@ from pathlib import Path
 
 import jax
 
-from megadoc_jax import checkpoint, distributed, evaluation, metrics, sharding, storage, xla_env
+from megadoc_jax import checkpoint, distributed, evaluation, files, metrics, sharding, storage, xla_env
 from megadoc_jax import config as config_lib
 from megadoc_jax import step as step_lib
 from megadoc_jax.data import demo, pipeline
@@ -89,8 +89,10 @@ def log_to_console() -> None:
 def main(argv: list[str] | None = None) -> int:
     log_to_console()
     args = parse_args(argv)
+    run_dir = "train.run_dir"  # named in a disk-full message
     try:
         config = config_lib.load(args.config or DEMO_CONFIG, args.overrides)
+        run_dir = config.train.run_dir
         xla_env.apply_and_report(config.hardware)  # before anything starts a JAX backend (xla_env.py)
         if args.dry_run:
             from megadoc_jax import dry_run
@@ -104,11 +106,24 @@ def main(argv: list[str] | None = None) -> int:
     except RunDirInUse as e:
         print(f"train: {e}; wait for it to finish or choose another train.run_dir", file=sys.stderr)
         return 2
+    except checkpoint.CheckpointDamaged as e:
+        print(f"train: {e}", file=sys.stderr)
+        return 4
+    except distributed.LostProcess as e:
+        print(f"train: {e}: restart every process; the run resumes from its last checkpoint", file=sys.stderr)
+        return 5
+    except Exception as e:
+        if files.is_disk_full(e):  # met by a checkpoint save or by any other file of the run
+            named = files.disk_full_report(e)
+            print(f"train: {named or f'{run_dir}: no space left on device ({e})'}", file=sys.stderr)
+            return 4
+        raise
 
 
 @dataclasses.dataclass
 class RunResult:
-    exit_code: int  # 0 done or preempted and saved, 3 stopped on a non-finite step
+    # 0 done or preempted and saved, 3 stopped on a non-finite step (main: 2 config, 4 storage, 5 lost process)
+    exit_code: int
     step: int  # steps completed
     history: list[dict[str, float]]  # the logged metrics, one dict per log step (with "step")
 
@@ -120,7 +135,16 @@ def run(config: config_lib.Config, devices: list[jax.Device] | None = None) -> R
     the metric files are closed before it returns.
     """
     with contextlib.ExitStack() as cleanup:
-        return _run(config, devices or jax.devices(), cleanup)
+        try:
+            return _run(config, devices or jax.devices(), cleanup)
+        except Exception as e:
+            # A collective that failed because another process died: said now, before the cleanup, which
+            # may wait on that process until the coordination service ends this one (distributed.py).
+            lost = None if files.is_disk_full(e) else distributed.lost_processes()
+            if lost is None:
+                raise
+            log.error("%s", lost)
+            raise distributed.LostProcess(lost) from e
 
 
 def _run(config: config_lib.Config, devices: list[jax.Device], cleanup: contextlib.ExitStack) -> RunResult:
@@ -162,12 +186,12 @@ def _run(config: config_lib.Config, devices: list[jax.Device], cleanup: contextl
     # Resume: the newest complete checkpoint in the run directory, restored onto this mesh.
     # ============================================================================================
     checkpointer = cleanup.enter_context(checkpoint.Checkpointer(run_dir / "checkpoints", config.train))
-    start_step = checkpointer.latest_step() or 0
-    if start_step:
-        state = checkpointer.restore(start_step, setup.abstract_state)
+    restored = checkpointer.restore_latest(setup.abstract_state, fallback_on_damage=config.train.fallback_on_damage)
+    if restored:
+        start_step, state = restored
         log.info("resumed from step %d", start_step)
     else:
-        state = step_lib.initial_state(setup, config, mesh)
+        start_step, state = 0, step_lib.initial_state(setup, config, mesh)
 
     # ============================================================================================
     # Compiled steps.

@@ -83,11 +83,15 @@ def wait_until(process: subprocess.Popen, ready: Callable[[], bool], *, timeout:
         time.sleep(0.005)
 
 
-def kill_when(process: subprocess.Popen, ready: Callable[[], bool], *, timeout: float, what: str) -> None:
-    """wait_until, then SIGKILL; the process is reaped whatever happens."""
+def kill_when(
+    process: subprocess.Popen, ready: Callable[[], bool], *, timeout: float, what: str, sig: int = signal.SIGKILL
+) -> None:
+    """wait_until, then `sig` (SIGKILL; SIGTERM for a scheduler's stop), waiting for the process to end;
+    it is reaped (killed if need be) whatever happens."""
     try:
         wait_until(process, ready, timeout=timeout, what=what)
-        os.kill(process.pid, signal.SIGKILL)
+        os.kill(process.pid, sig)
+        process.wait(timeout=120)
     finally:
         if process.poll() is None:
             process.kill()

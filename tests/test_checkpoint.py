@@ -3,6 +3,7 @@ clear refusals of missing or partial checkpoints and of a config that does not m
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -99,3 +100,52 @@ def test_a_config_that_does_not_match_the_checkpoint_is_refused(run, tmp_path):
     )
     with pytest.raises(checkpoint.CheckpointError, match=expected):
         checkpoint.load_run(copy, sharding.make_mesh({}, jax.devices()[:1]))
+
+
+def damage(step_dir: Path, how: str) -> None:
+    """What a bad disk or an interrupted copy does to a finalized step: its largest data file cut in half,
+    or its tree metadata removed."""
+    item = step_dir / checkpoint.ITEM
+    if how == "truncated":
+        largest = max((p for p in item.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+        os.truncate(largest, largest.stat().st_size // 2)
+    else:
+        (item / "_METADATA").unlink()
+
+
+def damaged_copy(run, tmp_path, damaged: dict[int, str]) -> tuple[Path, checkpoint.Checkpointer, object]:
+    """A copy of the run with steps damaged ({step: how}), a Checkpointer on it and the restore target."""
+    root, saved = run
+    copy = tmp_path / "run"
+    shutil.copytree(root, copy)
+    for step, how in damaged.items():
+        damage(copy / "checkpoints" / str(step), how)
+    config = config_lib.load(copy / "config.yaml")
+    tx, _ = optim.make_optimizer(config.optim, total_steps=10)
+    target = jax.eval_shape(lambda: step_lib.init_state(saved[2], tx))
+    return copy, checkpoint.Checkpointer(copy / "checkpoints", config.train), target
+
+
+@pytest.mark.parametrize("how", ["truncated", "removed"])
+def test_a_damaged_newest_step_is_named_and_skipped_only_when_asked(run, tmp_path, how):
+    copy, restorer, target = damaged_copy(run, tmp_path, {4: how})
+    with restorer:
+        with pytest.raises(
+            checkpoint.CheckpointDamaged, match=r"run/checkpoints/4: the checkpoint of step 4 is damaged"
+        ):
+            restorer.restore_latest(target, fallback_on_damage=False)
+        assert checkpoint.committed_steps(copy / "checkpoints") == [2, 4]  # nothing deleted without the flag
+        step, state = restorer.restore_latest(target, fallback_on_damage=True)
+    assert step == 2 and checkpoint.committed_steps(copy / "checkpoints") == [2]
+    for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(run[1][2])):
+        np.testing.assert_array_equal(np.asarray(a), b)
+
+
+def test_no_step_that_restores_is_an_error_even_with_the_flag(run, tmp_path):
+    copy, restorer, target = damaged_copy(run, tmp_path, {2: "removed", 4: "removed"})
+    with restorer:
+        with pytest.raises(
+            checkpoint.CheckpointDamaged, match=r"no checkpoint in .*checkpoints restores: .*step 4.*step 2"
+        ):
+            restorer.restore_latest(target, fallback_on_damage=True)
+    assert checkpoint.committed_steps(copy / "checkpoints") == [2, 4]  # none deleted: nothing restored

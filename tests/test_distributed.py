@@ -20,7 +20,13 @@ LAYOUTS = Path(__file__).parent / "data" / "slurm"
 def recorded_initialize(monkeypatch) -> list[dict]:
     calls: list[dict] = []
     monkeypatch.setattr(distributed.jax.distributed, "initialize", lambda **kwargs: calls.append(kwargs))
-    for name in ("MEGADOC_COORDINATOR", "MEGADOC_DISTRIBUTED", "JAX_PLATFORMS", "CUDA_VISIBLE_DEVICES"):
+    for name in (
+        "MEGADOC_COORDINATOR",
+        "MEGADOC_DISTRIBUTED",
+        "MEGADOC_HEARTBEAT_TIMEOUT",
+        "JAX_PLATFORMS",
+        "CUDA_VISIBLE_DEVICES",
+    ):
         monkeypatch.delenv(name, raising=False)
     return calls
 
@@ -67,3 +73,24 @@ def test_unknown_mode_is_refused(monkeypatch, recorded_initialize):
 def test_no_variables_no_initialisation(recorded_initialize):
     distributed.initialize_from_environment()
     assert recorded_initialize == []
+
+
+def test_heartbeat_timeout_reaches_initialize_and_a_bad_one_is_refused(monkeypatch, recorded_initialize):
+    monkeypatch.setenv("MEGADOC_COORDINATOR", "127.0.0.1:1234")
+    monkeypatch.setenv("MEGADOC_NUM_PROCESSES", "2")
+    monkeypatch.setenv("MEGADOC_PROCESS_ID", "1")
+    monkeypatch.setattr(distributed, "_start_beats", lambda process_id: None)  # no coordination service here
+    monkeypatch.setenv("MEGADOC_HEARTBEAT_TIMEOUT", "15")
+    distributed.initialize_from_environment()
+    assert recorded_initialize[-1]["heartbeat_timeout_seconds"] == 15
+    monkeypatch.delenv("MEGADOC_HEARTBEAT_TIMEOUT")
+    distributed.initialize_from_environment()
+    assert "heartbeat_timeout_seconds" not in recorded_initialize[-1]  # JAX's default (100 s)
+    monkeypatch.setenv("MEGADOC_HEARTBEAT_TIMEOUT", "0")
+    with pytest.raises(SystemExit, match=r"MEGADOC_HEARTBEAT_TIMEOUT='0': expected a whole number of seconds >= 1"):
+        distributed.initialize_from_environment()
+    assert len(recorded_initialize) == 2
+
+
+def test_no_lost_process_is_named_in_a_single_process_run():
+    assert distributed.lost_processes(wait=0) is None

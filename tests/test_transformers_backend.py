@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -119,7 +120,9 @@ def test_models_load_from_local_directories_and_run_no_shipped_code(model_dir, t
     assert not marker.exists()
 
 
-def test_kill_9_mid_run_then_resume_matches_an_uninterrupted_run(model_dir, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
+def test_killed_or_terminated_mid_run_then_resume_matches_an_uninterrupted_run(model_dir, tmp_path, sig):
+    """kill -9, or SIGTERM (a scheduler's stop): committed chunks stay, the chunk in flight is discarded."""
     docs = write_docs(tmp_path / "docs.jsonl", count=8)
     common = ["--samples", "2", "--max-new-tokens", "6", "--chunk-documents", "1", "--backend-option", "batch_size=4"]
     settings = GenerationSettings(samples=2, max_new_tokens=6, chunk_documents=1)
@@ -159,8 +162,9 @@ def test_kill_9_mid_run_then_resume_matches_an_uninterrupted_run(model_dir, tmp_
     )
     # Killed in the third chunk: generating, writing its part or its ledger line.
     two_chunks = lambda: ledger.exists() and ledger.read_bytes().count(b"\n") >= 2  # noqa: E731
-    kill_when(process, two_chunks, timeout=240, what="the worker")
+    kill_when(process, two_chunks, timeout=240, what="the worker", sig=sig)
     process.stderr.close()
+    assert process.returncode == -sig  # ended by the signal, not finished
     assert not (worker_dir(out, 0, 1) / SUMMARY).exists(), "killed too late: the worker had finished"
     committed_before_resume = ledger.read_bytes().count(b"\n")
     assert 2 <= committed_before_resume < 8
