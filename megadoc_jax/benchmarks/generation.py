@@ -15,8 +15,9 @@ reachable EOS (ours is given an id outside the vocabulary, theirs none), so both
 Timing: each side runs once as a warm-up (ours compiles then: reported as compile time), then --rounds
 timed rounds, interleaved side by side so that both see the same load on a shared machine; the medians
 give output tokens/s and each round gives a ratio ours / transformers. On CPU both sides use the same
-threads: --threads N (default: every core this process may run on) pins the process to N cores before
-JAX starts (XLA sizes its CPU thread pool from the schedulable cores) and sets torch's intra-op threads
+threads: --threads N (default 1; 0: every core this process may run on) pins the process to N cores
+before JAX starts (XLA sizes its CPU thread pool by the schedulable cores: one tf_XLAEigen thread per
+core, checked in /proc) and sets torch's intra-op threads
 to N. Then the phases: prefill alone, generate(1 token) against generate(N) (the cost of one decode
 step), the sampling alone, and for comparison a Python loop of one jitted decode step per token (what
 dispatching and a host sync per token would cost).
@@ -122,8 +123,12 @@ class OurSide:
             cache = decode.init_cache(cfg, batch, slots)
             return decode.prefill(nnx.merge(graphdef, params), tokens_BxP, start_B, next_B, cache)
 
-        def step(params, tokens_B, cache, keys_B, index):
-            logits_BxV, cache = decode.decode_step(nnx.merge(graphdef, params), tokens_B, cache)
+        # The layers sliced once, as generate_tokens slices them before its loop.
+        block_graphs, self.block_states = zip(*(nnx.split(b) for b in decode.layer_blocks(model)))
+
+        def step(params, block_states, tokens_B, cache, keys_B, index):
+            blocks = [nnx.merge(g, s) for g, s in zip(block_graphs, block_states)]
+            logits_BxV, cache = decode.decode_step(nnx.merge(graphdef, params), tokens_B, cache, blocks)
             return decode.sample_tokens(logits_BxV, keys_B, index, sampling), cache
 
         def sample_only(logits_BxV, keys_B):
@@ -136,7 +141,7 @@ class OurSide:
             return jax.lax.fori_loop(0, new_tokens, body, (jnp.zeros((batch,), jnp.int32), logits_BxV))[0]
 
         self._prefill = jax.jit(prefill)
-        self._step = jax.jit(step, donate_argnums=(2,))
+        self._step = jax.jit(step, donate_argnums=(3,))
         self._sample_only = jax.jit(sample_only)
 
     def generate(self, new_tokens: int | None = None) -> list:
@@ -166,7 +171,7 @@ class OurSide:
         token_B = decode.sample_tokens(logits_BxV, self.keys_B, jnp.int32(0), self.sampling)
         out = [jax.device_get(token_B)]
         for index in range(1, self.new_tokens):
-            token_B, cache = self._step(self.params, token_B, cache, self.keys_B, jnp.int32(index))
+            token_B, cache = self._step(self.params, self.block_states, token_B, cache, self.keys_B, jnp.int32(index))
             out.append(jax.device_get(token_B))
         return out
 
@@ -249,7 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompt-len", type=int, default=64, help="longest prompt; lengths are drawn in [P/2, P]")
     parser.add_argument("--new-tokens", type=int, default=128, help="tokens generated per row, exactly")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds per side, interleaved")
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads for both sides (0: every core)")
+    # Default 1: on a shared machine torch's OpenMP threads spin against the other jobs and its time
+    # collapses (docs/generation.md, "Throughput"); 0 takes every core this process may run on.
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads for both sides (0: every core)")
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto", help="auto: bf16 on GPU")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=0)
