@@ -40,7 +40,7 @@ from megadoc_jax.data.store_types import FINISH_LENGTH, FINISH_STOP
 from megadoc_jax.model import Decoder, apply_rope, rope_angles
 from megadoc_jax.sharding import constrain
 
-CACHE_AXES = ("layers", "batch", None, "kv_heads", "head_dim")
+CACHE_AXES = ("batch", "kv_heads", None, "head_dim")  # of each layer's buffer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,8 +57,12 @@ class SamplingConfig:
 
 
 class KVCache(NamedTuple):
-    keys_NxBxSxGxK: jax.Array  # N = layers, S = cache slots
-    values_NxBxSxGxK: jax.Array
+    # One [B, G, S, K] buffer per layer (G = key/value heads, S = cache slots), not one stacked
+    # [N, B, S, G, K] array: a step writes one slot per row into each buffer in place, and attention
+    # reads it as it lies (heads next to the batch, the layout batched matmuls want). The stacked cache,
+    # scanned over the layers, was sliced, transposed and rebuilt whole several times a step.
+    keys_BxGxSxK: tuple[jax.Array, ...]
+    values_BxGxSxK: tuple[jax.Array, ...]
     start_B: jax.Array  # int32: first slot of each row's prompt
     next_B: jax.Array  # int32: slot of each row's next token
 
@@ -70,11 +74,10 @@ class Generated:
 
 
 def init_cache(cfg: ModelConfig, batch: int, slots: int) -> KVCache:
-    shape = (cfg.layers, batch, slots, cfg.kv_heads, cfg.head_size)
-    zeros = jnp.zeros(shape, jnp.dtype(cfg.compute_dtype))
-    zeros = constrain(zeros, CACHE_AXES)
+    shape = (batch, cfg.kv_heads, slots, cfg.head_size)
+    buffers = tuple(constrain(jnp.zeros(shape, jnp.dtype(cfg.compute_dtype)), CACHE_AXES) for _ in range(cfg.layers))
     index = jnp.zeros((batch,), jnp.int32)
-    return KVCache(zeros, zeros, index, index)
+    return KVCache(buffers, buffers, index, index)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -83,45 +86,64 @@ def init_cache(cfg: ModelConfig, batch: int, slots: int) -> KVCache:
 
 
 def cached_attention(
-    q_BxTxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array, visible_BxTxS: jax.Array
+    q_BxTxHxK: jax.Array, k_BxGxSxK: jax.Array, v_BxGxSxK: jax.Array, visible_BxTxS: jax.Array
 ) -> jax.Array:
     """GQA attention of T queries over S cached slots. A row with nothing visible (a left-pad query) gets
     a uniform softmax, not NaN; its output is unused."""
-    return masked_attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, visible_BxTxS)
+    return masked_attention(q_BxTxHxK, k_BxGxSxK, v_BxGxSxK, visible_BxTxS, kv_layout="bgsk")
 
 
-def forward(model: Decoder, tokens_BxT: jax.Array, slots_BxT: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+def layer_blocks(model: Decoder) -> tuple[nnx.Module, ...]:
+    """The decoder's layers one by one, static slices of its stacked parameters. generate_tokens takes
+    them once, before its loop, so that no step slices (copies) the weights again."""
+    graphdef, layer_state = nnx.split(model.layers)
+    return tuple(
+        nnx.merge(graphdef, jax.tree.map(lambda p: p[i], layer_state))  # noqa: B023 (used at once)
+        for i in range(model.cfg.layers)
+    )
+
+
+def forward(
+    model: Decoder,
+    tokens_BxT: jax.Array,
+    slots_BxT: jax.Array,
+    cache: KVCache,
+    blocks: Sequence[nnx.Module] | None = None,
+) -> tuple[jax.Array, KVCache]:
     """Final-normed hidden states [B, T, D] of tokens written at cache slots `slots_BxT`, and the cache
-    holding their keys and values. `cache.start_B` must already be set; `next_B` is left as it is."""
+    holding their keys and values. `cache.start_B` must already be set; `next_B` is left as it is.
+    blocks: layer_blocks(model), when the caller has them already."""
     cfg = model.cfg
     dtype = jnp.dtype(cfg.compute_dtype)
     positions_BxT = jnp.maximum(slots_BxT - cache.start_B[:, None], 0)
     sin_cos = rope_angles(positions_BxT, cfg.head_size, cfg.rope_base)
-    slot_S = jnp.arange(cache.keys_NxBxSxGxK.shape[2])
+    slot_S = jnp.arange(cache.keys_BxGxSxK[0].shape[2])
     visible_BxTxS = (slot_S >= cache.start_B[:, None, None]) & (slot_S <= slots_BxT[:, :, None])
     rows_Bx1 = jnp.arange(tokens_BxT.shape[0])[:, None]
+    w = lambda p: p[...].astype(dtype)  # noqa: E731
+
+    def write(buffer_BxGxSxK: jax.Array, new_BxTxGxK: jax.Array) -> jax.Array:
+        # Indices on axes 0 and 2 around a slice: the update is laid out [B, T, G, K].
+        return constrain(
+            buffer_BxGxSxK.at[rows_Bx1, :, slots_BxT].set(new_BxTxGxK.astype(buffer_BxGxSxK.dtype)), CACHE_AXES
+        )
 
     x_BxTxD = jnp.take(model.embed[...], tokens_BxT, axis=0).astype(dtype)
-    graphdef, layer_state = nnx.split(model.layers)
-
-    def layer(x_BxTxD: jax.Array, per_layer: tuple) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-        one_layer_state, k_BxSxGxK, v_BxSxGxK = per_layer
-        block = nnx.merge(graphdef, one_layer_state)
+    keys, values = [], []
+    # The layers unrolled, each with its own cache buffers (see KVCache).
+    blocks = layer_blocks(model) if blocks is None else blocks
+    for block, k_BxGxSxK, v_BxGxSxK in zip(blocks, cache.keys_BxGxSxK, cache.values_BxGxSxK, strict=True):
         attention = block.attention
-        w = lambda p: p[...].astype(dtype)  # noqa: E731
         h_BxTxD = block.attn_norm(x_BxTxD)
         q_BxTxHxK = apply_rope(jnp.einsum("btd,dhk->bthk", h_BxTxD, w(attention.wq)), *sin_cos)
-        k_BxTxGxK = apply_rope(jnp.einsum("btd,dgk->btgk", h_BxTxD, w(attention.wk)), *sin_cos)
-        v_BxTxGxK = jnp.einsum("btd,dgk->btgk", h_BxTxD, w(attention.wv))
-        k_BxSxGxK = k_BxSxGxK.at[rows_Bx1, slots_BxT].set(k_BxTxGxK.astype(k_BxSxGxK.dtype))
-        v_BxSxGxK = v_BxSxGxK.at[rows_Bx1, slots_BxT].set(v_BxTxGxK.astype(v_BxSxGxK.dtype))
-        out_BxTxHxK = cached_attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, visible_BxTxS)
+        k_BxGxSxK = write(k_BxGxSxK, apply_rope(jnp.einsum("btd,dgk->btgk", h_BxTxD, w(attention.wk)), *sin_cos))
+        v_BxGxSxK = write(v_BxGxSxK, jnp.einsum("btd,dgk->btgk", h_BxTxD, w(attention.wv)))
+        out_BxTxHxK = cached_attention(q_BxTxHxK, k_BxGxSxK, v_BxGxSxK, visible_BxTxS)
         x_BxTxD = x_BxTxD + jnp.einsum("bthk,hkd->btd", out_BxTxHxK, w(attention.wo))
         x_BxTxD = x_BxTxD + block.mlp(block.mlp_norm(x_BxTxD))
-        return x_BxTxD, (k_BxSxGxK, v_BxSxGxK)
-
-    x_BxTxD, (keys, values) = jax.lax.scan(layer, x_BxTxD, (layer_state, cache.keys_NxBxSxGxK, cache.values_NxBxSxGxK))
-    cache = cache._replace(keys_NxBxSxGxK=constrain(keys, CACHE_AXES), values_NxBxSxGxK=constrain(values, CACHE_AXES))
+        keys.append(k_BxGxSxK)
+        values.append(v_BxGxSxK)
+    cache = cache._replace(keys_BxGxSxK=tuple(keys), values_BxGxSxK=tuple(values))
     return model.final_norm(x_BxTxD), cache
 
 
@@ -131,21 +153,28 @@ def logits_of(model: Decoder, x_BxD: jax.Array) -> jax.Array:
 
 
 def prefill(
-    model: Decoder, tokens_BxP: jax.Array, start_B: jax.Array, next_B: jax.Array, cache: KVCache
+    model: Decoder,
+    tokens_BxP: jax.Array,
+    start_B: jax.Array,
+    next_B: jax.Array,
+    cache: KVCache,
+    blocks: Sequence[nnx.Module] | None = None,
 ) -> tuple[jax.Array, KVCache]:
     """Writes the padded prompts into slots 0..P-1; returns the logits [B, V] of each row's last prompt
     token (slot next_B - 1) and the cache ready for decode_step."""
     b, p = tokens_BxP.shape
     cache = cache._replace(start_B=start_B.astype(jnp.int32), next_B=next_B.astype(jnp.int32))
     slots_BxP = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
-    x_BxPxD, cache = forward(model, tokens_BxP, slots_BxP, cache)
+    x_BxPxD, cache = forward(model, tokens_BxP, slots_BxP, cache, blocks)
     last_BxD = jnp.take_along_axis(x_BxPxD, (cache.next_B - 1)[:, None, None], axis=1)[:, 0]
     return logits_of(model, last_BxD), cache
 
 
-def decode_step(model: Decoder, tokens_B: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+def decode_step(
+    model: Decoder, tokens_B: jax.Array, cache: KVCache, blocks: Sequence[nnx.Module] | None = None
+) -> tuple[jax.Array, KVCache]:
     """One new token per row at slot next_B: its logits [B, V] and the cache advanced by one."""
-    x_Bx1xD, cache = forward(model, tokens_B[:, None], cache.next_B[:, None], cache)
+    x_Bx1xD, cache = forward(model, tokens_B[:, None], cache.next_B[:, None], cache, blocks)
     return logits_of(model, x_Bx1xD[:, 0]), cache._replace(next_B=cache.next_B + 1)
 
 
@@ -176,11 +205,26 @@ def filter_logits(logits_V: jax.Array, sampling: SamplingConfig) -> jax.Array:
     return logits_V
 
 
+def first_max_index(x_BxV: jax.Array) -> jax.Array:
+    """jnp.argmax(x, -1) (the first maximum; the first NaN if any) from two plain reductions: XLA:CPU
+    runs argmax's (value, index) reduction element by element, which cost more than a decode step's
+    matmuls of a small model."""
+    top_Bx1 = jnp.max(x_BxV, axis=-1, keepdims=True)
+    hit_BxV = (x_BxV == top_Bx1) | jnp.isnan(x_BxV)
+    return jnp.min(jnp.where(hit_BxV, jnp.arange(x_BxV.shape[-1]), x_BxV.shape[-1]), axis=-1)
+
+
+def categorical(key: jax.Array, logits_V: jax.Array) -> jax.Array:
+    """jax.random.categorical(key, logits_V), the same draw (Gumbel-max with jax's own gumbel noise), with
+    first_max_index for the argmax (tests/test_decode.py pins the equality)."""
+    return first_max_index(jax.random.gumbel(key, logits_V.shape, logits_V.dtype) + logits_V)
+
+
 def sample_tokens(logits_BxV: jax.Array, keys_B: jax.Array, step: jax.Array, sampling: SamplingConfig) -> jax.Array:
     """One token per row, drawn with fold_in(key_b, step): independent of the other rows."""
 
     def one(logits_V: jax.Array, key: jax.Array) -> jax.Array:
-        return jax.random.categorical(jax.random.fold_in(key, step), filter_logits(logits_V, sampling))
+        return categorical(jax.random.fold_in(key, step), filter_logits(logits_V, sampling))
 
     return jax.vmap(one)(logits_BxV, keys_B).astype(jnp.int32)
 
@@ -219,7 +263,11 @@ def generate_tokens(
     With several models, their averaged logits are sampled (module docstring)."""
     members = members_of(models)
     b, p = tokens_BxP.shape
-    prefilled = [prefill(m, tokens_BxP, start_B, next_B, init_cache(m.cfg, b, p + max_new_tokens)) for m in members]
+    blocks = [layer_blocks(m) for m in members]  # sliced once, outside the loop
+    prefilled = [
+        prefill(m, tokens_BxP, start_B, next_B, init_cache(m.cfg, b, p + max_new_tokens), layers)
+        for m, layers in zip(members, blocks)
+    ]
     logits_BxV = ensemble_logits([logits for logits, _ in prefilled])
     caches = tuple(cache for _, cache in prefilled)
     eos_E = jnp.asarray(eos_ids, jnp.int32)
@@ -240,7 +288,7 @@ def generate_tokens(
 
     def body(state: tuple) -> tuple:
         step, token_B, out_BxN, stopped_B, lengths_B, caches = state
-        stepped = [decode_step(m, token_B, cache) for m, cache in zip(members, caches)]
+        stepped = [decode_step(m, token_B, cache, layers) for m, cache, layers in zip(members, caches, blocks)]
         logits_BxV = ensemble_logits([logits for logits, _ in stepped])
         caches = tuple(cache for _, cache in stepped)
         return (step + 1, *record(step + 1, logits_BxV, out_BxN, stopped_B, lengths_B), caches)

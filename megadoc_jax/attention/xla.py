@@ -25,25 +25,36 @@ def attention_mask(length: int, segment_ids_BxL: jax.Array | None, causal: bool)
 
 
 def masked_attention(
-    q_BxTxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array, mask_BxTxS: jax.Array | None
+    q_BxTxHxK: jax.Array,
+    k_BxSxGxK: jax.Array,
+    v_BxSxGxK: jax.Array,
+    mask_BxTxS: jax.Array | None,
+    *,
+    kv_layout: str = "bsgk",
 ) -> jax.Array:
     """GQA attention of T queries over S keys under a boolean mask, fp32 scores and softmax. The query
     heads are grouped ([B, T, G, H/G, K]) so K/V are never repeated in memory. Shared by the xla
-    backend and the KV-cache decoder (megadoc_jax/decode.py)."""
+    backend and the KV-cache decoder (megadoc_jax/decode.py), whose cache is laid out [B, G, S, K]
+    (kv_layout "bgsk": the heads next to the batch, as batched matmuls read them, so no transpose)."""
+    if kv_layout not in ("bsgk", "bgsk"):
+        raise ValueError(f"masked_attention: kv_layout must be 'bsgk' or 'bgsk', got {kv_layout!r}")
     b, t, heads, size = q_BxTxHxK.shape
-    kv_heads = k_BxSxGxK.shape[2]
+    kv_heads = k_BxSxGxK.shape[kv_layout.index("g")]
     q_BxTxGxRxK = q_BxTxHxK.reshape(b, t, kv_heads, heads // kv_heads, size)
-    scores_BxGxRxTxS = jnp.einsum("btgrk,bsgk->bgrts", q_BxTxGxRxK, k_BxSxGxK, preferred_element_type=jnp.float32) * (
-        size**-0.5
-    )
+    scores_BxGxRxTxS = jnp.einsum(
+        f"btgrk,{kv_layout}->bgrts", q_BxTxGxRxK, k_BxSxGxK, preferred_element_type=jnp.float32
+    ) * (size**-0.5)
     if mask_BxTxS is not None:
         # A finite minimum instead of -inf: a fully masked row gives a uniform distribution, not NaN.
         scores_BxGxRxTxS = jnp.where(mask_BxTxS[:, None, None], scores_BxGxRxTxS, jnp.finfo(jnp.float32).min)
     probs_BxGxRxTxS = jax.nn.softmax(scores_BxGxRxTxS, axis=-1)
-    out_BxTxGxRxK = jnp.einsum(
-        "bgrts,bsgk->btgrk", probs_BxGxRxTxS.astype(v_BxSxGxK.dtype), v_BxSxGxK, preferred_element_type=jnp.float32
+    out_BxGxRxTxK = jnp.einsum(
+        f"bgrts,{kv_layout}->bgrtk",
+        probs_BxGxRxTxS.astype(v_BxSxGxK.dtype),
+        v_BxSxGxK,
+        preferred_element_type=jnp.float32,
     )
-    return out_BxTxGxRxK.reshape(b, t, heads, size).astype(q_BxTxHxK.dtype)
+    return jnp.transpose(out_BxGxRxTxK, (0, 3, 1, 2, 4)).reshape(b, t, heads, size).astype(q_BxTxHxK.dtype)
 
 
 @register_backend("xla", context_parallel=True, zigzag_layout=False)
