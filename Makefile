@@ -7,7 +7,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-seqio miniature clean
+.PHONY: demo test test-py312 test-seqio miniature clean
 
 # The demo data (stores and synthetic stream) is built by the generation stage, once, into
 # $MEGADOC_DEMO_DIR (default ~/.cache/megadoc_jax/demo); training only reads it.
@@ -56,5 +56,31 @@ $(SEQIO_VENV)/.installed: pyproject.toml
 	$(SEQIO_VENV)/bin/python -m pip install -q -e ".[dev,seqio]"
 	touch $@
 
+# The suite on Python 3.12 with the newest JAX that pip resolves there (docs/performance.md#python-and-jax-versions),
+# in a second environment beside .venv. PYTHON312 is python3.12 when that runs, else pyenv's newest 3.12
+# (pyenv's shim answers "command not found" unless 3.12 is an active version), else set it by hand.
+# No torch here: PyPI's torch for 3.12 is the multi-GB CUDA build (the CPU build lies only on PyTorch's own
+# index), so the torch parity tests skip in this environment; they run on 3.11.
+VENV312 ?= .venv-py312
+ifeq ($(origin PYTHON312),undefined)
+PYTHON312 := $(shell python3.12 -c '' >/dev/null 2>&1 && echo python3.12)
+ifeq ($(PYTHON312),)
+PYENV312 := $(shell pyenv versions --bare 2>/dev/null | grep -E '^3\.12\.[0-9]+$$' | tail -n 1)
+PYTHON312 := $(if $(PYENV312),$(shell pyenv root)/versions/$(PYENV312)/bin/python3.12,python3.12)
+endif
+endif
+
+test-py312: $(VENV312)/.installed-dev
+	$(VENV312)/bin/python -m pytest -n 2 $(PYTEST_ARGS)
+
+$(VENV312)/.installed-dev: pyproject.toml
+	@$(PYTHON312) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' >/dev/null 2>&1 || { \
+	  echo "make test-py312: PYTHON312=$(PYTHON312) is not a working Python 3.12; install Python 3.12 or" \
+	    "name one: make test-py312 PYTHON312=/path/to/python3.12" >&2; exit 2; }
+	test -x $(VENV312)/bin/python || $(PYTHON312) -m venv $(VENV312)
+	$(VENV312)/bin/python -m pip install -q --upgrade pip
+	$(VENV312)/bin/python -m pip install -q -e ".[dev,tpu]"
+	touch $@
+
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(VENV312) $(SEQIO_VENV) runs
