@@ -6,7 +6,6 @@ TPU targets compiled ahead of time with their flags, at a small model so the tes
 from __future__ import annotations
 
 import importlib.util
-import time
 from pathlib import Path
 
 import pytest
@@ -125,12 +124,9 @@ def test_two_tpu_targets_compile_with_their_flags(capsys):
     # own flag set), each compiled in a process that applied its libtpu flags. The tiny model on 256-token
     # windows keeps the compiles to seconds; docs/hardware.md has the measured figures at 150m and 300m.
     files = [str(HARDWARE / "tpu-2x-v5e-16.yaml"), str(HARDWARE / "tpu-v5p-8.yaml")]
-    start = time.perf_counter()
     code = experiments.main(["check", *files, "model.size=tiny", "data.seq_len=256", "--hardware", "--compile"])
-    elapsed = time.perf_counter() - start
     lines = capsys.readouterr().out.splitlines()
     assert code == 0, lines
     assert "tpu-2x-v5e-16 tiny | mesh data=2 fsdp=16 tensor=1 context=1 dcn_data=2 on 32 x TPU v5 lite" in lines[0]
     assert "on 4 x TPU v5 |" in lines[1]
     assert all("| step " in line and ": fits |" in line for line in lines[:2])
-    assert elapsed < 120, f"the two compiles took {elapsed:.0f} s"  # about 40 s on a loaded 2-core machine
