@@ -153,6 +153,8 @@ def test_one_process_of_two_killed_the_other_names_it_and_exits_then_both_resume
     expected += [] if victim else ["Either the leader task was preempted/died"]
     assert any(text in output for text in expected), output[-3000:]
     stopped_at = max(logged_steps(tmp_path))
+    if victim == 0:  # resuming after a lost process is shown once, with the worker killed (suite time)
+        return
 
     resumed = start_both()
     outputs = [p.communicate(timeout=400)[0] for p in resumed]
