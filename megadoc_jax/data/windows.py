@@ -61,15 +61,15 @@ def rows_from_runs(
     n, length = shape
     lengths_R = np.diff(run_starts_R, append=n * length)
     segment_ids_NxL = np.repeat(run_segments_R.astype(np.int32), lengths_R).reshape(n, length)
+    has_padding = bool((run_segments_R == 0).any())
     if restart_positions:  # column minus the column where the token's run starts
         positions_NxL = np.repeat((run_starts_R % length).astype(np.int32), lengths_R).reshape(n, length)
         np.subtract(np.arange(length, dtype=np.int32), positions_NxL, out=positions_NxL)
-    elif (run_segments_R == 0).any():
-        positions_NxL = np.empty(shape, np.int32)
-        positions_NxL[:] = np.arange(length, dtype=np.int32)
-    else:
+    elif not has_padding:  # the shared read-only columns: nothing to build
         return segment_ids_NxL, column_positions(shape)
-    if (run_segments_R == 0).any():
+    else:
+        positions_NxL = column_positions(shape).copy()
+    if has_padding:
         positions_NxL[segment_ids_NxL == 0] = 0
     return segment_ids_NxL, positions_NxL
 
