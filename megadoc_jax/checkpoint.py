@@ -15,7 +15,6 @@ resumes the input pipeline.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 from pathlib import Path
@@ -115,21 +114,19 @@ class Checkpointer:
             self._manager.wait_until_finished()
         self._manager.close()
 
-    @contextlib.contextmanager
     def _on_disk_full(self):
         """A full disk as files.DiskFullError naming the step being saved and the last complete one, which
         is kept (orbax finalizes a step only once all of it is written, and deletes old steps after that)."""
-        try:
-            yield
-        except Exception as e:
-            if not files.is_disk_full(e):
-                raise
+        saving = f"the checkpoint of step {self._saving}" if self._saving is not None else "a checkpoint"
+
+        def kept() -> str:
             complete = committed_steps(storage.location(str(self.directory)))
-            saving = f"the checkpoint of step {self._saving}" if self._saving is not None else "a checkpoint"
-            raise files.DiskFullError(
-                f"{self.directory}: no space left on device while saving {saving}; the last complete checkpoint "
-                f"(step {complete[-1] if complete else 'none'}) is kept: free space and rerun, which resumes from it"
-            ) from e
+            return (
+                f"the last complete checkpoint (step {complete[-1] if complete else 'none'}) is kept: free space "
+                "and rerun, which resumes from it"
+            )
+
+        return files.on_disk_full(self.directory, f"saving {saving}", kept)
 
     def __enter__(self) -> Checkpointer:
         return self

@@ -16,6 +16,7 @@ import json
 import os
 import socket
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -63,9 +64,10 @@ def disk_full_report(error: BaseException) -> DiskFullError | None:
 
 
 @contextlib.contextmanager
-def on_disk_full(path: object, writing: str, advice: str):
+def on_disk_full(path: object, writing: str, advice: str | Callable[[], str]):
     """Re-raise a full disk met inside the block as DiskFullError("PATH: no space left on device while
-    WRITING; ADVICE"); any other error passes unchanged."""
+    WRITING; ADVICE"); any other error passes unchanged. `advice` may be a function, called only then
+    (when saying what is kept needs a look at the disk)."""
     try:
         yield
     except DiskFullError:
@@ -73,7 +75,8 @@ def on_disk_full(path: object, writing: str, advice: str):
     except Exception as e:
         if not is_disk_full(e):
             raise
-        raise DiskFullError(f"{path}: no space left on device while {writing}; {advice}") from e
+        text = advice() if callable(advice) else advice
+        raise DiskFullError(f"{path}: no space left on device while {writing}; {text}") from e
 
 
 def fsync_directory(path: str | os.PathLike) -> None:
