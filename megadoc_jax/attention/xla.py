@@ -48,13 +48,13 @@ def masked_attention(
         # A finite minimum instead of -inf: a fully masked row gives a uniform distribution, not NaN.
         scores_BxGxRxTxS = jnp.where(mask_BxTxS[:, None, None], scores_BxGxRxTxS, jnp.finfo(jnp.float32).min)
     probs_BxGxRxTxS = jax.nn.softmax(scores_BxGxRxTxS, axis=-1)
-    out_BxGxRxTxK = jnp.einsum(
-        f"bgrts,{kv_layout}->bgrtk",
-        probs_BxGxRxTxS.astype(v_BxSxGxK.dtype),
-        v_BxSxGxK,
-        preferred_element_type=jnp.float32,
-    )
-    return jnp.transpose(out_BxGxRxTxK, (0, 3, 1, 2, 4)).reshape(b, t, heads, size).astype(q_BxTxHxK.dtype)
+    probs_BxGxRxTxS = probs_BxGxRxTxS.astype(v_BxSxGxK.dtype)
+    if kv_layout == "bsgk":  # training's layout: its product order, so its numerics stay as they were
+        out_BxTxGxRxK = jnp.einsum("bgrts,bsgk->btgrk", probs_BxGxRxTxS, v_BxSxGxK, preferred_element_type=jnp.float32)
+    else:  # the decoder's cache: a plain batched matmul over (b, g), then the heads back beside the tokens
+        out_BxGxRxTxK = jnp.einsum("bgrts,bgsk->bgrtk", probs_BxGxRxTxS, v_BxSxGxK, preferred_element_type=jnp.float32)
+        out_BxTxGxRxK = jnp.transpose(out_BxGxRxTxK, (0, 3, 1, 2, 4))
+    return out_BxTxGxRxK.reshape(b, t, heads, size).astype(q_BxTxHxK.dtype)
 
 
 @register_backend("xla", context_parallel=True, zigzag_layout=False)
