@@ -2,9 +2,10 @@
 
 The hidden states [B, L, D] are cut into chunks of `chunk_tokens` sequence positions; a `lax.scan` walks
 the chunks and computes each chunk's logits [B, chunk, V] = x_chunk @ W in fp32 and, per token, their
-log-sum-exp and the target's logit (`_chunk_token_scores`, the one place that touches logits). The
-chunk body is wrapped in `jax.checkpoint`, so the backward pass recomputes a chunk's logits instead of
-storing them: at most one chunk of logits (and its gradient) is alive at a time, never the full [B, L, V].
+log-sum-exp and the target's logit (`_chunk_logits` is the one place that computes logits). The
+backward pass recomputes a chunk's logits instead of storing them (the loss's gradient is written out
+by hand, `_chunk_sums_backward`; the per-token scores use `jax.checkpoint`): at most one chunk of
+logits (and its gradient) is alive at a time, never the full [B, L, V].
 
 Chunks are strided (chunk j holds positions j, j + n, j + 2n, ... for n chunks): when the sequence axis
 is split over the 'context' mesh axis in contiguous blocks, every chunk then takes its positions from
@@ -39,6 +40,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from megadoc_jax.matmul import token_matmul, token_sum_outer
 from megadoc_jax.sharding import constrain
 
 DEFAULT_CHUNK_TOKENS = 256  # sequence positions per chunk: live logits are B_local x 256 x V fp32
@@ -56,7 +58,7 @@ def _chunk_logits(unembeds: tuple[jax.Array, ...], xs: tuple[jax.Array, ...], en
     """
     combined_BxCxV = None
     for unembed_DxV, x_BxCxD in zip(unembeds, xs):
-        logits_BxCxV = jnp.einsum("bcd,dv->bcv", x_BxCxD.astype(jnp.float32), unembed_DxV.astype(jnp.float32))
+        logits_BxCxV = token_matmul(x_BxCxD.astype(jnp.float32), unembed_DxV.astype(jnp.float32))
         logits_BxCxV = constrain(logits_BxCxV, ("batch", "seq", "vocab"))
         if len(xs) == 1:
             return logits_BxCxV
@@ -96,17 +98,55 @@ def _chunk_token_scores(
     return scores
 
 
+@jax.custom_vjp
 def _chunk_sums(unembed_DxV: jax.Array, x_BxCxD: jax.Array, targets_BxC: jax.Array, mask_BxC: jax.Array) -> jax.Array:
-    """[ce_sum, lse_squared_sum, weight_sum] (fp32 [3]) of one chunk."""
+    """[ce_sum, lse_squared_sum, weight_sum] (fp32 [3]) of one chunk; its gradient is _chunk_sums_backward."""
+    return _chunk_sums_forward(unembed_DxV, x_BxCxD, targets_BxC, mask_BxC)[0]
+
+
+def _chunk_sums_forward(
+    unembed_DxV: jax.Array, x_BxCxD: jax.Array, targets_BxC: jax.Array, mask_BxC: jax.Array
+) -> tuple[jax.Array, tuple[jax.Array, ...]]:
     scores = _chunk_token_scores((unembed_DxV,), (x_BxCxD,), targets_BxC)
     lse_BxC, target_logit_BxC = scores["lse"], scores["target_logit"]
-    return jnp.stack(
+    sums_3 = jnp.stack(
         [
             jnp.sum(mask_BxC * (lse_BxC - target_logit_BxC)),
             jnp.sum(mask_BxC * jnp.square(lse_BxC)),
             jnp.sum(mask_BxC),
         ]
     )
+    # Residuals: the inputs and two [B, C] rows; the chunk's logits are recomputed, never kept.
+    return sums_3, (unembed_DxV, x_BxCxD, targets_BxC, mask_BxC, lse_BxC, target_logit_BxC)
+
+
+def _chunk_sums_backward(residuals: tuple[jax.Array, ...], g_3: jax.Array) -> tuple[Any, ...]:
+    """The gradient of the chunk's sums, written out: d(logits) = mask * ((g_ce + 2 g_z lse) softmax - g_ce onehot).
+
+    Autodiff of the forward scatters the target logits' cotangent into a [B, C, V] buffer and transposes
+    it before the weight gradient; on XLA:CPU that took as long as the chunk's three matmuls together
+    (docs/performance.md). Here the one-hot is a select fused into the softmax's elementwise pass.
+    """
+    unembed_DxV, x_BxCxD, targets_BxC, mask_BxC, lse_BxC, target_logit_BxC = residuals
+    g_ce, g_lse_squared, g_weight = g_3[0], g_3[1], g_3[2]
+    logits_BxCxV = _chunk_logits((unembed_DxV,), (x_BxCxD,), "mean_logits")
+    softmax_weight_BxC = mask_BxC * (g_ce + 2.0 * g_lse_squared * lse_BxC)
+    d_logits_BxCxV = jnp.exp(logits_BxCxV - lse_BxC[..., None]) * softmax_weight_BxC[..., None]
+    is_target_BxCxV = jnp.arange(logits_BxCxV.shape[-1], dtype=targets_BxC.dtype) == targets_BxC[..., None]
+    d_logits_BxCxV = jnp.where(is_target_BxCxV, d_logits_BxCxV - (mask_BxC * g_ce)[..., None], d_logits_BxCxV)
+    d_logits_BxCxV = constrain(d_logits_BxCxV, ("batch", "seq", "vocab"))
+    d_x_BxCxD = token_matmul(d_logits_BxCxV, unembed_DxV.astype(jnp.float32).T)
+    d_unembed_DxV = token_sum_outer(x_BxCxD.astype(jnp.float32), d_logits_BxCxV)
+    d_mask_BxC = g_ce * (lse_BxC - target_logit_BxC) + g_lse_squared * jnp.square(lse_BxC) + g_weight
+    return (
+        d_unembed_DxV.astype(unembed_DxV.dtype),
+        d_x_BxCxD.astype(x_BxCxD.dtype),
+        None,  # integer targets
+        d_mask_BxC.astype(mask_BxC.dtype),
+    )
+
+
+_chunk_sums.defvjp(_chunk_sums_forward, _chunk_sums_backward)
 
 
 def _to_chunks(a_BxL: jax.Array, chunks: int) -> jax.Array:
@@ -187,10 +227,9 @@ def next_token_loss(
     else:
         mask_BxL = loss_mask_BxL.astype(jnp.float32)
     (x_NxBxCxD,), *inputs = _chunked("next_token_loss", (x_BxLxD,), (unembed_DxV,), targets_BxL, mask_BxL, chunk_tokens)
-    chunk_sums = jax.checkpoint(_chunk_sums)
 
     def add_chunk(total_3: jax.Array, chunk_inputs: tuple[jax.Array, ...]) -> tuple[jax.Array, None]:
-        return total_3 + chunk_sums(unembed_DxV, *chunk_inputs), None
+        return total_3 + _chunk_sums(unembed_DxV, *chunk_inputs), None
 
     total_3, _ = jax.lax.scan(add_chunk, jnp.zeros((3,), jnp.float32), (x_NxBxCxD, *inputs))
     return {"loss_sum": total_3[0], "z_loss_sum": z_loss * total_3[1], "weight_sum": total_3[2]}

@@ -21,6 +21,7 @@ from flax import nnx
 from megadoc_jax import attention as attention_lib
 from megadoc_jax import sharding
 from megadoc_jax.config import ModelConfig
+from megadoc_jax.matmul import token_matmul
 from megadoc_jax.sharding import constrain
 
 # jax.checkpoint policies by model.remat. 'dots' keeps the outputs of weight matmuls (dots without batch
@@ -100,16 +101,16 @@ class Attention(nnx.Module):
         self, x_BxLxD: jax.Array, sin_cos: tuple[jax.Array, jax.Array], segment_ids_BxL: jax.Array | None
     ) -> jax.Array:
         w = lambda p: p[...].astype(self.compute_dtype)
-        q_BxLxHxK = apply_rope(jnp.einsum("bld,dhk->blhk", x_BxLxD, w(self.wq)), *sin_cos)
-        k_BxLxGxK = apply_rope(jnp.einsum("bld,dgk->blgk", x_BxLxD, w(self.wk)), *sin_cos)
-        v_BxLxGxK = jnp.einsum("bld,dgk->blgk", x_BxLxD, w(self.wv))
+        q_BxLxHxK = apply_rope(token_matmul(x_BxLxD, w(self.wq)), *sin_cos)
+        k_BxLxGxK = apply_rope(token_matmul(x_BxLxD, w(self.wk)), *sin_cos)
+        v_BxLxGxK = token_matmul(x_BxLxD, w(self.wv))
         q_BxLxHxK = constrain(q_BxLxHxK, ("batch", "seq", "heads", "head_dim"))
         k_BxLxGxK = constrain(k_BxLxGxK, ("batch", "seq", "kv_heads", "head_dim"))
         v_BxLxGxK = constrain(v_BxLxGxK, ("batch", "seq", "kv_heads", "head_dim"))
         out_BxLxHxK = attention_lib.attention(
             q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL=segment_ids_BxL, causal=True, impl=self.impl
         )
-        return jnp.einsum("blhk,hkd->bld", out_BxLxHxK, w(self.wo))
+        return token_matmul(out_BxLxHxK, w(self.wo), in_axes=2)
 
 
 class MLP(nnx.Module):
@@ -123,10 +124,10 @@ class MLP(nnx.Module):
 
     def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
         w = lambda p: p[...].astype(self.compute_dtype)
-        gate_BxLxF = jnp.einsum("bld,df->blf", x_BxLxD, w(self.w_gate))
-        up_BxLxF = jnp.einsum("bld,df->blf", x_BxLxD, w(self.w_up))
+        gate_BxLxF = token_matmul(x_BxLxD, w(self.w_gate))
+        up_BxLxF = token_matmul(x_BxLxD, w(self.w_up))
         hidden_BxLxF = constrain(jax.nn.silu(gate_BxLxF) * up_BxLxF, ("batch", "seq", "mlp"))
-        return jnp.einsum("blf,fd->bld", hidden_BxLxF, w(self.w_down))
+        return token_matmul(hidden_BxLxF, w(self.w_down))
 
 
 class Block(nnx.Module):

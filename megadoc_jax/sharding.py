@@ -150,6 +150,15 @@ def named_sharding(mesh: Mesh, logical_axes: LogicalAxes, shape: Sequence[int]) 
     return NamedSharding(mesh, logical_to_spec(logical_axes, shape, dict(mesh.shape)))
 
 
+def splits(logical_axis: str) -> bool:
+    """Whether the current mesh splits a logical axis over more than one device (False with no mesh set)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return False
+    sizes = dict(mesh.shape)
+    return math.prod(sizes.get(axis, 1) for axis in RULES[logical_axis]) > 1
+
+
 def constrain(x: jax.Array, logical_axes: LogicalAxes) -> jax.Array:
     """Sharding constraint on an activation by logical axes; a no-op when no mesh is set."""
     mesh = jax.sharding.get_abstract_mesh()
