@@ -44,7 +44,9 @@ def test_generation_benchmark_prints_both_sides_the_ratio_and_the_phases(capsys)
     assert "per round" in out and "compile about" in out
     for phase in ("ours prefill", "ours generate(1 token)", "ours sampling alone", "transformers generate(1 token)"):
         assert phase in out
-    assert re.search(r"ours: generate\(N\) .* \+ 3 decode steps x [0-9.]+ ms", out)
+    # A difference of medians: at this tiny size it may be negative, and is then flagged as unresolved.
+    step = re.search(r"ours: generate\(N\) .* \+ 3 decode steps x (-?[0-9.]+) ms(.*)", out)
+    assert step and (float(step.group(1)) > 0 or "not resolved" in step.group(2))
 
 
 def test_generation_benchmark_refuses_bad_arguments():
