@@ -324,8 +324,11 @@ def _restore_params(directory: storage.AnyPath, target: dict[str, Any], restore_
     if not storage.is_file(item_dir / "_METADATA"):
         raise CheckpointError(f"partial or foreign checkpoint: {item_dir / '_METADATA'} does not exist")
     orbax_item_dir = orbax_path(item_dir)
+    # Each checkpointer is closed after use, so none of orbax's background threads outlives the restore (a
+    # thread still calling into Python while the interpreter finalises aborts the process at exit).
     try:
-        saved = ocp.PyTreeCheckpointer().metadata(orbax_item_dir).item_metadata.tree
+        with ocp.PyTreeCheckpointer() as checkpointer:
+            saved = checkpointer.metadata(orbax_item_dir).item_metadata.tree
     except (OSError, ValueError, KeyError) as e:
         raise CheckpointError(f"cannot read the checkpoint metadata of {item_dir}: {e}") from e
     if not isinstance(saved, dict) or not isinstance(saved.get("params"), dict):
@@ -339,7 +342,8 @@ def _restore_params(directory: storage.AnyPath, target: dict[str, Any], restore_
     )
     args = ocp.args.PyTreeRestore(item={"params": target}, restore_args={"params": restore_args}, partial_restore=True)
     try:
-        return ocp.PyTreeCheckpointer().restore(orbax_item_dir, args=args)["params"]
+        with ocp.PyTreeCheckpointer() as checkpointer:
+            return checkpointer.restore(orbax_item_dir, args=args)["params"]
     except (ValueError, KeyError, FileNotFoundError) as e:
         raise CheckpointError(f"cannot restore params from {item_dir}: {e}") from e
 

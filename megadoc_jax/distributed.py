@@ -21,6 +21,7 @@ key-value store (each process bumps its counter every second), for the message t
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import threading
@@ -61,7 +62,14 @@ def _client():
 
 
 def _start_beats(process_id: int) -> None:
-    """A daemon thread bumping this process's counter in the coordination service's key-value store."""
+    """A daemon thread bumping this process's counter in the coordination service's key-value store.
+
+    Stopped and joined at exit (`_stop_beats`). atexit runs its handlers last registered first, so this one
+    runs before JAX's own (registered when jax is imported), which shuts the coordination client down. Left
+    running, the thread could be inside key_value_set (a C++ call without the GIL) when the interpreter
+    finalises; it is then ended by a forced unwind that the C++ side swallows, and the process aborts
+    ("FATAL: exception not rethrown", exit -6) after its work is done.
+    """
     global _beats
     client, stop = _client(), threading.Event()
 
@@ -75,8 +83,19 @@ def _start_beats(process_id: int) -> None:
             count += 1
             stop.wait(BEAT_SECONDS)
 
-    threading.Thread(target=beat, name="megadoc-beat", daemon=True).start()
+    thread = threading.Thread(target=beat, name="megadoc-beat", daemon=True)
+    thread.start()
     _beats = stop
+    atexit.register(_stop_beats, stop, thread)
+
+
+def _stop_beats(stop: threading.Event, thread: threading.Thread, timeout: float = 10.0) -> None:
+    """Ends the beating thread and waits for it; a call into a coordinator that no longer answers is given
+    `timeout` seconds (the process exits anyway, with a warning, rather than hang)."""
+    stop.set()
+    thread.join(timeout)
+    if thread.is_alive():
+        log.warning("the heartbeat thread did not stop within %.0f s (the coordinator does not answer)", timeout)
 
 
 def lost_processes(wait: float = 3 * BEAT_SECONDS) -> str | None:

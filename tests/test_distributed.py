@@ -7,6 +7,8 @@ not exist on this machine (the real call runs in test_train.py's 2-process CPU r
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -94,3 +96,30 @@ def test_heartbeat_timeout_reaches_initialize_and_a_bad_one_is_refused(monkeypat
 
 def test_no_lost_process_is_named_in_a_single_process_run():
     assert distributed.lost_processes(wait=0) is None
+
+
+def test_the_heartbeat_thread_is_stopped_and_joined_at_exit(monkeypatch):
+    """A beat still inside key_value_set when the interpreter finalises aborts the process (exit -6, seen
+    with jax 0.12 after evaluate had written its JSON); the exit handler must wait for the call to end."""
+
+    class SlowClient:  # the coordination client's key-value store, each write taking a while
+        def __init__(self):
+            self.in_call = threading.Event()
+            self.calls_done = 0
+
+        def key_value_set(self, key, value, allow_overwrite):
+            self.in_call.set()
+            time.sleep(0.3)
+            self.calls_done += 1
+            self.in_call.clear()
+
+    client, handlers = SlowClient(), []
+    monkeypatch.setattr(distributed, "_client", lambda: client)
+    monkeypatch.setattr(distributed, "_beats", None)
+    monkeypatch.setattr(distributed.atexit, "register", lambda *handler: handlers.append(handler))
+    distributed._start_beats(process_id=0)
+    assert client.in_call.wait(5)  # the thread is inside a write
+    ((stop_beats, *args),) = handlers
+    stop_beats(*args)
+    thread = args[1]
+    assert not thread.is_alive() and not client.in_call.is_set() and client.calls_done >= 1
