@@ -217,7 +217,8 @@ class MetricsWriter:
     Only process 0 writes (elsewhere every method is a no-op). `start_step` is the number of steps
     already done when a run resumes from a checkpoint: TensorBoard is told to hide events after it,
     and the JSONL gets an {"event": "open", "step": start_step} line so that `read_metrics` drops
-    records of later steps from the earlier attempt. The JSONL is flushed after every record; the
+    records of later steps from the earlier attempt (and one it logs again at start_step with the same
+    names, such as the final evaluation). The JSONL is flushed after every record; the
     TensorBoard file is written by tensorboardX's background thread.
     """
 

@@ -30,7 +30,8 @@ def read_metrics(path: str | Path | storage.Location) -> MetricsLog:
     path = storage.location(path, "metrics")
     if storage.is_dir(path):
         path = path / JSONL_NAME
-    records: list[dict[str, Any]] = []
+    records: list[dict[str, Any] | None] = []  # None: superseded by a later attempt's record
+    earlier: dict[tuple, int] = {}  # (step, names) of the earlier attempts' records -> index in records
     unreadable: list[int] = []
     with path.open(encoding="utf-8") if isinstance(path, Path) else io.StringIO(storage.read_text(path)) as f:
         for number, line in enumerate(f, start=1):
@@ -44,7 +45,17 @@ def read_metrics(path: str | Path | storage.Location) -> MetricsLog:
             if not isinstance(record, dict) or "step" not in record:
                 unreadable.append(number)
             elif record.get("event") == "open":
-                records = [r for r in records if r["step"] <= record["step"]]
+                records = [r for r in records if r is not None and r["step"] <= record["step"]]
+                earlier = {_identity(r): i for i, r in enumerate(records)}
             else:
+                # A resumed attempt records again what it recomputes at its first step (the final
+                # evaluation, when a kill came after it was logged): its record replaces the earlier one.
+                superseded = earlier.pop(_identity(record), None)
+                if superseded is not None:
+                    records[superseded] = None
                 records.append(record)
-    return MetricsLog(records, unreadable)
+    return MetricsLog([r for r in records if r is not None], unreadable)
+
+
+def _identity(record: dict[str, Any]) -> tuple:
+    return record["step"], frozenset(record) - {"time"}

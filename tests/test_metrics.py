@@ -317,6 +317,26 @@ def test_metrics_writer_resume_after_kill_mid_line(tmp_path):
     assert log.unreadable_lines == [5]  # open, 1, 2, 3, then the cut line
 
 
+def test_a_final_evaluation_recorded_again_by_the_resumed_attempt_replaces_the_first(tmp_path):
+    # A kill after the final evaluation was logged, before the run was marked done: the next attempt
+    # resumes from the final checkpoint and evaluates again at the same step.
+    with metrics.MetricsWriter(tmp_path, enabled=True) as writer:
+        writer.write(6, {"loss": 1.0})
+        writer.write(6, {"eval/heldout/loss": 4.5})
+    with metrics.MetricsWriter(tmp_path, start_step=6, enabled=True) as writer:
+        writer.write(6, {"eval/heldout/loss": 4.25})
+    log = metrics.read_metrics(tmp_path)
+    assert [(r["step"], r.get("loss"), r.get("eval/heldout/loss")) for r in log.records] == [
+        (6, 1.0, None),
+        (6, None, 4.25),
+    ]
+    # Within one attempt nothing is merged: two records of one step with the same names both stay.
+    with metrics.MetricsWriter(tmp_path / "one", enabled=True) as writer:
+        writer.write(3, {"loss": 1.0})
+        writer.write(3, {"loss": 2.0})
+    assert [r["loss"] for r in metrics.read_metrics(tmp_path / "one").records] == [1.0, 2.0]
+
+
 def test_metrics_writer_refuses_device_values_and_reserved_names(tmp_path):
     with metrics.MetricsWriter(tmp_path, enabled=True) as writer:
         with pytest.raises(TypeError, match="'loss' is a .*device_get"):

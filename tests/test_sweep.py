@@ -16,7 +16,7 @@ import yaml
 from pipeline_stores import random_documents, write_store
 from processes import start_python, wait_until
 
-from megadoc_jax import files
+from megadoc_jax import files, metrics_log
 from megadoc_jax.config import ConfigError
 from megadoc_jax.sweep.search import Outcome, Space, search
 from megadoc_jax.sweep.spec import Runs, load_spec
@@ -214,10 +214,13 @@ def check_finished_sweep(sweep_dir: Path) -> dict:
     done = sorted(p.stem for p in (sweep_dir / "done").iterdir())
     assert done == sorted(row["run"] for row in runs)
     for row in runs:
-        lines = (sweep_dir / "runs" / row["run"] / "metrics.jsonl").read_text().splitlines()
-        finals = [line for line in lines if f'"{OBJECTIVE}"' in line]
+        # Resume-aware: a kill after the final evaluation was logged makes the next attempt log it again.
+        run_dir = sweep_dir / "runs" / row["run"]
+        finals = [r for r in metrics_log.read_metrics(run_dir).records if OBJECTIVE in r]
         assert len(finals) == 1, (row["run"], finals)  # trained to the end once
-        assert row["objective"] == json.loads(finals[0])[OBJECTIVE]
+        logged = sum(f'"{OBJECTIVE}"' in line for line in (run_dir / "metrics.jsonl").read_text().splitlines())
+        assert 1 <= logged <= row["attempts"], (row["run"], logged)
+        assert row["objective"] == finals[0][OBJECTIVE]
     best = min(runs, key=lambda row: row["objective"])
     assert table["best"]["run"] == best["run"]  # one coordinate: the best run of all is where it stops
     return table
