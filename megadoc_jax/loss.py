@@ -120,23 +120,40 @@ def _chunk_sums_forward(
     return sums_3, (unembed_DxV, x_BxCxD, targets_BxC, mask_BxC, lse_BxC, target_logit_BxC)
 
 
-def _chunk_sums_backward(residuals: tuple[jax.Array, ...], g_3: jax.Array) -> tuple[Any, ...]:
-    """The gradient of the chunk's sums, written out: d(logits) = mask * ((g_ce + 2 g_z lse) softmax - g_ce onehot).
+def _logits_gradient_products(
+    logits_BxCxV: jax.Array,
+    lse_BxC: jax.Array,
+    unembed_DxV: jax.Array,
+    x_BxCxD: jax.Array,
+    targets_BxC: jax.Array,
+    softmax_weight_BxC: jax.Array,
+    target_weight_BxC: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """fp32 (d_x [B, C, D], d_unembed [D, V]) of d_logits = softmax_weight * softmax - target_weight * onehot.
 
-    Autodiff of the forward scatters the target logits' cotangent into a [B, C, V] buffer and transposes
-    it before the weight gradient; on XLA:CPU that took as long as the chunk's three matmuls together
-    (docs/performance.md). Here the one-hot is a select fused into the softmax's elementwise pass.
+    Written out rather than left to autodiff, which scatters the target logits' cotangent into a [B, C, V]
+    buffer and transposes it before the weight gradient; on XLA:CPU that took as long as the chunk's three
+    matmuls together (docs/performance.md). Here the one-hot is a select fused into the softmax's pass.
     """
+    d_logits_BxCxV = jnp.exp(logits_BxCxV - lse_BxC[..., None]) * softmax_weight_BxC[..., None]
+    is_target_BxCxV = jnp.arange(logits_BxCxV.shape[-1], dtype=targets_BxC.dtype) == targets_BxC[..., None]
+    d_logits_BxCxV = jnp.where(is_target_BxCxV, d_logits_BxCxV - target_weight_BxC[..., None], d_logits_BxCxV)
+    d_logits_BxCxV = constrain(d_logits_BxCxV, ("batch", "seq", "vocab"))
+    d_x_BxCxD = token_matmul(d_logits_BxCxV, unembed_DxV.astype(jnp.float32).T)
+    d_unembed_DxV = token_sum_outer(x_BxCxD.astype(jnp.float32), d_logits_BxCxV)
+    return d_x_BxCxD, d_unembed_DxV
+
+
+def _chunk_sums_backward(residuals: tuple[jax.Array, ...], g_3: jax.Array) -> tuple[Any, ...]:
+    """The gradient of the chunk's sums: d(logits) = mask * ((g_ce + 2 g_z lse) softmax - g_ce onehot),
+    the chunk's logits recomputed."""
     unembed_DxV, x_BxCxD, targets_BxC, mask_BxC, lse_BxC, target_logit_BxC = residuals
     g_ce, g_lse_squared, g_weight = g_3[0], g_3[1], g_3[2]
     logits_BxCxV = _chunk_logits((unembed_DxV,), (x_BxCxD,), "mean_logits")
     softmax_weight_BxC = mask_BxC * (g_ce + 2.0 * g_lse_squared * lse_BxC)
-    d_logits_BxCxV = jnp.exp(logits_BxCxV - lse_BxC[..., None]) * softmax_weight_BxC[..., None]
-    is_target_BxCxV = jnp.arange(logits_BxCxV.shape[-1], dtype=targets_BxC.dtype) == targets_BxC[..., None]
-    d_logits_BxCxV = jnp.where(is_target_BxCxV, d_logits_BxCxV - (mask_BxC * g_ce)[..., None], d_logits_BxCxV)
-    d_logits_BxCxV = constrain(d_logits_BxCxV, ("batch", "seq", "vocab"))
-    d_x_BxCxD = token_matmul(d_logits_BxCxV, unembed_DxV.astype(jnp.float32).T)
-    d_unembed_DxV = token_sum_outer(x_BxCxD.astype(jnp.float32), d_logits_BxCxV)
+    d_x_BxCxD, d_unembed_DxV = _logits_gradient_products(
+        logits_BxCxV, lse_BxC, unembed_DxV, x_BxCxD, targets_BxC, softmax_weight_BxC, mask_BxC * g_ce
+    )
     d_mask_BxC = g_ce * (lse_BxC - target_logit_BxC) + g_lse_squared * jnp.square(lse_BxC) + g_weight
     return (
         d_unembed_DxV.astype(unembed_DxV.dtype),
@@ -147,6 +164,74 @@ def _chunk_sums_backward(residuals: tuple[jax.Array, ...], g_3: jax.Array) -> tu
 
 
 _chunk_sums.defvjp(_chunk_sums_forward, _chunk_sums_backward)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _fused_sums(
+    dtypes: tuple[Any, ...],
+    unembed_DxV: jax.Array,
+    x_NxBxCxD: jax.Array,
+    targets_NxBxC: jax.Array,
+    mask_NxBxC: jax.Array,
+) -> jax.Array:
+    """[ce_sum, weight_sum] (fp32 [2]) over all chunks, without z-loss; its gradient is computed in the
+    forward pass under differentiation (_fused_sums_forward), so no chunk's logits are computed twice.
+    dtypes: those of (unembed, x, mask), which their gradients take."""
+
+    def add_chunk(total_2: jax.Array, chunk: tuple[jax.Array, ...]) -> tuple[jax.Array, None]:
+        sums_3 = _chunk_sums_forward(unembed_DxV, *chunk)[0]
+        return total_2 + sums_3[jnp.array([0, 2])], None
+
+    return jax.lax.scan(add_chunk, jnp.zeros((2,), jnp.float32), (x_NxBxCxD, targets_NxBxC, mask_NxBxC))[0]
+
+
+def _fused_sums_forward(
+    dtypes: tuple[Any, ...],
+    unembed_DxV: jax.Array,
+    x_NxBxCxD: jax.Array,
+    targets_NxBxC: jax.Array,
+    mask_NxBxC: jax.Array,
+) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    """The sums, and the gradient of ce_sum for x, the unembedding and the mask, chunk by chunk.
+
+    Without z-loss every entry of the sums' cotangent reaches x and the unembedding through ce_sum alone,
+    so the backward pass only scales what is computed here: exact for any cotangent. Residuals: d_x (fp32,
+    the size of x), d_unembed (fp32 [D, V], a running sum over chunks) and each token's cross-entropy.
+    """
+
+    def chunk_step(carry: tuple[jax.Array, jax.Array], chunk: tuple[jax.Array, ...]) -> tuple[Any, Any]:
+        total_2, d_unembed_DxV = carry
+        x_BxCxD, targets_BxC, mask_BxC = chunk
+        logits_BxCxV = _chunk_logits((unembed_DxV,), (x_BxCxD,), "mean_logits")
+        lse_BxC = jax.nn.logsumexp(logits_BxCxV, axis=-1)
+        target_logit_BxC = jnp.take_along_axis(logits_BxCxV, targets_BxC[..., None], axis=-1)[..., 0]
+        ce_BxC = lse_BxC - target_logit_BxC
+        d_x_BxCxD, d_unembed_chunk_DxV = _logits_gradient_products(
+            logits_BxCxV, lse_BxC, unembed_DxV, x_BxCxD, targets_BxC, mask_BxC, mask_BxC
+        )
+        total_2 = total_2 + jnp.stack([jnp.sum(mask_BxC * ce_BxC), jnp.sum(mask_BxC)])
+        return (total_2, d_unembed_DxV + d_unembed_chunk_DxV), (d_x_BxCxD, ce_BxC)
+
+    zeros = (jnp.zeros((2,), jnp.float32), jnp.zeros(unembed_DxV.shape, jnp.float32))
+    (total_2, d_unembed_DxV), (d_x_NxBxCxD, ce_NxBxC) = jax.lax.scan(
+        chunk_step, zeros, (x_NxBxCxD, targets_NxBxC, mask_NxBxC)
+    )
+    return total_2, (d_unembed_DxV, d_x_NxBxCxD, ce_NxBxC)
+
+
+def _fused_sums_backward(dtypes: tuple[Any, ...], residuals: tuple[jax.Array, ...], g_2: jax.Array) -> tuple[Any, ...]:
+    d_unembed_DxV, d_x_NxBxCxD, ce_NxBxC = residuals
+    unembed_dtype, x_dtype, mask_dtype = dtypes
+    g_ce, g_weight = g_2[0], g_2[1]
+    return (
+        (g_ce * d_unembed_DxV).astype(unembed_dtype),
+        (g_ce * d_x_NxBxCxD).astype(x_dtype),
+        None,  # integer targets
+        (g_ce * ce_NxBxC + g_weight).astype(mask_dtype),
+    )
+
+
+_fused_sums.defvjp(_fused_sums_forward, _fused_sums_backward)
 
 
 def _to_chunks(a_BxL: jax.Array, chunks: int) -> jax.Array:
@@ -227,6 +312,11 @@ def next_token_loss(
     else:
         mask_BxL = loss_mask_BxL.astype(jnp.float32)
     (x_NxBxCxD,), *inputs = _chunked("next_token_loss", (x_BxLxD,), (unembed_DxV,), targets_BxL, mask_BxL, chunk_tokens)
+
+    if z_loss == 0.0:  # the gradient in the forward pass: each chunk's logits computed once
+        dtypes = (unembed_DxV.dtype, x_NxBxCxD.dtype, mask_BxL.dtype)
+        ce_sum, weight_sum = _fused_sums(dtypes, unembed_DxV, x_NxBxCxD, *inputs)
+        return {"loss_sum": ce_sum, "z_loss_sum": jnp.zeros((), jnp.float32), "weight_sum": weight_sum}
 
     def add_chunk(total_3: jax.Array, chunk_inputs: tuple[jax.Array, ...]) -> tuple[jax.Array, None]:
         return total_3 + _chunk_sums(unembed_DxV, *chunk_inputs), None

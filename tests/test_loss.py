@@ -213,20 +213,23 @@ def test_an_ensemble_keeps_at_most_two_chunks_of_logits_and_refuses_bad_members(
         next_token_scores(xs, ws, targets, ensemble="max")
 
 
-def test_the_written_out_gradient_matches_autodiff_of_full_logits_for_every_float_input():
-    """_chunk_sums_backward against jax.grad of the naive loss, mask included (fractional weights, z-loss,
-    and a weight_sum term, so that every entry of the sums' cotangent is non-zero)."""
+# z-loss 0.1: each chunk's gradient in the backward pass (_chunk_sums_backward, logits recomputed);
+# z-loss 0: the gradient computed in the forward pass and scaled in the backward (_fused_sums).
+@pytest.mark.parametrize("z_loss", [0.1, 0.0])
+def test_the_written_out_gradient_matches_autodiff_of_full_logits_for_every_float_input(z_loss):
+    """The written-out gradients against jax.grad of the naive loss, mask included (fractional weights,
+    and a weight_sum term with its own coefficient, so that every entry of the sums' cotangent differs)."""
     x, w, targets, mask = _data(3)
     mask = mask * 0.7 + 0.1
 
     def objective(sums_fn):
         def total(x, w, mask):
             sums = sums_fn(x, w, mask)
-            return sums["loss_sum"] + sums["z_loss_sum"] + 0.5 * sums["weight_sum"]
+            return 1.5 * sums["loss_sum"] + sums["z_loss_sum"] + 0.5 * sums["weight_sum"]
 
         return jax.jit(jax.grad(total, argnums=(0, 1, 2)))(x, w, mask)
 
-    got = objective(lambda x, w, m: next_token_loss(x, w, targets, m, z_loss=0.1, chunk_tokens=5))
-    want = objective(lambda x, w, m: _naive(x, w, targets, m, 0.1))
+    got = objective(lambda x, w, m: next_token_loss(x, w, targets, m, z_loss=z_loss, chunk_tokens=5))
+    want = objective(lambda x, w, m: _naive(x, w, targets, m, z_loss))
     for name, g, n in zip(("x", "unembed", "mask"), got, want):
         np.testing.assert_allclose(g, n, rtol=1e-4, atol=1e-5, err_msg=name)
