@@ -83,7 +83,11 @@ def _chunk_token_scores(
 
     unembeds / xs: one entry per ensemble member (one for a single model), combined by _chunk_logits.
     """
-    logits_BxCxV = _chunk_logits(unembeds, xs, ensemble)
+    return _logit_scores(_chunk_logits(unembeds, xs, ensemble), targets_BxC, greedy=greedy)
+
+
+def _logit_scores(logits_BxCxV: jax.Array, targets_BxC: jax.Array, *, greedy: bool = False) -> dict[str, jax.Array]:
+    """_chunk_token_scores of a chunk whose logits are in hand."""
     scores = {
         "lse": jax.nn.logsumexp(logits_BxCxV, axis=-1),
         "target_logit": jnp.take_along_axis(logits_BxCxV, targets_BxC[..., None], axis=-1)[..., 0],
@@ -203,9 +207,9 @@ def _fused_sums_forward(
         total_2, d_unembed_DxV = carry
         x_BxCxD, targets_BxC, mask_BxC = chunk
         logits_BxCxV = _chunk_logits((unembed_DxV,), (x_BxCxD,), "mean_logits")
-        lse_BxC = jax.nn.logsumexp(logits_BxCxV, axis=-1)
-        target_logit_BxC = jnp.take_along_axis(logits_BxCxV, targets_BxC[..., None], axis=-1)[..., 0]
-        ce_BxC = lse_BxC - target_logit_BxC
+        scores = _logit_scores(logits_BxCxV, targets_BxC)
+        lse_BxC = scores["lse"]
+        ce_BxC = lse_BxC - scores["target_logit"]
         d_x_BxCxD, d_unembed_chunk_DxV = _logits_gradient_products(
             logits_BxCxV, lse_BxC, unembed_DxV, x_BxCxD, targets_BxC, mask_BxC, mask_BxC
         )
