@@ -9,8 +9,8 @@ and like stitched megadocs), then times
 - pipeline: TrainData.batch(step): mixture, epoch shuffles, reads, segment ids, positions, batching,
   in 'concat' mode without document masking (the paper's headline runs) and with it, and in
   'document' mode (packed long-context rows);
-in the reader's two modes: streaming (stores larger than its cache: every window is a tensorstore
-read, OS page cache warm) and resident (the store decoded in memory: reads are memory copies, so
+in the reader's two modes: streaming (stores larger than its cache: every window is a direct read of
+its bytes, store_direct.py, OS page cache warm) and resident (the store decoded in memory: reads are memory copies, so
 the pipeline's own work shows most). Then the packing plan for millions of documents from their
 offsets alone. Prints figures and ratios (bare and pipeline calls interleaved; each call timed as the
 best of 5 passes).
@@ -34,7 +34,7 @@ from megadoc_jax.data.store import Document, StoreReader, StoreWriter, Tokenizer
 from megadoc_jax.data.store_reader import DEFAULT_CACHE_BYTES
 
 VOCAB = 128_256
-STREAMING_CACHE_BYTES = 16 << 20  # smaller than both stores: every window is a tensorstore read
+STREAMING_CACHE_BYTES = 16 << 20  # smaller than both stores: every window is read on its own (direct)
 TOKENIZER = TokenizerInfo(name="benchmark", hash="sha256:benchmark", vocab_size=VOCAB, eos_id=VOCAB - 1)
 
 

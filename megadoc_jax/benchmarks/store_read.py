@@ -6,18 +6,25 @@
     python -m megadoc_jax.benchmarks.store_read --read-unit                 # resident first pass, page cache cold
 
 Builds a store of random tokens (documents of random length) in a temporary directory, writes the same
-flat token array as a raw file, warms the page cache with both, then reads the same random windows in
-batches from each, in this process. Every figure is the median of --repeats round-robin passes.
-Store figures (StoreReader's two modes, see store_reader.py):
-  streaming, no cache      cache_bytes=0: every window is a tensorstore read, a batch issued together
-  streaming, cache 1/2     cache_bytes = half the token bytes: the same, through a tensorstore cache pool
-  resident, first pass     a fresh reader whose cache holds the store: each chunk is read once, then kept
-  resident, warm           the same reader again: every window is a numpy slice of a cached chunk
+flat token array as a raw file, then reads the same random windows in batches from each, in this
+process. Every figure is the median of --repeats round-robin passes.
+The comparison runs every pass twice per round, with the page cache cold (every file of the store and
+the memmap fsynced, then dropped with posix_fadvise(POSIX_FADV_DONTNEED): what a store larger than
+memory sees) and warm, and prints each reader's speed and its paired ratio to the memmap:
+  streaming direct, 1st    a fresh streaming reader (cache_bytes=0) of the default layout: each window is
+                           os.preadv of its bytes, once tensorstore has checked its chunk whole
+                           (store_direct.py); the first pass checks every chunk it touches
+  streaming direct, 2nd    the same reader again: its chunks are checked, every read is direct
+  streaming tensorstore    direct_reads=False: every window is a tensorstore read, a batch issued together
+  resident, 1st            a fresh reader whose cache holds the store: each chunk is read once, then kept
+  resident, 2nd            the same reader again: every window is a numpy slice of a cached chunk
 The sweep prints, per layout (the last row is StoreLayout.levanter()): files, write speed, size on
-disk, and the streaming (no cache) and resident (warm) read speeds against the same memmap.
+disk, and the streaming (no cache; direct reads for the uncompressed layouts) and resident (warm) read
+speeds against the same memmap.
 --checksum-cost builds the default layout with and without the crc32c codec on every chunk and reads
-both round-robin: streaming windows, a resident reader's first pass (every chunk decoded once) and
-verify() (every chunk of every array); it prints each speed and the ratio with/without.
+both round-robin: streaming windows through tensorstore (direct_reads=False), a resident reader's first
+pass (every chunk decoded once) and verify() (every chunk of every array); it prints each speed and
+the ratio with/without.
 --read-unit measures a resident reader's first pass with blocks of 1, 4, 16 and 64 chunks
 (store_reader.RESIDENT_READ_CHUNKS) against the memmap, with the page cache cold for both (every file
 fsynced, then posix_fadvise(POSIX_FADV_DONTNEED): `fincore` shows 0 pages resident after it) and warm.
@@ -109,46 +116,53 @@ def build(root: Path, documents: list[Document], layout: StoreLayout) -> tuple[P
 
 
 def compare(args: argparse.Namespace, root: Path, documents: list[Document], tokens_T: np.ndarray) -> None:
+    """Every way StoreReader reads windows against the memmap, page cache cold and warm, paired by round."""
     store_path, write_speed = build(root, documents, StoreLayout())
     raw_path = root / "tokens.bin"
     tokens_T.tofile(raw_path)
-    warm_page_cache(root)
     rng = np.random.default_rng(args.seed + 1)
     starts_W = rng.integers(0, tokens_T.size - args.length + 1, args.windows)
-
-    memmap_read = memmap_reader(raw_path, args.length)
-    streaming = StoreReader.open(store_path, TOKENIZER, cache_bytes=0)
-    streaming_cached = StoreReader.open(store_path, TOKENIZER, cache_bytes=tokens_T.nbytes // 2)
+    resident_bytes = max(args.cache_mib << 20, tokens_T.nbytes)
     check = starts_W[: args.batch]
-    np.testing.assert_array_equal(streaming.read_windows(check, args.length), memmap_read(check))
+    direct = StoreReader.open(store_path, TOKENIZER, cache_bytes=0)
+    assert direct.window_reads == "direct", direct.window_reads
+    np.testing.assert_array_equal(direct.read_windows(check, args.length), memmap_reader(raw_path, args.length)(check))
 
-    def measure(read: Callable[[np.ndarray], np.ndarray]) -> float:
-        return tokens_per_second(read, starts_W, args.batch, args.length)
-
-    results: dict[str, list[float]] = {
-        "memmap": [],
-        "streaming, no cache": [],
-        "streaming, cache 1/2": [],
-        "resident, first pass": [],
-        "resident, warm": [],
-    }
+    # (name, a fresh reader per round or None: the reader of the row before it, read again)
+    rows: list[tuple[str, Callable[[], StoreReader] | None]] = [
+        ("streaming direct, 1st", lambda: StoreReader.open(store_path, TOKENIZER, cache_bytes=0)),
+        ("streaming direct, 2nd", None),
+        ("streaming tensorstore", lambda: StoreReader.open(store_path, TOKENIZER, cache_bytes=0, direct_reads=False)),
+        ("resident, 1st", lambda: StoreReader.open(store_path, TOKENIZER, cache_bytes=resident_bytes)),
+        ("resident, 2nd", None),
+    ]
+    speeds: dict[tuple[str, bool], list[float]] = {}
     for _ in range(args.repeats):  # round-robin, so that load from other processes hits all alike
-        results["memmap"].append(measure(memmap_read))
-        results["streaming, no cache"].append(measure(lambda s: streaming.read_windows(s, args.length)))
-        results["streaming, cache 1/2"].append(measure(lambda s: streaming_cached.read_windows(s, args.length)))
-        resident = StoreReader.open(store_path, TOKENIZER, cache_bytes=max(args.cache_mib << 20, tokens_T.nbytes))
-        results["resident, first pass"].append(measure(lambda s: resident.read_windows(s, args.length)))
-        results["resident, warm"].append(measure(lambda s: resident.read_windows(s, args.length)))
+        for cold in (True, False):
+            reader = None
+            for name, fresh in [("memmap", None), *rows]:
+                (drop_page_cache if cold else warm_page_cache)(root)
+                if name == "memmap":
+                    read = memmap_reader(raw_path, args.length)
+                else:
+                    reader = fresh() if fresh is not None else reader
+                    read = functools.partial(reader.read_windows, length=args.length)
+                speeds.setdefault((name, cold), []).append(tokens_per_second(read, starts_W, args.batch, args.length))
 
     print(f"store: {tokens_T.size:,} tokens, {len(documents):,} documents, layout {StoreLayout().to_dict()}")
     print(
         f"write: {write_speed / 1e6:.1f} M tokens/s; {args.windows} windows of {args.length} tokens in batches of "
-        f"{args.batch}; median of {args.repeats}; page cache warm"
+        f"{args.batch}; median of {args.repeats} rounds; paired: the median of each round's ratio to the memmap"
     )
-    memmap_speed = statistics.median(results["memmap"])
-    for name, speeds in results.items():
-        speed = statistics.median(speeds)
-        print(f"  {name:<22} {speed / 1e6:9.1f} M tokens/s   {speed / memmap_speed:6.2f}x memmap")
+    print("cold: every file fsynced and dropped (POSIX_FADV_DONTNEED) before each pass; warm: read whole before it")
+    print("1st: a fresh reader's pass (direct: every chunk checked whole once); 2nd: the same reader again")
+    for cold in (True, False):
+        memmap = speeds[("memmap", cold)]
+        print(f"  page cache {'cold' if cold else 'warm'}: memmap {statistics.median(memmap) / 1e6:.1f} M tokens/s")
+        for name, _ in rows:
+            speed = speeds[(name, cold)]
+            paired = statistics.median(f / m for f, m in zip(speed, memmap))
+            print(f"    {name:<22} {statistics.median(speed) / 1e6:8.1f} M tokens/s  {paired:5.2f}x memmap")
 
 
 def sweep(args: argparse.Namespace, root: Path, documents: list[Document], tokens_T: np.ndarray) -> None:
@@ -191,7 +205,10 @@ def sweep(args: argparse.Namespace, root: Path, documents: list[Document], token
         f"{tokens_T.size:,} tokens; {args.windows} windows of {args.length}, batches of {args.batch}; "
         f"median of {args.repeats} round-robin rounds; page cache warm; memmap {memmap_speed / 1e6:.1f} M tokens/s"
     )
-    print("streaming: cache_bytes=0, a tensorstore read per window; resident: windows sliced from cached chunks")
+    print(
+        "streaming: cache_bytes=0 (direct reads of uncompressed layouts, once each chunk is checked; a tensorstore "
+        "read per window otherwise); resident: windows sliced from cached chunks"
+    )
     print(
         f"{'chunk':>8} {'shard':>9} {'codec':>6} {'files':>6} {'write Mtok/s':>13} {'MiB':>6} "
         f"{'stream Mtok/s':>13} {'ratio':>6} {'resident Mtok/s':>15} {'ratio':>6}"
@@ -221,7 +238,8 @@ def checksum_cost(args: argparse.Namespace, root: Path, documents: list[Document
         names = list(built) if round_index % 2 == 0 else list(built)[::-1]  # alternate who goes first
         for name in names:
             path = built[name][0]
-            streaming = StoreReader.open(path, TOKENIZER, cache_bytes=0)
+            # Tensorstore reads, which check the crc32c at every read (direct reads check each chunk once).
+            streaming = StoreReader.open(path, TOKENIZER, cache_bytes=0, direct_reads=False)
             resident = StoreReader.open(path, TOKENIZER, cache_bytes=resident_bytes)
             for mode, reader in (("streaming, no cache", streaming), ("resident, first pass", resident)):
                 speed = tokens_per_second(

@@ -5,8 +5,11 @@ measurements behind it):
   resident   the token array fits in `cache_bytes`: decoded blocks of RESIDENT_READ_CHUNKS chunks are
              kept in memory as they are first read (the missing blocks of a batch with tensorstore
              futures issued together, one ts.Batch), and every window is then a numpy slice.
-  streaming  a larger store: each window is one tensorstore read, all of a batch issued together,
-             through a tensorstore cache pool of `cache_bytes`, on top of the OS page cache.
+  streaming  a larger store: each window is read on its own, on top of the OS page cache. A local,
+             uncompressed array (the default layout) is read directly, one `os.preadv` of the window's
+             bytes per chunk it spans, once tensorstore has checked that chunk whole (store_direct.py);
+             any other array reads each window through tensorstore, all of a batch issued together,
+             with a tensorstore cache pool of `cache_bytes`.
 Offsets and segment runs are small and kept in memory. Reads may come from several threads.
 """
 
@@ -23,6 +26,7 @@ import tensorstore as ts
 from megadoc_jax import storage
 from megadoc_jax.data import store_checks
 from megadoc_jax.data import store_format as fmt
+from megadoc_jax.data.store_direct import DirectReads
 from megadoc_jax.data.store_format import StoreError
 from megadoc_jax.data.store_types import (
     Document,
@@ -42,7 +46,9 @@ RESIDENT_READ_CHUNKS = 1
 class StoreReader:
     """A finished store, read-only. Build it with `StoreReader.open(path, tokenizer)`."""
 
-    def __init__(self, path: storage.AnyPath, manifest: dict[str, Any], cache_bytes: int) -> None:
+    def __init__(
+        self, path: storage.AnyPath, manifest: dict[str, Any], cache_bytes: int, direct_reads: bool = True
+    ) -> None:
         self.path = path
         self.manifest = manifest
         self.tokenizer = TokenizerInfo.from_dict(manifest["tokenizer"])
@@ -52,6 +58,7 @@ class StoreReader:
         self.vocab_size: int = manifest["vocab_size"]
         self.eos_id: int = manifest["eos_id"]
         self.cache_bytes = cache_bytes
+        self.direct_reads = direct_reads
         self.resident = self.num_tokens * np.dtype(np.int32).itemsize <= cache_bytes
         # Resident readers keep decoded chunks themselves; a tensorstore cache would only hold a copy.
         cache = {"cache_pool": {"total_bytes_limit": 0 if self.resident else cache_bytes}}
@@ -62,6 +69,10 @@ class StoreReader:
         # Resident mode reads and keeps blocks of RESIDENT_READ_CHUNKS chunks (docs/store.md, "Where a cold
         # read goes"); the benchmark's --read-unit compares block sizes.
         self._block: int = self._tokens.chunk_layout.read_chunk.shape[0] * RESIDENT_READ_CHUNKS
+        self._direct = None
+        if direct_reads and not self.resident:
+            dtype = self._tokens.dtype.numpy_dtype
+            self._direct = DirectReads.for_array(path, "input_ids/data", self.num_tokens, dtype)
 
         self.offsets = self._read_offsets(fmt.TOKENS.name)  # int64 [num_documents + 1], offsets[0] = 0
         self._metadata_offsets = self._read_offsets(fmt.METADATA.name)
@@ -81,8 +92,11 @@ class StoreReader:
         tokenizer: TokenizerInfo | None = None,
         *,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
+        direct_reads: bool = True,
     ) -> StoreReader:
-        """Open a finished store; refuse an unfinished one, another tokenizer's, or a newer format."""
+        """Open a finished store; refuse an unfinished one, another tokenizer's, or a newer format.
+
+        direct_reads=False reads every streaming window through tensorstore (for comparison)."""
         path = storage.location(path, "token store")
         manifest_path = path / fmt.MANIFEST_FILE
         if not storage.is_file(manifest_path):
@@ -96,14 +110,19 @@ class StoreReader:
             )
         if tokenizer is not None:
             check_tokenizer(path, TokenizerInfo.from_dict(manifest["tokenizer"]), tokenizer)
-        return cls(path, manifest, cache_bytes)
+        return cls(path, manifest, cache_bytes, direct_reads)
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Grain worker processes get a fresh reader (own cache) instead of pickled tensorstore handles.
-        return (StoreReader, (self.path, self.manifest, self.cache_bytes))
+        return (StoreReader, (self.path, self.manifest, self.cache_bytes, self.direct_reads))
 
     def __len__(self) -> int:
         return self.num_documents
+
+    @property
+    def window_reads(self) -> str:
+        """How windows are read (see the module docstring): 'resident', 'direct' or 'tensorstore'."""
+        return "resident" if self.resident else "direct" if self._direct is not None else "tensorstore"
 
     # ---- documents ----------------------------------------------------------------------------
 
@@ -138,6 +157,8 @@ class StoreReader:
         out_NxL = np.empty((starts_N.size, length), np.int32)
         if self.resident:
             self._slice_cached_blocks(starts_N, out_NxL)
+        elif self._direct is not None:
+            self._direct.read_windows(starts_N, out_NxL, self._read_chunks)
         else:
             with ts.Batch() as batch:
                 reads = [self._read_tokens(start, start + length, batch) for start in starts_N.tolist()]
@@ -223,6 +244,13 @@ class StoreReader:
             for block_id, pending in reads:
                 found[block_id] = self._block_cache[block_id] = pending.result()
         return found
+
+    def _read_chunks(self, chunk_ids: Sequence[int]) -> list[np.ndarray]:
+        """Whole token chunks through tensorstore (checksums checked), read together in one batch."""
+        chunk = self._tokens.chunk_layout.read_chunk.shape[0]
+        with ts.Batch() as batch:
+            reads = [self._read_tokens(c * chunk, min((c + 1) * chunk, self.num_tokens), batch) for c in chunk_ids]
+        return [pending.result() for pending in reads]
 
     def _read_tokens(self, start: int, stop: int, batch: ts.Batch) -> fmt.PendingRead:
         return fmt.PendingRead(self.path, "input_ids/data", self._tokens, start, stop, batch)
