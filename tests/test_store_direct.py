@@ -158,22 +158,41 @@ def test_chunks_never_written_read_as_zeros(tmp_path: Path, layout: StoreLayout)
     np.testing.assert_array_equal(reader.read_windows(starts, 100), expected_windows(tokens, starts, 100))
 
 
-def test_threads_read_right_with_few_open_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_threads_read_right_and_evicted_files_are_closed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(store_direct, "MAX_OPEN_FILES", 2)  # one file per chunk: files are evicted all the time
     documents = make_documents(80, seed=3)
     write_store(tmp_path / "s", documents, layout=SMALL_CHUNKS)
     tokens = flat_tokens(documents)
     reader = StoreReader.open(tmp_path / "s", cache_bytes=0)
+    direct, threads, windows = reader._direct, 4, 8
+    most_open = []
 
     def work(seed: int) -> None:
         rng = np.random.default_rng(seed)
-        for _ in range(30):
-            starts = rng.integers(0, tokens.size - 90, 8)
+        for _ in range(40):
+            starts = rng.integers(0, tokens.size - 90, windows)
             np.testing.assert_array_equal(reader.read_windows(starts, 90), expected_windows(tokens, starts, 90))
+            most_open.append(len(direct._files) + len(direct._retired))
 
-    with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        list(pool.map(work, range(4)))  # raises what a thread raised
-    assert len(reader._direct._files) <= 2 and not reader._direct._retired  # evicted files were closed
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        list(pool.map(work, range(threads)))  # raises what a thread raised
+    # Open at any time: the LRU's 2 and what the reads in progress hold (at most 3 chunk files a window).
+    assert max(most_open) <= 2 + threads * windows * 3
+    assert len(direct._files) <= 2 and not direct._retired and not any(direct._users.values())
+
+
+def test_close_leaves_a_file_that_a_read_holds_open_until_it_lets_go(store: tuple[Path, np.ndarray]) -> None:
+    path, tokens = store
+    reader = StoreReader.open(path, cache_bytes=0)
+    reader.read_windows([5], 9)
+    direct = reader._direct
+    held = direct._acquire([0])  # what a read in progress in another thread holds
+    direct.close()
+    os.fstat(held[0])  # still open: the read can finish
+    direct._release(held.values())
+    with pytest.raises(OSError):
+        os.fstat(held[0])
+    np.testing.assert_array_equal(reader.read_windows([5], 9)[0], tokens[5:14])  # reopened
 
 
 def test_pickled_readers_keep_their_read_path(store: tuple[Path, np.ndarray]) -> None:
