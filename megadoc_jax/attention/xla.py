@@ -39,7 +39,7 @@ def masked_attention(
     The R = H/G query heads that share a KV head are stacked as rows, [B, G, R*T, K], and K/V are laid
     out [B, G, S, K], so both products are 4-D batched matmuls and K/V are never repeated in memory. On
     XLA:CPU that form ran the forward 2-3x and forward + backward 1.2-1.6x faster than 5-D products over
-    [B, T, G, R, K] (docs/performance.md)."""
+    [B, T, G, R, K] (docs/attention.md)."""
     if kv_layout not in ("bsgk", "bgsk"):
         raise ValueError(f"masked_attention: kv_layout must be 'bsgk' or 'bgsk', got {kv_layout!r}")
     if kv_layout == "bsgk":
@@ -74,7 +74,7 @@ def _weighted_values(probs_BxGxQxS: jax.Array, v_BxGxSxK: jax.Array) -> jax.Arra
 
 # The backward pass written out (the softmax's gradient from the saved probabilities and output), as XLA
 # compiles it from autodiff in more passes over the [Q, S] arrays: at 2,048 tokens on CPU the forward +
-# backward took 0.56 of the autodiff version's time (docs/performance.md).
+# backward took 0.56 of the autodiff version's time (docs/attention.md).
 @jax.custom_vjp
 def _attention(q_BxGxQxK, k_BxGxSxK, v_BxGxSxK, mask_BxQxS):
     return _weighted_values(_probabilities(q_BxGxQxK, k_BxGxSxK, mask_BxQxS), v_BxGxSxK)
