@@ -235,21 +235,19 @@ class StoreReader:
         """Decoded token blocks by id: cached ones, and the missing ones read together in one batch."""
         found = {c: self._block_cache[c] for c in block_ids if c in self._block_cache}
         missing = [c for c in block_ids if c not in found]
-        if missing:
-            with ts.Batch() as batch:
-                reads = [
-                    (c, self._read_tokens(c * self._block, min((c + 1) * self._block, self.num_tokens), batch))
-                    for c in missing
-                ]
-            for block_id, pending in reads:
-                found[block_id] = self._block_cache[block_id] = pending.result()
+        for block_id, tokens in zip(missing, self._read_spans(missing, self._block)):
+            found[block_id] = self._block_cache[block_id] = tokens
         return found
 
     def _read_chunks(self, chunk_ids: Sequence[int]) -> list[np.ndarray]:
-        """Whole token chunks through tensorstore (checksums checked), read together in one batch."""
-        chunk = self._tokens.chunk_layout.read_chunk.shape[0]
+        """Whole token chunks through tensorstore (checksums checked): what direct reads check against."""
+        return self._read_spans(chunk_ids, self._tokens.chunk_layout.read_chunk.shape[0])
+
+    def _read_spans(self, span_ids: Sequence[int], span: int) -> list[np.ndarray]:
+        """Tokens [i * span, (i + 1) * span) for each id i (the last span ends at num_tokens), through
+        tensorstore, all read together in one batch."""
         with ts.Batch() as batch:
-            reads = [self._read_tokens(c * chunk, min((c + 1) * chunk, self.num_tokens), batch) for c in chunk_ids]
+            reads = [self._read_tokens(i * span, min((i + 1) * span, self.num_tokens), batch) for i in span_ids]
         return [pending.result() for pending in reads]
 
     def _read_tokens(self, start: int, stop: int, batch: ts.Batch) -> fmt.PendingRead:
