@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from megadoc_jax.data.store_format import StoreError
+from megadoc_jax.data.windows import ragged_ranges
 
 LITTLE_ENDIAN_BYTES = {"name": "bytes", "configuration": {"endian": "little"}}
 CRC32C = {"name": "crc32c"}
@@ -157,24 +158,23 @@ class DirectReads:
                 continue
             direct_1xT = np.empty((1, checked_T.size), np.int32)
             self._read_pieces(*self._pieces(np.array([chunk_id * self.chunk]), checked_T.size), direct_1xT)
+            offset = int(self._chunk_offsets(np.array([chunk_id]))[0])
             if not np.array_equal(direct_1xT[0], checked_T):
                 raise StoreError(
                     f"{self.root}: array {self.key}, chunk {chunk_id}: a direct read of file "
-                    f"{self.directory / str(file)} at byte {self._chunk_offsets(np.array([chunk_id]))[0]} differs "
-                    "from tensorstore's checked read of the same chunk: the store is damaged or not laid out as "
-                    "its zarr.json says"
+                    f"{self.directory / str(file)} at byte {offset} differs from tensorstore's checked read of the "
+                    "same chunk: the store is damaged or not laid out as its zarr.json says"
                 )
             self._checked_C[chunk_id] = True
-            if self._chunk_offsets(np.array([chunk_id]))[0] >= 0:  # bytes were compared, not two fill values
+            if offset >= 0:  # bytes were compared, not two fill values
                 self._files_compared.add(file)
 
     def _pieces(self, starts_N: np.ndarray, length: int) -> tuple[np.ndarray, ...]:
         """One piece per (window, chunk it spans), in window order: (chunk, first and end element, the
         piece's byte offset in the flattened output), all int64 [P]."""
         first_N = starts_N // self.chunk
-        count_N = (starts_N + length - 1) // self.chunk - first_N + 1
-        row_P = np.repeat(np.arange(starts_N.size), count_N)
-        chunk_P = first_N[row_P] + np.arange(row_P.size) - np.repeat(np.cumsum(count_N) - count_N, count_N)
+        row_P, k_P = ragged_ranges((starts_N + length - 1) // self.chunk - first_N + 1)  # k: chunk of its row
+        chunk_P = first_N[row_P] + k_P
         begin_P = np.maximum(starts_N[row_P], chunk_P * self.chunk)
         end_P = np.minimum(starts_N[row_P] + length, (chunk_P + 1) * self.chunk)
         return chunk_P, begin_P, end_P, (row_P * length + begin_P - starts_N[row_P]) * 4
@@ -185,9 +185,10 @@ class DirectReads:
         out_bytes = memoryview(out.reshape(-1).view(np.uint8))
         file_P = chunk_P // self.chunks_per_file
         chunk_offset_P = self._chunk_offsets(chunk_P)
-        byte_P = np.where(chunk_offset_P >= 0, chunk_offset_P + (begin_P - chunk_P * self.chunk) * 4, -1)
+        stored_P = chunk_offset_P >= 0
+        byte_P = np.where(stored_P, chunk_offset_P + (begin_P - chunk_P * self.chunk) * 4, -1)
         size_P = (end_P - begin_P) * 4
-        fds = self._acquire(np.unique(file_P[chunk_offset_P >= 0]).tolist())  # the files of stored chunks
+        fds = self._acquire(np.unique(file_P[stored_P]).tolist())  # the files of stored chunks
         try:
             pieces = zip(file_P.tolist(), byte_P.tolist(), size_P.tolist(), out_byte_P.tolist(), chunk_P.tolist())
             uncached = []  # (fd, byte, buffer, chunk) of what is not in the page cache yet
@@ -282,8 +283,7 @@ class DirectReads:
                     f"{int(entries[wrong[0], 1])} bytes, not {self._chunk_bytes}: the store is damaged or not laid "
                     "out as its zarr.json says"
                 )
-            offsets = np.where(stored, entries[:, 0], 0).astype(np.int64)
-            offsets[~stored] = -1
+            offsets = np.where(stored, entries[:, 0].astype(np.int64), -1)
         with self._lock:
             self._entries[file] = offsets
         return offsets
