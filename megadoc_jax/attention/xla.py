@@ -89,15 +89,11 @@ def _attention_forward(q_BxGxQxK, k_BxGxSxK, v_BxGxSxK, mask_BxQxS):
 def _attention_backward(residuals, dout_BxGxQxK):
     q_BxGxQxK, k_BxGxSxK, v_BxGxSxK, mask_BxQxS, probs_BxGxQxS, out_BxGxQxK = residuals
     f32 = jnp.float32
+    dout_in_v_BxGxQxK = dout_BxGxQxK.astype(v_BxGxSxK.dtype)  # the products in the values' dtype, as forward
     dv_BxGxSxK = jnp.einsum(
-        "bgqs,bgqk->bgsk",
-        probs_BxGxQxS.astype(v_BxGxSxK.dtype),
-        dout_BxGxQxK.astype(v_BxGxSxK.dtype),
-        preferred_element_type=f32,
+        "bgqs,bgqk->bgsk", probs_BxGxQxS.astype(v_BxGxSxK.dtype), dout_in_v_BxGxQxK, preferred_element_type=f32
     )
-    dprobs_BxGxQxS = jnp.einsum(
-        "bgqk,bgsk->bgqs", dout_BxGxQxK.astype(v_BxGxSxK.dtype), v_BxGxSxK, preferred_element_type=f32
-    )
+    dprobs_BxGxQxS = jnp.einsum("bgqk,bgsk->bgqs", dout_in_v_BxGxQxK, v_BxGxSxK, preferred_element_type=f32)
     # softmax: dscores = p * (dp - sum_s p dp), and sum_s p dp = sum_k dout * out
     row_BxGxQx1 = jnp.sum(dout_BxGxQxK.astype(f32) * out_BxGxQxK, axis=-1, keepdims=True)
     dscores_BxGxQxS = probs_BxGxQxS * (dprobs_BxGxQxS - row_BxGxQx1) * (q_BxGxQxK.shape[-1] ** -0.5)
